@@ -13,6 +13,13 @@
 //! The wire protocol is specified in `docs/protocol.md`; measurements are in
 //! `docs/BENCHMARKS.md`.
 
+// Nothing a peer or a file sends may panic the library: no unwrap, expect
+// or unchecked indexing outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 pub mod link;
 pub mod testing;
 

@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use tether::link::frame::{flags, HEADER_LEN, MAGIC};
+use tether::link::frame::{HEADER_LEN, MAGIC, flags};
 use tether::link::{Frame, FrameCodec, FrameType};
 use tokio_util::codec::Decoder;
 
@@ -106,8 +106,15 @@ fn max_plus_one_is_rejected_without_allocation_and_the_next_frame_survives() {
     let cap_before = buf.capacity();
     assert!(codec.decode(&mut buf).unwrap().is_none());
     assert_eq!(codec.stats().oversize, 1);
-    assert!(buf.capacity() <= cap_before, "reserved space for a rejected frame");
-    let got = decode_chunked(&mut codec, &encode(&[small.clone()]), &[usize::MAX]);
+    assert!(
+        buf.capacity() <= cap_before,
+        "reserved space for a rejected frame"
+    );
+    let got = decode_chunked(
+        &mut codec,
+        &encode(std::slice::from_ref(&small)),
+        &[usize::MAX],
+    );
     assert_eq!(got, vec![small]);
 }
 
@@ -198,7 +205,11 @@ fn flags_survive() {
     let mut f = data(0, b"");
     f.kind = FrameType::Ack;
     f.flags = flags::NACK;
-    let got = decode_chunked(&mut FrameCodec::new(MAX), &encode(std::slice::from_ref(&f)), &[5]);
+    let got = decode_chunked(
+        &mut FrameCodec::new(MAX),
+        &encode(std::slice::from_ref(&f)),
+        &[5],
+    );
     assert_eq!(got, vec![f]);
 }
 

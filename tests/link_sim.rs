@@ -175,7 +175,11 @@ impl Sim {
         let n = n.min(src.len());
         dst.rx_buf.extend_from_slice(&src[..n]);
         src.drain(..n);
-        while let Some(f) = dst.codec.decode(&mut dst.rx_buf).expect("decoder never errs") {
+        while let Some(f) = dst
+            .codec
+            .decode(&mut dst.rx_buf)
+            .expect("decoder never errs")
+        {
             dst.session.on_frame(f, now);
         }
     }
@@ -184,8 +188,14 @@ impl Sim {
         let other = if which == 'a' { 'b' } else { 'a' };
         let mut reconnect = false;
         loop {
-            let s = if which == 'a' { &mut self.a } else { &mut self.b };
-            let Some(e) = s.session.poll_event() else { break };
+            let s = if which == 'a' {
+                &mut self.a
+            } else {
+                &mut self.b
+            };
+            let Some(e) = s.session.poll_event() else {
+                break;
+            };
             match e {
                 Event::Deliver(p) => {
                     let id = parse(&p);
@@ -242,7 +252,11 @@ impl Sim {
         self.next_lifetime += 1;
         let sid = self.rng.next_u64();
         let now = self.now;
-        let s = if which == 'a' { &mut self.a } else { &mut self.b };
+        let s = if which == 'a' {
+            &mut self.a
+        } else {
+            &mut self.b
+        };
         // What this lifetime still held unacknowledged dies with it.
         let held = s.session.unacked_len() as u64;
         s.lost_from.insert(s.lifetime, s.next_idx - held);
@@ -282,14 +296,22 @@ impl Sim {
                 let t = self.rng.chance(0.5);
                 self.reset(t);
             } else if self.rng.chance(0.003) {
-                let (_, out, rng) = self.side(if self.step % 2 == 0 { 'a' } else { 'b' });
+                let (_, out, rng) = self.side(if self.step.is_multiple_of(2) {
+                    'a'
+                } else {
+                    'b'
+                });
                 let at = rng.below(out.len() as u64 + 1) as usize;
                 let len = 1 + rng.below(80) as usize;
                 let junk = rng.bytes(len);
                 out.splice(at..at, junk);
             } else if self.rng.chance(0.003) {
                 // The channel replays a slice of what is in flight.
-                let (_, out, rng) = self.side(if self.step % 2 == 0 { 'b' } else { 'a' });
+                let (_, out, rng) = self.side(if self.step.is_multiple_of(2) {
+                    'b'
+                } else {
+                    'a'
+                });
                 let from = rng.below(out.len() as u64 + 1) as usize;
                 let to = from + rng.below((out.len() - from) as u64 + 1) as usize;
                 let copy = out[from..to].to_vec();
@@ -329,7 +351,10 @@ impl Sim {
         assert!(quiet < QUIET_STEPS, "seed {seed}: did not settle");
         for (from, id) in &self.sent {
             let side = if *from == 'a' { &self.a } else { &self.b };
-            let may_be_lost = side.lost_from.get(&id.lifetime).is_some_and(|&l| id.idx >= l);
+            let may_be_lost = side
+                .lost_from
+                .get(&id.lifetime)
+                .is_some_and(|&l| id.idx >= l);
             assert!(
                 may_be_lost || self.delivered.contains(&(*from, *id)),
                 "seed {seed}: {id:?} from {from} never delivered"
@@ -340,7 +365,10 @@ impl Sim {
 }
 
 fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 #[test]
@@ -356,7 +384,9 @@ fn exactly_once_in_order_under_resets_garbage_and_restarts() {
                 restarts += b;
             }
             Err(e) => {
-                eprintln!("simulation failed with seed {seed}; rerun: TETHER_SIM_FIRST={seed} TETHER_SIM_SEEDS=1");
+                eprintln!(
+                    "simulation failed with seed {seed}; rerun: TETHER_SIM_FIRST={seed} TETHER_SIM_SEEDS=1"
+                );
                 std::panic::resume_unwind(e);
             }
         }

@@ -126,10 +126,8 @@ impl Decoder for FrameCodec {
                 }
             };
             // len <= max_payload <= 16 MiB, so this cannot overflow on any target
-            // where usize is at least 32 bits; checked anyway.
-            let total = HEADER_LEN
-                .checked_add(header.len as usize)
-                .unwrap_or(usize::MAX);
+            // where usize is at least 32 bits; saturating anyway.
+            let total = HEADER_LEN.saturating_add(header.len as usize);
             if buf.len() < total {
                 buf.reserve(total - buf.len());
                 return Ok(None);

@@ -198,14 +198,37 @@ impl LinkReceiver {
     }
 }
 
-/// A running link: its halves and its task. Dropping it stops the task.
+/// A running link: its halves and its task. Destructure it to hand the halves
+/// to different tasks; dropping the [`LinkTask`] stops the link.
 pub struct Link {
     /// Send side.
     pub tx: LinkSender,
     /// Receive side. Keep calling `recv`: reading stops while it is full.
     pub rx: LinkReceiver,
-    task: JoinHandle<()>,
+    /// The task that runs the link.
+    pub task: LinkTask,
+}
+
+/// The task behind a [`Link`]; dropping it aborts the task.
+pub struct LinkTask {
+    handle: JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
+}
+
+impl LinkTask {
+    /// Stop the task and wait for it.
+    pub async fn close(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+impl Drop for LinkTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
 }
 
 impl Link {
@@ -218,7 +241,7 @@ impl Link {
         let (stop_tx, stop_rx) = oneshot::channel();
         let now = TokioInstant::now().into_std();
         let session = Session::new(opts.session.clone(), session_id, now);
-        let task = tokio::spawn(
+        let handle = tokio::spawn(
             Driver {
                 opts,
                 session,
@@ -236,23 +259,16 @@ impl Link {
                 status: st_rx,
             },
             rx: LinkReceiver { events: ev_rx },
-            task,
-            stop: Some(stop_tx),
+            task: LinkTask {
+                handle,
+                stop: Some(stop_tx),
+            },
         }
     }
 
     /// Stop the task and wait for it.
-    pub async fn close(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.task.abort();
+    pub async fn close(self) {
+        self.task.close().await;
     }
 }
 

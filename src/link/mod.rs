@@ -18,7 +18,7 @@ pub mod session;
 
 pub use codec::{DecodeStats, FrameCodec};
 pub use config::SessionConfig;
-pub use driver::{Connector, Link, LinkEvent, LinkStatus};
+pub use driver::{Connector, Link, LinkEvent, LinkOptions, LinkStatus, SendReceipt};
 pub use frame::{Frame, FrameType};
 pub use hello::{Hello, SessionId};
 pub use session::{Event, ResetReason, Session, SessionStats};
