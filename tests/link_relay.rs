@@ -171,3 +171,31 @@ async fn send_waits_for_the_window_and_resumes_when_the_peer_appears() {
     }
     assert_eq!(got, (0..9).map(msg).collect::<Vec<_>>());
 }
+
+/// Regression: with reading paused for a slow application and nothing to
+/// write, the driver's I/O step had every `select!` branch disabled and
+/// panicked, ending the link.
+#[tokio::test]
+async fn slow_receiver_pauses_reading_without_ending_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow.sock");
+    let mut ob = opts("b");
+    ob.recv_queue = 1;
+    let b = Link::spawn(UnixAcceptor::new(UnixListener::bind(&path).unwrap()), ob, 0xB);
+    let a = Link::spawn(UnixConnector { path }, opts("a"), 0xA);
+    for i in 0..50 {
+        a.tx.send(msg(i)).await.unwrap();
+    }
+    // The application does not read for a while: b stops reading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Link { mut rx, .. } = b;
+    let mut got = vec![];
+    while got.len() < 50 {
+        match tokio::time::timeout(BOUND, rx.recv()).await.unwrap() {
+            Some(LinkEvent::Message(m)) => got.push(m),
+            Some(_) => {}
+            None => panic!("link ended while the application was slow"),
+        }
+    }
+    assert_eq!(got, (0..50).map(msg).collect::<Vec<_>>());
+}

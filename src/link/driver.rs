@@ -450,6 +450,9 @@ impl Driver {
                         Some(Err(e)) => IoStep::Lost(format!("read failed: {e}")),
                         None => IoStep::Lost("end of stream".into()),
                     },
+                    // Nothing to write and reading paused (a delivery waits for
+                    // the application): this step waits, the others go on.
+                    else => std::future::pending().await,
                 }
             }
         }
