@@ -181,7 +181,11 @@ async fn slow_receiver_pauses_reading_without_ending_the_link() {
     let path = dir.path().join("slow.sock");
     let mut ob = opts("b");
     ob.recv_queue = 1;
-    let b = Link::spawn(UnixAcceptor::new(UnixListener::bind(&path).unwrap()), ob, 0xB);
+    let b = Link::spawn(
+        UnixAcceptor::new(UnixListener::bind(&path).unwrap()),
+        ob,
+        0xB,
+    );
     let a = Link::spawn(UnixConnector { path }, opts("a"), 0xA);
     for i in 0..50 {
         a.tx.send(msg(i)).await.unwrap();

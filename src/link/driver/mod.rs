@@ -1,0 +1,309 @@
+//! Runs a [`Session`] over any byte stream: connects through a [`Connector`],
+//! moves bytes, reconnects with capped backoff, and offers `send`/`recv`.
+//!
+//! One task per link ([`task`]). The session sits behind a std `Mutex` shared
+//! by the task and the senders, locked for a few microseconds at a time and
+//! never across an `.await`: `send` queues straight into the session's window
+//! and pokes the task, so a sender streams without a task round trip per
+//! message. The session itself stays a pure state machine.
+
+mod connectors;
+mod task;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use connectors::{UnixAcceptor, UnixConnector};
+pub use task::WRITE_HIGH_WATER;
+
+use super::codec::DecodeStats;
+use super::config::SessionConfig;
+use super::session::{Session, SessionStats};
+use super::{SendError, SessionId};
+
+/// How long a connect attempt may take before it counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A future that yields a connected byte stream.
+pub type ConnectFuture<Io> = Pin<Box<dyn Future<Output = io::Result<Io>> + Send + 'static>>;
+
+/// Makes connections for a link: a UNIX socket path, a serial port, a port
+/// device that waits for the host... Called again after every disconnect.
+pub trait Connector: Send + 'static {
+    /// The byte stream.
+    type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// Start one connection attempt.
+    fn connect(&mut self) -> ConnectFuture<Self::Io>;
+    /// How long one attempt may take (None: as long as it takes, for
+    /// connectors that wait for a peer to show up).
+    fn connect_timeout(&self) -> Option<Duration> {
+        Some(CONNECT_TIMEOUT)
+    }
+}
+
+/// Driver options besides the session's own.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// A name for logs (the instance id on the host, the port on the guest).
+    pub name: String,
+    /// Session limits and timers.
+    pub session: SessionConfig,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Reconnect delay cap.
+    pub backoff_max: Duration,
+    /// Received events buffered for `recv` before reading stops.
+    pub recv_queue: usize,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            name: "link".into(),
+            session: SessionConfig::default(),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            recv_queue: 1024,
+        }
+    }
+}
+
+/// What `recv` yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A message from the peer.
+    Message(Bytes),
+    /// The handshake completed on a new connection.
+    Up {
+        /// The peer's session id.
+        peer: SessionId,
+    },
+    /// The connection was lost; the session waits for the next one.
+    Down,
+    /// The peer is a new session (restarted, or another host after migration).
+    PeerChanged {
+        /// The session before, if any.
+        previous: Option<SessionId>,
+        /// The new one.
+        current: SessionId,
+    },
+    /// The grace period ran out while disconnected: these were never acknowledged.
+    Expired {
+        /// Unacknowledged payloads, oldest first.
+        unacked: Vec<Bytes>,
+    },
+}
+
+/// A snapshot of a link for status displays and `wait_acked`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// A byte stream is connected.
+    pub connected: bool,
+    /// The handshake is done on it.
+    pub established: bool,
+    /// Our session id.
+    pub local: SessionId,
+    /// The peer's (0: none yet).
+    pub peer: SessionId,
+    /// Our next sequence number.
+    pub next_seq: u64,
+    /// Highest of our sequence numbers the peer acknowledged.
+    pub acked: u64,
+    /// Next sequence number expected from the peer.
+    pub expected: u64,
+    /// Frames waiting for an ACK.
+    pub unacked: usize,
+    /// Connections made.
+    pub connects: u64,
+    /// Session counters.
+    pub stats: SessionStats,
+    /// Decoder counters over all connections.
+    pub decode: DecodeStats,
+    /// The task has ended.
+    pub closed: bool,
+}
+
+/// Where a sent message stands: its sequence number in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// The session that sent it.
+    pub session: SessionId,
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+/// State shared by the task and the senders.
+pub(crate) struct Shared {
+    session: Mutex<Session>,
+    /// Poked by `send`: there is something new to transmit.
+    wake_task: Notify,
+    /// Poked by the task when the window opens or the link closes.
+    window: Notify,
+}
+
+impl Shared {
+    /// Lock the session. A panic while holding the lock cannot leave the
+    /// session half-updated in a way that matters more than losing the link,
+    /// so a poisoned lock is simply taken over.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sending half; cheap to clone.
+#[derive(Clone)]
+pub struct LinkSender {
+    shared: Arc<Shared>,
+    status: watch::Receiver<LinkStatus>,
+}
+
+impl LinkSender {
+    /// Queue a message, waiting while the send window is full. Returns once
+    /// the message is in the window (it will be resent until acknowledged).
+    pub async fn send(&self, msg: Bytes) -> Result<SendReceipt, SendError> {
+        loop {
+            let notified = self.shared.window.notified();
+            tokio::pin!(notified);
+            // Register before checking, so an opening between the check and
+            // the wait is not missed.
+            notified.as_mut().enable();
+            if self.status.borrow().closed {
+                return Err(SendError::Closed);
+            }
+            let res = {
+                let mut s = self.shared.lock();
+                let local = s.local_session();
+                s.send(msg.clone(), task::now()).map(|seq| SendReceipt {
+                    session: local,
+                    seq,
+                })
+            };
+            match res {
+                Ok(r) => {
+                    self.shared.wake_task.notify_one();
+                    return Ok(r);
+                }
+                Err(SendError::WindowFull) => notified.await,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Wait until the peer acknowledged `r`. Fails if the session expired
+    /// (the message is then in [`LinkEvent::Expired`]) or the link closed.
+    pub async fn wait_acked(&self, r: SendReceipt) -> Result<(), SendError> {
+        let mut st = self.status.clone();
+        let s = st
+            .wait_for(|s| s.closed || s.local != r.session || s.acked >= r.seq)
+            .await
+            .map_err(|_| SendError::Closed)?;
+        if s.local == r.session && s.acked >= r.seq {
+            Ok(())
+        } else {
+            Err(SendError::Closed)
+        }
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> LinkStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch_status(&self) -> watch::Receiver<LinkStatus> {
+        self.status.clone()
+    }
+}
+
+/// The receiving half.
+pub struct LinkReceiver {
+    events: mpsc::Receiver<LinkEvent>,
+}
+
+impl LinkReceiver {
+    /// The next event; `None` once the link task has ended.
+    pub async fn recv(&mut self) -> Option<LinkEvent> {
+        self.events.recv().await
+    }
+}
+
+/// A running link: its halves and its task. Destructure it to hand the halves
+/// to different tasks; dropping the [`LinkTask`] stops the link.
+pub struct Link {
+    /// Send side.
+    pub tx: LinkSender,
+    /// Receive side. Keep calling `recv`: reading stops while it is full.
+    pub rx: LinkReceiver,
+    /// The task that runs the link.
+    pub task: LinkTask,
+}
+
+/// The task behind a [`Link`]; dropping it aborts the task.
+pub struct LinkTask {
+    handle: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl LinkTask {
+    /// Stop the task and wait for it.
+    pub async fn close(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.handle).await;
+    }
+}
+
+impl Drop for LinkTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+impl Link {
+    /// Start a link task on the current tokio runtime. `session_id` is the
+    /// process's random session id (see [`crate::random_session_id`]).
+    pub fn spawn<C: Connector>(connector: C, opts: LinkOptions, session_id: SessionId) -> Self {
+        let (ev_tx, ev_rx) = mpsc::channel(opts.recv_queue.max(1));
+        let (st_tx, st_rx) = watch::channel(LinkStatus::default());
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let session = Session::new(opts.session.clone(), session_id, task::now());
+        let shared = Arc::new(Shared {
+            session: Mutex::new(session),
+            wake_task: Notify::new(),
+            window: Notify::new(),
+        });
+        let handle = tokio::spawn(task::run(
+            connector,
+            opts,
+            shared.clone(),
+            ev_tx,
+            st_tx,
+            stop_rx,
+        ));
+        Self {
+            tx: LinkSender {
+                shared,
+                status: st_rx,
+            },
+            rx: LinkReceiver { events: ev_rx },
+            task: LinkTask {
+                handle,
+                stop: Some(stop_tx),
+            },
+        }
+    }
+
+    /// Stop the task and wait for it.
+    pub async fn close(self) {
+        self.task.close().await;
+    }
+}

@@ -1,0 +1,419 @@
+//! The link task: connect, move bytes, run timers, reconnect.
+//!
+//! Reading and writing are both branches of one `select!`, so two peers that
+//! write at the same time never deadlock on full socket buffers. Frames are
+//! pulled from the session only while the write buffer is below
+//! [`WRITE_HIGH_WATER`], and no frame is read while events wait for the
+//! application: memory stays bounded by the session window plus one frame.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant as TokioInstant, Sleep, sleep_until};
+use tokio_util::codec::FramedRead;
+use tracing::{debug, info, warn};
+
+use super::{ConnectFuture, Connector, LinkEvent, LinkOptions, LinkStatus, Shared};
+use crate::link::Frame;
+use crate::link::codec::{DecodeStats, FrameCodec};
+use crate::link::session::{Event, Session};
+
+/// Stop pulling frames from the session once this much is waiting to be
+/// written: one 32 KiB virtio-serial write twice over.
+pub const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Read buffer start size; it grows to one maximal frame at most.
+const READ_BUF: usize = 64 * 1024;
+/// Frames handled per wake-up before the other branches get a turn.
+const FRAMES_PER_WAKE: usize = 64;
+/// Garbage on the stream is logged at most this often per link.
+const GARBAGE_LOG_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) fn now() -> std::time::Instant {
+    TokioInstant::now().into_std()
+}
+
+struct Conn<Io> {
+    reader: FramedRead<ReadHalf<Io>, FrameCodec>,
+    writer: WriteHalf<Io>,
+    out: BytesMut,
+    established: bool,
+    /// Close once `out` is written (the session asked for a reconnect).
+    closing: bool,
+    garbage_logged: DecodeStats,
+    garbage_log_at: TokioInstant,
+}
+
+enum Phase<Io> {
+    Wait(Pin<Box<Sleep>>),
+    Connecting(ConnectFuture<Io>),
+    Connected(Box<Conn<Io>>),
+}
+
+enum IoStep<Io> {
+    Frames(Vec<Frame>),
+    Wrote,
+    Connected(Io),
+    Lost(String),
+    Retry,
+}
+
+struct Driver {
+    opts: LinkOptions,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::Sender<LinkEvent>,
+    st_tx: watch::Sender<LinkStatus>,
+    /// Events waiting for room in the receive queue.
+    pending: VecDeque<LinkEvent>,
+    connects: u64,
+    decode_total: DecodeStats,
+}
+
+/// Run a link until `stop` fires.
+pub(crate) async fn run<C: Connector>(
+    mut connector: C,
+    opts: LinkOptions,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::Sender<LinkEvent>,
+    st_tx: watch::Sender<LinkStatus>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut d = Driver {
+        opts,
+        shared,
+        ev_tx,
+        st_tx,
+        pending: VecDeque::new(),
+        connects: 0,
+        decode_total: DecodeStats::default(),
+    };
+    let name = d.opts.name.clone();
+    let mut backoff = d.opts.backoff_min;
+    let mut phase: Phase<C::Io> = Phase::Connecting(start_connect(&mut connector));
+    let mut timer = Box::pin(sleep_until(TokioInstant::now()));
+    let ev_tx = d.ev_tx.clone();
+    // The armed timer. Most deadlines only move later (every received frame
+    // pushes the liveness deadline), so the timer is re-armed only when the
+    // new deadline is earlier or the armed one has fired: an early wake-up is
+    // a harmless tick, a timer-wheel update per frame is not free.
+    let mut armed: Option<TokioInstant> = None;
+    loop {
+        let deadline = d.housekeeping(&mut phase, &name);
+        if let Some(t) = deadline
+            && armed.is_none_or(|a| t < a)
+        {
+            timer.as_mut().reset(t);
+            armed = Some(t);
+        }
+        let reading = d.pending.is_empty();
+        let shared = d.shared.clone();
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            permit = ev_tx.reserve(), if !reading => match permit {
+                Ok(p) => {
+                    if let Some(e) = d.pending.pop_front() {
+                        p.send(e);
+                    }
+                }
+                // Nobody listens any more: drop deliveries, keep acking.
+                Err(_) => d.pending.clear(),
+            },
+            step = io_step(&mut phase, reading) => match step {
+                IoStep::Frames(frames) => {
+                    let now = now();
+                    let mut s = d.shared.lock();
+                    for f in frames {
+                        s.on_frame(f, now);
+                    }
+                }
+                IoStep::Wrote => {}
+                IoStep::Connected(io) => {
+                    d.connects += 1;
+                    debug!(link = %name, "connected");
+                    d.shared.lock().on_connected(now());
+                    phase = Phase::Connected(Box::new(d.new_conn(io)));
+                }
+                IoStep::Lost(why) => {
+                    let was_up = d.disconnect(&mut phase, &name, &why);
+                    backoff = if was_up {
+                        d.opts.backoff_min
+                    } else {
+                        (backoff * 2).min(d.opts.backoff_max)
+                    };
+                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff)));
+                }
+                IoStep::Retry => phase = Phase::Connecting(start_connect(&mut connector)),
+            },
+            // A sender queued something: the next housekeeping transmits it.
+            _ = shared.wake_task.notified() => {}
+            _ = &mut timer, if armed.is_some() => {
+                armed = None;
+                d.shared.lock().on_tick(now());
+            }
+        }
+    }
+    if let Phase::Connected(c) = &mut phase {
+        let _ = c.writer.shutdown().await;
+    }
+    d.st_tx.send_modify(|s| s.closed = true);
+    d.shared.window.notify_waiters();
+}
+
+fn start_connect<C: Connector>(c: &mut C) -> ConnectFuture<C::Io> {
+    let fut = c.connect();
+    match c.connect_timeout() {
+        None => fut,
+        Some(t) => Box::pin(async move {
+            tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })
+        }),
+    }
+}
+
+/// One I/O step in the current phase.
+async fn io_step<Io: AsyncRead + AsyncWrite + Send + Unpin>(
+    phase: &mut Phase<Io>,
+    reading: bool,
+) -> IoStep<Io> {
+    match phase {
+        Phase::Wait(sleep) => {
+            sleep.as_mut().await;
+            IoStep::Retry
+        }
+        Phase::Connecting(fut) => match fut.as_mut().await {
+            Ok(io) => IoStep::Connected(io),
+            Err(e) => IoStep::Lost(format!("connect failed: {e}")),
+        },
+        Phase::Connected(c) => {
+            let c = &mut **c;
+            if c.closing && c.out.is_empty() {
+                return IoStep::Lost("closed by the session".into());
+            }
+            tokio::select! {
+                r = c.writer.write(&c.out), if !c.out.is_empty() => match r {
+                    Ok(0) => IoStep::Lost("write returned 0".into()),
+                    Ok(n) => {
+                        c.out.advance(n);
+                        if c.out.is_empty() && let Err(e) = c.writer.flush().await {
+                            return IoStep::Lost(format!("flush failed: {e}"));
+                        }
+                        IoStep::Wrote
+                    }
+                    Err(e) => IoStep::Lost(format!("write failed: {e}")),
+                },
+                f = c.reader.next(), if reading && !c.closing => match f {
+                    Some(Ok(first)) => {
+                        let mut frames = vec![first];
+                        while frames.len() < FRAMES_PER_WAKE {
+                            match c.reader.next().now_or_never() {
+                                Some(Some(Ok(f))) => frames.push(f),
+                                _ => break,
+                            }
+                        }
+                        IoStep::Frames(frames)
+                    }
+                    Some(Err(e)) => IoStep::Lost(format!("read failed: {e}")),
+                    None => IoStep::Lost("end of stream".into()),
+                },
+                // Nothing to write and reading paused (events wait for the
+                // application): this step waits, the other branches go on.
+                else => std::future::pending().await,
+            }
+        }
+    }
+}
+
+impl Driver {
+    fn new_conn<Io: AsyncRead + AsyncWrite>(&self, io: Io) -> Conn<Io> {
+        let (r, w) = tokio::io::split(io);
+        let codec = FrameCodec::new(self.opts.session.max_payload);
+        Conn {
+            reader: FramedRead::with_capacity(r, codec, READ_BUF),
+            writer: w,
+            out: BytesMut::new(),
+            established: false,
+            closing: false,
+            garbage_logged: DecodeStats::default(),
+            garbage_log_at: TokioInstant::now(),
+        }
+    }
+
+    /// Everything between two waits, under one lock: session events out,
+    /// frames to the write buffer, status published. Returns the next timer.
+    fn housekeeping<Io>(&mut self, phase: &mut Phase<Io>, name: &str) -> Option<TokioInstant> {
+        let shared = self.shared.clone();
+        let mut s = shared.lock();
+        let (reconnect, window_open) = self.collect_events(&mut s, phase, name);
+        if let Phase::Connected(c) = phase {
+            if reconnect {
+                c.closing = true;
+            }
+            let now = now();
+            while c.out.len() < WRITE_HIGH_WATER {
+                match s.poll_transmit(now) {
+                    Some(f) => f.encode_into(&mut c.out),
+                    None => break,
+                }
+            }
+            c.log_garbage(name);
+        }
+        self.publish(&s, phase);
+        let deadline = s
+            .next_deadline()
+            .map(|d| TokioInstant::from_std(d).max(TokioInstant::now()));
+        drop(s);
+        if window_open {
+            self.shared.window.notify_waiters();
+        }
+        self.flush_pending();
+        deadline
+    }
+
+    /// Handle a lost connection; returns whether it had been established.
+    fn disconnect<Io>(&mut self, phase: &mut Phase<Io>, name: &str, why: &str) -> bool {
+        let Phase::Connected(c) = phase else {
+            debug!(link = %name, reason = %why, "no connection");
+            return false;
+        };
+        add_stats(&mut self.decode_total, c.reader.decoder().stats());
+        self.shared.lock().on_disconnected(now());
+        if c.established {
+            info!(link = %name, reason = %why, "link down");
+            self.pending.push_back(LinkEvent::Down);
+        } else {
+            debug!(link = %name, reason = %why, "connection lost before handshake");
+        }
+        c.established
+    }
+
+    /// Hand queued events to the application without waiting; what does not
+    /// fit stays queued and pauses reading.
+    fn flush_pending(&mut self) {
+        while let Some(e) = self.pending.pop_front() {
+            match self.ev_tx.try_send(e) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    self.pending.push_front(e);
+                    break;
+                }
+                // Nobody listens any more: drop deliveries, keep acking.
+                Err(mpsc::error::TrySendError::Closed(_)) => self.pending.clear(),
+            }
+        }
+    }
+
+    /// Move session events to the app queue and the log. Returns whether the
+    /// session asked for a reconnect and whether the window opened.
+    fn collect_events<Io>(
+        &mut self,
+        s: &mut Session,
+        phase: &mut Phase<Io>,
+        name: &str,
+    ) -> (bool, bool) {
+        let (mut reconnect, mut window_open) = (false, false);
+        while let Some(e) = s.poll_event() {
+            match e {
+                Event::Deliver(p) => self.pending.push_back(LinkEvent::Message(p)),
+                Event::Established { peer } => {
+                    if let Phase::Connected(c) = phase {
+                        c.established = true;
+                    }
+                    info!(link = %name, peer = format_args!("{peer:016x}"), "link up");
+                    self.pending.push_back(LinkEvent::Up { peer });
+                }
+                Event::PeerChanged { previous, current } => {
+                    info!(link = %name, previous = ?previous.map(|p| format!("{p:016x}")),
+                          current = format_args!("{current:016x}"), "new peer session");
+                    self.pending
+                        .push_back(LinkEvent::PeerChanged { previous, current });
+                }
+                Event::Acked { .. } => {}
+                Event::WindowOpen => window_open = true,
+                Event::Reconnect(why) => {
+                    warn!(link = %name, reason = ?why, "resetting connection");
+                    reconnect = true;
+                }
+                Event::Expired { unacked } => {
+                    warn!(link = %name, lost = unacked.len(), "session expired after the grace period");
+                    self.pending.push_back(LinkEvent::Expired { unacked });
+                }
+                Event::ProtocolError(e) => warn!(link = %name, error = %e, "link protocol error"),
+            }
+        }
+        (reconnect, window_open)
+    }
+
+    fn publish<Io>(&self, s: &Session, phase: &Phase<Io>) {
+        let mut decode = self.decode_total;
+        let connected = if let Phase::Connected(c) = phase {
+            add_stats(&mut decode, c.reader.decoder().stats());
+            true
+        } else {
+            false
+        };
+        let st = LinkStatus {
+            connected,
+            established: s.is_established(),
+            local: s.local_session(),
+            peer: s.peer_session(),
+            next_seq: s.next_seq(),
+            acked: s.base() - 1,
+            expected: s.expected(),
+            unacked: s.unacked_len(),
+            connects: self.connects,
+            stats: s.stats(),
+            decode,
+            closed: false,
+        };
+        self.st_tx.send_if_modified(|old| {
+            if *old == st {
+                false
+            } else {
+                *old = st;
+                true
+            }
+        });
+    }
+}
+
+impl<Io> Conn<Io> {
+    /// Log skipped garbage, at most once per [`GARBAGE_LOG_EVERY`].
+    fn log_garbage(&mut self, name: &str) {
+        let st = self.reader.decoder().stats();
+        if st.skipped_bytes == self.garbage_logged.skipped_bytes {
+            return;
+        }
+        let now = TokioInstant::now();
+        if now < self.garbage_log_at {
+            return;
+        }
+        warn!(
+            link = %name,
+            skipped_bytes = st.skipped_bytes - self.garbage_logged.skipped_bytes,
+            rejected = st.rejected() - self.garbage_logged.rejected(),
+            "garbage on the link skipped"
+        );
+        self.garbage_logged = st;
+        self.garbage_log_at = now + GARBAGE_LOG_EVERY;
+    }
+}
+
+fn add_stats(total: &mut DecodeStats, s: DecodeStats) {
+    total.frames += s.frames;
+    total.skipped_bytes += s.skipped_bytes;
+    total.bad_header += s.bad_header;
+    total.bad_version += s.bad_version;
+    total.bad_payload += s.bad_payload;
+    total.oversize += s.oversize;
+    total.unknown_type += s.unknown_type;
+}
