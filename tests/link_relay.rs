@@ -112,15 +112,10 @@ async fn ten_thousand_each_way_through_cuts_and_garbage() {
     // Both ends settle: everything acknowledged.
     relay.set_faults(RelayFaults::none());
     for l in [&a, &b] {
-        let mut st = l.tx.status();
-        for _ in 0..500 {
-            if st.unacked == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            st = l.tx.status();
-        }
-        assert_eq!(st.unacked, 0, "unacknowledged frames left: {st:?}");
+        tokio::time::timeout(BOUND, l.tx.flush())
+            .await
+            .expect("not everything was acknowledged")
+            .unwrap();
     }
     let stats = relay.stats();
     let sa = a.tx.status();
@@ -202,4 +197,45 @@ async fn slow_receiver_pauses_reading_without_ending_the_link() {
         }
     }
     assert_eq!(got, (0..50).map(msg).collect::<Vec<_>>());
+}
+
+/// Regression: a link closed right after receiving left its delayed ACK
+/// unsent, so the peer kept (and waited on) frames that had arrived.
+#[tokio::test]
+async fn graceful_close_sends_the_final_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("close.sock");
+    let mut ob = opts("b");
+    // Only the close itself can acknowledge.
+    ob.session.ack_delay = Duration::from_secs(600);
+    ob.session.ack_every = 1_000;
+    ob.session.probe_after = Duration::from_secs(600);
+    ob.session.ping_interval = Duration::from_secs(600);
+    ob.session.dead_after = Duration::from_secs(1200);
+    let mut oa = opts("a");
+    oa.session.probe_after = Duration::from_secs(600);
+    oa.session.ping_interval = Duration::from_secs(600);
+    oa.session.dead_after = Duration::from_secs(1200);
+    let b = Link::spawn(
+        UnixAcceptor::new(UnixListener::bind(&path).unwrap()),
+        ob,
+        0xB,
+    );
+    let a = Link::spawn(UnixConnector { path }, oa, 0xA);
+    for i in 0..3 {
+        a.tx.send(msg(i)).await.unwrap();
+    }
+    let Link { tx, mut rx, task } = b;
+    let mut n = 0;
+    while n < 3 {
+        if let Some(LinkEvent::Message(_)) = rx.recv().await {
+            n += 1;
+        }
+    }
+    drop(tx);
+    task.close().await;
+    tokio::time::timeout(Duration::from_secs(10), a.tx.flush())
+        .await
+        .expect("the closing side did not send its final ACK")
+        .unwrap();
 }

@@ -334,6 +334,14 @@ impl Session {
         self.in_flight_since = None;
     }
 
+    /// Closing: acknowledge everything received now rather than after the
+    /// ACK delay, so the peer can free it.
+    pub fn ack_now(&mut self) {
+        if self.rx_since_ack > 0 || self.ack_deadline.is_some() {
+            self.ack_now = true;
+        }
+    }
+
     /// A frame arrived on the current connection.
     pub fn on_frame(&mut self, frame: Frame, now: Instant) {
         if matches!(self.conn, Conn::Down { .. }) {

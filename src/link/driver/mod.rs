@@ -212,7 +212,22 @@ impl LinkSender {
         }
     }
 
-    /// The latest status.
+    /// Wait until the peer acknowledged everything sent through this link so
+    /// far (by any sender). Fails like [`Self::wait_acked`].
+    pub async fn flush(&self) -> Result<(), SendError> {
+        let last = {
+            let s = self.shared.lock();
+            SendReceipt {
+                session: s.local_session(),
+                seq: s.next_seq() - 1,
+            }
+        };
+        self.wait_acked(last).await
+    }
+
+    /// The status as of the link task's last wake-up: it may lag a `send`
+    /// that just returned. Use [`Self::wait_acked`] or [`Self::flush`] to wait
+    /// for acknowledgements.
     pub fn status(&self) -> LinkStatus {
         self.status.borrow().clone()
     }

@@ -31,6 +31,8 @@ pub const WRITE_HIGH_WATER: usize = 64 * 1024;
 const READ_BUF: usize = 64 * 1024;
 /// Frames handled per wake-up before the other branches get a turn.
 const FRAMES_PER_WAKE: usize = 64;
+/// How long a graceful close may spend writing what is due.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// Garbage on the stream is logged at most this often per link.
 const GARBAGE_LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -158,8 +160,18 @@ pub(crate) async fn run<C: Connector>(
             }
         }
     }
-    if let Phase::Connected(c) = &mut phase {
-        let _ = c.writer.shutdown().await;
+    if matches!(phase, Phase::Connected(_)) {
+        // Graceful close: send what is due (at least our final ACK) within a
+        // bound, so the peer does not keep frames we already have.
+        d.shared.lock().ack_now();
+        d.housekeeping(&mut phase, &name);
+        if let Phase::Connected(c) = &mut phase {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+                c.writer.write_all(&c.out).await?;
+                c.writer.shutdown().await
+            })
+            .await;
+        }
     }
     d.st_tx.send_modify(|s| s.closed = true);
     d.shared.window.notify_waiters();
