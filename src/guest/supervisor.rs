@@ -1,0 +1,472 @@
+//! The built-in supervisor target (`tether.supervisor`): starts, stops,
+//! restarts and lists sub-agent processes.
+//!
+//! One task per child. Each child runs in its own process group so that a
+//! stop reaches everything it started; the task reaps it (tokio waits on
+//! every child it spawned), captures stdout and stderr line by line into the
+//! agent's log, and restarts it per policy with capped exponential backoff.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::rpc::Failure;
+
+/// The topic of the built-in supervisor target.
+pub const SUPERVISOR_TOPIC: &str = "tether.supervisor";
+
+/// A child that ran at least this long restarts from the shortest backoff again.
+const STABLE_RUN: Duration = Duration::from_secs(30);
+
+/// Supervisor limits, from the agent's config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Executables that start requests may run (absolute paths). Empty: none.
+    pub allowed_executables: Vec<PathBuf>,
+    /// Grace between SIGTERM and SIGKILL on stop (ms).
+    pub stop_grace_ms: u64,
+    /// First restart delay (ms).
+    pub backoff_min_ms: u64,
+    /// Restart delay cap (ms).
+    pub backoff_max_ms: u64,
+    /// Most sub-agents at once: each is a process and a task.
+    pub max_children: usize,
+    /// Output lines longer than this are cut (bytes).
+    pub max_output_line: usize,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            allowed_executables: vec![],
+            stop_grace_ms: 5_000,
+            backoff_min_ms: 500,
+            backoff_max_ms: 30_000,
+            max_children: 64,
+            max_output_line: 4096,
+        }
+    }
+}
+
+/// When a child is started again after it exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Always.
+    Always,
+    /// When it exited with a failure or a signal.
+    #[default]
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// What to start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartSpec {
+    /// Unique name.
+    pub name: String,
+    /// Program and arguments; the program must be on the allow-list.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// Where a child stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildState {
+    /// Its process is running.
+    Running,
+    /// Waiting to be restarted.
+    Backoff,
+    /// Exited and will not be restarted.
+    Exited,
+    /// Stopped on request.
+    Stopped,
+}
+
+#[derive(Debug, Clone)]
+struct Status {
+    pid: Option<u32>,
+    state: ChildState,
+    started: Option<Instant>,
+    restarts: u32,
+    last_exit: Option<String>,
+}
+
+struct Child {
+    spec: StartSpec,
+    status: Arc<Mutex<Status>>,
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<()>,
+}
+
+/// The supervisor; cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    cfg: Arc<SupervisorConfig>,
+    /// The sub-agent socket path, passed to children as `TETHER_AGENT_SOCKET`.
+    socket: PathBuf,
+    children: Arc<tokio::sync::Mutex<BTreeMap<String, Child>>>,
+}
+
+fn bad(message: impl Into<String>) -> Failure {
+    Failure::tether("SupervisorError", message)
+}
+
+fn lock(s: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Supervisor {
+    /// A supervisor with no children.
+    pub fn new(cfg: SupervisorConfig, socket: PathBuf) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            socket,
+            children: Default::default(),
+        }
+    }
+
+    /// Handle a request to the supervisor target.
+    pub async fn handle(&self, method: &str, args: &Value) -> Result<Value, Failure> {
+        let name = || {
+            args.get("name")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| bad("missing string argument 'name'"))
+        };
+        match method {
+            "start" => {
+                let spec: StartSpec = serde_json::from_value(args.clone())
+                    .map_err(|e| bad(format!("bad start request: {e}")))?;
+                self.start(spec).await
+            }
+            "stop" => {
+                let grace = args.get("grace_ms").and_then(Value::as_u64).map(Duration::from_millis);
+                self.stop(&name()?, grace).await
+            }
+            "restart" => {
+                let n = name()?;
+                let spec = {
+                    let c = self.children.lock().await;
+                    c.get(&n).map(|c| c.spec.clone())
+                }
+                .ok_or_else(|| bad(format!("no sub-agent named '{n}'")))?;
+                self.stop(&n, None).await?;
+                self.start(spec).await
+            }
+            "list" => Ok(self.list().await),
+            other => Err(Failure::tether(
+                "NoSuchMethod",
+                format!("the supervisor has no method '{other}' (start, stop, restart, list)"),
+            )),
+        }
+    }
+
+    fn check_allowed(&self, program: &str) -> Result<PathBuf, Failure> {
+        let p = Path::new(program);
+        if !p.is_absolute() {
+            return Err(bad(format!("'{program}' is not an absolute path")));
+        }
+        let real = p
+            .canonicalize()
+            .map_err(|e| bad(format!("cannot run '{program}': {e}")))?;
+        let allowed = self
+            .cfg
+            .allowed_executables
+            .iter()
+            .any(|a| a.canonicalize().is_ok_and(|a| a == real));
+        if allowed {
+            Ok(p.to_path_buf())
+        } else {
+            Err(bad(format!(
+                "'{program}' is not in allowed_executables of the agent's config"
+            )))
+        }
+    }
+
+    /// Start a sub-agent.
+    pub async fn start(&self, spec: StartSpec) -> Result<Value, Failure> {
+        if spec.name.is_empty() || spec.name.len() > 64 {
+            return Err(bad("name must be 1 to 64 characters"));
+        }
+        let program = spec
+            .argv
+            .first()
+            .ok_or_else(|| bad("argv is empty"))?;
+        let program = self.check_allowed(program)?;
+        let mut children = self.children.lock().await;
+        if let Some(c) = children.get(&spec.name) {
+            let st = lock(&c.status).state;
+            if matches!(st, ChildState::Running | ChildState::Backoff) {
+                return Err(bad(format!("sub-agent '{}' is already running", spec.name)));
+            }
+        }
+        let live = children
+            .values()
+            .filter(|c| matches!(lock(&c.status).state, ChildState::Running | ChildState::Backoff))
+            .count();
+        if live >= self.cfg.max_children {
+            return Err(bad(format!(
+                "already {live} sub-agents running (max_children)"
+            )));
+        }
+        let status = Arc::new(Mutex::new(Status {
+            pid: None,
+            state: ChildState::Backoff,
+            started: None,
+            restarts: 0,
+            last_exit: None,
+        }));
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let task = tokio::spawn(run_child(
+            spec.clone(),
+            program,
+            self.socket.clone(),
+            self.cfg.clone(),
+            status.clone(),
+            stop_rx,
+        ));
+        // Wait briefly for the first spawn so the answer says whether it ran.
+        for _ in 0..50 {
+            if lock(&status).pid.is_some() || lock(&status).last_exit.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let reply = status_json(&spec.name, &lock(&status));
+        children.insert(
+            spec.name.clone(),
+            Child {
+                spec,
+                status,
+                stop: stop_tx,
+                task,
+            },
+        );
+        Ok(reply)
+    }
+
+    /// Stop a sub-agent: SIGTERM to its process group, SIGKILL after the grace.
+    pub async fn stop(&self, name: &str, grace: Option<Duration>) -> Result<Value, Failure> {
+        let grace = grace.unwrap_or(Duration::from_millis(self.cfg.stop_grace_ms));
+        let mut children = self.children.lock().await;
+        let c = children
+            .get_mut(name)
+            .ok_or_else(|| bad(format!("no sub-agent named '{name}'")))?;
+        let _ = c.stop.send(Some(grace));
+        // The task ends within the grace plus the time SIGKILL takes.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(5), &mut c.task).await;
+        Ok(status_json(name, &lock(&c.status)))
+    }
+
+    /// Stop every sub-agent (shutdown).
+    pub async fn stop_all(&self, grace: Duration) {
+        let names: Vec<String> = self.children.lock().await.keys().cloned().collect();
+        let stops = names.iter().map(|n| self.stop(n, Some(grace)));
+        futures_util::future::join_all(stops).await;
+    }
+
+    /// Every sub-agent with its state.
+    pub async fn list(&self) -> Value {
+        let c = self.children.lock().await;
+        Value::Array(
+            c.iter()
+                .map(|(n, c)| status_json(n, &lock(&c.status)))
+                .collect(),
+        )
+    }
+}
+
+fn status_json(name: &str, s: &Status) -> Value {
+    json!({
+        "name": name,
+        "pid": s.pid,
+        "state": s.state,
+        "uptime_ms": s.started.filter(|_| s.state == ChildState::Running)
+            .map(|t| t.elapsed().as_millis() as u64),
+        "restarts": s.restarts,
+        "last_exit": s.last_exit,
+    })
+}
+
+async fn run_child(
+    spec: StartSpec,
+    program: PathBuf,
+    socket: PathBuf,
+    cfg: Arc<SupervisorConfig>,
+    status: Arc<Mutex<Status>>,
+    mut stop: watch::Receiver<Option<Duration>>,
+) {
+    let name = spec.name.clone();
+    let min = Duration::from_millis(cfg.backoff_min_ms);
+    let max = Duration::from_millis(cfg.backoff_max_ms.max(cfg.backoff_min_ms));
+    let mut backoff = min;
+    loop {
+        let mut cmd = Command::new(&program);
+        cmd.args(spec.argv.iter().skip(1))
+            .envs(&spec.env)
+            .env("TETHER_AGENT_SOCKET", &socket)
+            .env("TETHER_SUBAGENT_NAME", &name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(d) = &spec.cwd {
+            cmd.current_dir(d);
+        }
+        let started = Instant::now();
+        let (failed, exit) = match cmd.spawn() {
+            Err(e) => (true, format!("spawn failed: {e}")),
+            Ok(mut child) => {
+                let pid = child.id();
+                {
+                    let mut s = lock(&status);
+                    s.pid = pid;
+                    s.state = ChildState::Running;
+                    s.started = Some(started);
+                }
+                info!(subagent = %name, pid, "sub-agent started");
+                if let Some(o) = child.stdout.take() {
+                    tokio::spawn(pump_lines(o, name.clone(), "stdout", cfg.max_output_line));
+                }
+                if let Some(e) = child.stderr.take() {
+                    tokio::spawn(pump_lines(e, name.clone(), "stderr", cfg.max_output_line));
+                }
+                let result = tokio::select! {
+                    r = child.wait() => Some(r),
+                    _ = stop.wait_for(Option::is_some) => None,
+                };
+                match result {
+                    Some(Ok(st)) => (!st.success(), st.to_string()),
+                    Some(Err(e)) => (true, format!("wait failed: {e}")),
+                    None => {
+                        let grace = (*stop.borrow()).unwrap_or_default();
+                        let st = terminate(&mut child, pid, grace, &name).await;
+                        let mut s = lock(&status);
+                        s.pid = None;
+                        s.state = ChildState::Stopped;
+                        s.last_exit = Some(st);
+                        info!(subagent = %name, "sub-agent stopped");
+                        return;
+                    }
+                }
+            }
+        };
+        let restart = match spec.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Never => false,
+        };
+        {
+            let mut s = lock(&status);
+            s.pid = None;
+            s.last_exit = Some(exit.clone());
+            s.state = if restart { ChildState::Backoff } else { ChildState::Exited };
+        }
+        if failed {
+            warn!(subagent = %name, exit = %exit, restart, "sub-agent exited");
+        } else {
+            info!(subagent = %name, exit = %exit, restart, "sub-agent exited");
+        }
+        if !restart {
+            return;
+        }
+        if started.elapsed() >= STABLE_RUN {
+            backoff = min;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(Option::is_some) => {
+                lock(&status).state = ChildState::Stopped;
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(max);
+        lock(&status).restarts += 1;
+    }
+}
+
+/// SIGTERM the group, SIGKILL it after `grace`; reap the child.
+async fn terminate(child: &mut tokio::process::Child, pid: Option<u32>, grace: Duration, name: &str) -> String {
+    let group = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+    if let Some(g) = group {
+        let _ = killpg(g, Signal::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(st)) => {
+            // The leader is gone; make sure nothing it started lingers.
+            if let Some(g) = group {
+                let _ = killpg(g, Signal::SIGKILL);
+            }
+            st.to_string()
+        }
+        _ => {
+            warn!(subagent = %name, "sub-agent ignored SIGTERM; killing its process group");
+            if let Some(g) = group {
+                let _ = killpg(g, Signal::SIGKILL);
+            }
+            let _ = child.start_kill();
+            match child.wait().await {
+                Ok(st) => st.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Copy a child's output into the log, line by line, cutting long lines.
+async fn pump_lines(r: impl AsyncRead + Unpin, name: String, stream: &'static str, max: usize) {
+    let mut r = BufReader::new(r);
+    let mut line: Vec<u8> = Vec::new();
+    let mut cut = false;
+    loop {
+        let (used, done) = match r.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            },
+        };
+        if let Ok(buf) = r.fill_buf().await {
+            let take = buf.get(..used).unwrap_or_default();
+            let take = take.strip_suffix(b"\n").unwrap_or(take);
+            let room = max.saturating_sub(line.len());
+            cut |= take.len() > room;
+            line.extend_from_slice(take.get(..room.min(take.len())).unwrap_or_default());
+        }
+        r.consume(used);
+        if done {
+            let text = String::from_utf8_lossy(&line);
+            info!(subagent = %name, stream, truncated = cut, "{text}");
+            line.clear();
+            cut = false;
+        }
+    }
+    if !line.is_empty() {
+        info!(subagent = %name, stream, truncated = cut, "{}", String::from_utf8_lossy(&line));
+    }
+}

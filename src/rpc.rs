@@ -1,0 +1,263 @@
+//! The RPC envelope carried in link messages, and the guest's duplicate window.
+//!
+//! Every link message is one JSON object with a `t` tag:
+//! - `req`: a call, cast or fanout (host → guest; guest → host for casts and
+//!   calls a sub-agent sends upstream);
+//! - `rep`: the reply to a call, carrying everything needed to route it (so a
+//!   reply can leave through another host's proxy after a migration);
+//! - `topics`: the topics the guest's sub-agents serve (guest → host).
+//!
+//! The format is documented in `docs/subagent.md` (what sub-agents see) and
+//! here (what crosses the link).
+
+use std::collections::{HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How many unique ids the guest remembers to drop redeliveries: a proxy
+/// restart or a migration redelivers at most a send window's worth (1024
+/// frames by default), so four windows is ample.
+pub const DEDUP_WINDOW: usize = 4096;
+
+/// Where a request goes, in oslo.messaging terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// The topic a sub-agent registered (`tether.supervisor` is built in).
+    pub topic: String,
+    /// The server (the instance uuid on the host side); informational here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// oslo namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// oslo version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// oslo exchange (guest → host only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<String>,
+}
+
+/// What kind of request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Expects exactly one reply.
+    Call,
+    /// No reply.
+    Cast,
+    /// A cast to every instance serving the topic.
+    Fanout,
+}
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Call, cast or fanout.
+    pub kind: Kind,
+    /// Where to.
+    pub target: Target,
+    /// The method name.
+    pub method: String,
+    /// Keyword arguments (a JSON object).
+    #[serde(default)]
+    pub args: Value,
+    /// The request context (a JSON object). On guest → host traffic the proxy
+    /// overwrites the identity in it.
+    #[serde(default)]
+    pub ctx: Value,
+    /// Call id: the reply carries it back (calls only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    /// End-to-end id for duplicate suppression; stable across resends.
+    pub unique_id: String,
+    /// Where the reply goes (an opaque routing string of the host side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Time left for a call when it was sent, in milliseconds (clocks of host
+    /// and guest differ, so remaining time travels, not a deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// An error raised by the remote side, oslo-style.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Exception class name (`ValueError`, `NoSuchMethod`...).
+    pub class: String,
+    /// Module of the class (`builtins` for Python builtins).
+    pub module: String,
+    /// The message.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure of class `class` in the `tether` module.
+    pub fn tether(class: &str, message: impl Into<String>) -> Self {
+        Self {
+            class: class.into(),
+            module: "tether".into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The reply to a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The call's id.
+    pub msg_id: String,
+    /// The call's reply routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// The result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// False for a heartbeat ("still working"), true for the final reply.
+    #[serde(default = "yes")]
+    pub ending: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One link message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum LinkMsg {
+    /// A request.
+    Req(Request),
+    /// A reply.
+    Rep(Reply),
+    /// The topics the guest serves.
+    Topics {
+        /// Sorted topic names.
+        topics: Vec<String>,
+    },
+}
+
+/// Why a link message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Not JSON of the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+impl LinkMsg {
+    /// Encode as JSON bytes.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        // Serialising these types cannot fail: no maps with non-string keys.
+        bytes::Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Decode from JSON bytes.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, EnvelopeError> {
+        Ok(serde_json::from_slice(b)?)
+    }
+}
+
+/// Remembers the last [`DEDUP_WINDOW`] unique ids; first sight wins.
+#[derive(Debug, Default)]
+pub struct DedupWindow {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl DedupWindow {
+    /// A window of `cap` ids.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            seen: HashSet::with_capacity(cap),
+            order: VecDeque::with_capacity(cap),
+            cap: cap.max(1),
+        }
+    }
+
+    /// True the first time `id` is seen (within the window).
+    pub fn first_sight(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+}
+
+/// A fresh unique id (32 hex digits, like oslo's uuid4().hex).
+pub fn new_unique_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        let a = crate::random_session_id().to_le_bytes();
+        let c = crate::random_session_id().to_le_bytes();
+        b[..8].copy_from_slice(&a);
+        b[8..].copy_from_slice(&c);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_shape() {
+        let m = LinkMsg::Req(Request {
+            kind: Kind::Call,
+            target: Target {
+                topic: "demo".into(),
+                ..Default::default()
+            },
+            method: "echo".into(),
+            args: serde_json::json!({"x": 1}),
+            ctx: serde_json::json!({}),
+            msg_id: Some("m1".into()),
+            unique_id: "u1".into(),
+            reply_to: Some("ctl:1".into()),
+            timeout_ms: Some(500),
+        });
+        let b = m.to_bytes();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["t"], "req");
+        assert_eq!(v["kind"], "call");
+        assert_eq!(LinkMsg::from_bytes(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(LinkMsg::from_bytes(b"{\"t\":\"nope\"}").is_err());
+        assert!(LinkMsg::from_bytes(b"\xff").is_err());
+    }
+
+    #[test]
+    fn dedup_window_forgets_the_oldest() {
+        let mut d = DedupWindow::new(2);
+        assert!(d.first_sight("a"));
+        assert!(!d.first_sight("a"));
+        assert!(d.first_sight("b"));
+        assert!(d.first_sight("c"));
+        assert!(d.first_sight("a"), "a fell out of the window");
+        assert!(!d.first_sight("c"));
+    }
+
+    #[test]
+    fn unique_ids_are_hex_and_differ() {
+        let (a, b) = (new_unique_id(), new_unique_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
