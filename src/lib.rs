@@ -20,7 +20,12 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod daemon;
+pub mod guest;
+pub mod host;
 pub mod link;
+pub mod rpc;
+pub mod sd;
 pub mod testing;
 
 /// A fresh random session id for this process run (never 0).

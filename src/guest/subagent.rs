@@ -128,7 +128,7 @@ pub enum SubEvent {
     /// A sub-agent connected; write to it through `tx`.
     Connected(ConnId, mpsc::Sender<ToSub>),
     /// It sent a message.
-    Message(ConnId, FromSub),
+    Message(ConnId, Box<FromSub>),
     /// It disconnected.
     Gone(ConnId),
 }
@@ -195,7 +195,7 @@ async fn connection(id: ConnId, s: UnixStream, max_line: usize, events: mpsc::Se
                     }
                     match serde_json::from_str::<FromSub>(&line) {
                         Ok(m) => {
-                            if events.send(SubEvent::Message(id, m)).await.is_err() {
+                            if events.send(SubEvent::Message(id, Box::new(m))).await.is_err() {
                                 break;
                             }
                         }

@@ -12,10 +12,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -165,7 +165,10 @@ impl Supervisor {
                 self.start(spec).await
             }
             "stop" => {
-                let grace = args.get("grace_ms").and_then(Value::as_u64).map(Duration::from_millis);
+                let grace = args
+                    .get("grace_ms")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_millis);
                 self.stop(&name()?, grace).await
             }
             "restart" => {
@@ -213,10 +216,7 @@ impl Supervisor {
         if spec.name.is_empty() || spec.name.len() > 64 {
             return Err(bad("name must be 1 to 64 characters"));
         }
-        let program = spec
-            .argv
-            .first()
-            .ok_or_else(|| bad("argv is empty"))?;
+        let program = spec.argv.first().ok_or_else(|| bad("argv is empty"))?;
         let program = self.check_allowed(program)?;
         let mut children = self.children.lock().await;
         if let Some(c) = children.get(&spec.name) {
@@ -227,7 +227,12 @@ impl Supervisor {
         }
         let live = children
             .values()
-            .filter(|c| matches!(lock(&c.status).state, ChildState::Running | ChildState::Backoff))
+            .filter(|c| {
+                matches!(
+                    lock(&c.status).state,
+                    ChildState::Running | ChildState::Backoff
+                )
+            })
             .count();
         if live >= self.cfg.max_children {
             return Err(bad(format!(
@@ -385,7 +390,11 @@ async fn run_child(
             let mut s = lock(&status);
             s.pid = None;
             s.last_exit = Some(exit.clone());
-            s.state = if restart { ChildState::Backoff } else { ChildState::Exited };
+            s.state = if restart {
+                ChildState::Backoff
+            } else {
+                ChildState::Exited
+            };
         }
         if failed {
             warn!(subagent = %name, exit = %exit, restart, "sub-agent exited");
@@ -411,7 +420,12 @@ async fn run_child(
 }
 
 /// SIGTERM the group, SIGKILL it after `grace`; reap the child.
-async fn terminate(child: &mut tokio::process::Child, pid: Option<u32>, grace: Duration, name: &str) -> String {
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: Option<u32>,
+    grace: Duration,
+    name: &str,
+) -> String {
     let group = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
     if let Some(g) = group {
         let _ = killpg(g, Signal::SIGTERM);

@@ -1,0 +1,57 @@
+//! tether-agent: the super-agent inside the VM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tether::guest::config::AgentConfig;
+
+/// The tether super-agent: owns the virtio-serial port, routes RPC to
+/// sub-agents and supervises them.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Config file (TOML); defaults apply without one.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Check the config file and exit (for ExecStartPre).
+    #[arg(long)]
+    check_config: bool,
+    /// Override the port (a device path, or unix-listen:PATH).
+    #[arg(long)]
+    port: Option<String>,
+    /// Override the sub-agent socket path.
+    #[arg(long)]
+    subagent_socket: Option<PathBuf>,
+}
+
+fn load(args: &Args) -> anyhow::Result<AgentConfig> {
+    let mut cfg = match &args.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(p) = &args.port {
+        cfg.port = p.clone();
+    }
+    if let Some(s) = &args.subagent_socket {
+        cfg.subagent_socket = s.clone();
+    }
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tether::daemon::init_logging("info");
+    let cfg = load(&args)?;
+    if args.check_config {
+        println!("config ok");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(tether::guest::run(cfg, tether::daemon::terminated()))?;
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! tether-proxy: the host side, one link per VM channel socket.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tether::host::config::ProxyConfig;
+
+/// The tether host proxy: links every VM whose chardev socket is in the
+/// channels directory and serves the control socket.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Config file (TOML); defaults apply without one.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Check the config file and exit (for ExecStartPre).
+    #[arg(long)]
+    check_config: bool,
+    /// Override the channels directory.
+    #[arg(long)]
+    channels_dir: Option<PathBuf>,
+    /// Override the control socket path.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tether::daemon::init_logging("info");
+    let mut cfg = match &args.config {
+        Some(p) => ProxyConfig::load(p)?,
+        None => ProxyConfig::default(),
+    };
+    if let Some(d) = args.channels_dir {
+        cfg.channels_dir = d;
+    }
+    if let Some(s) = args.control_socket {
+        cfg.control_socket = s;
+    }
+    if args.check_config {
+        println!("config ok");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(tether::host::run(cfg, tether::daemon::terminated()))?;
+    Ok(())
+}

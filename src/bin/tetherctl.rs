@@ -1,0 +1,378 @@
+//! tetherctl: the operator's CLI, over the proxy's control socket.
+//!
+//! Exit codes: 0 ok; 1 the remote side raised an error; 2 bad usage or a
+//! request the proxy refused as malformed; 3 timeout; 4 instance not
+//! connected; 5 the proxy could not be reached.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Talk to tether-proxy: call, cast and fan out into VMs, list links and
+/// sub-agents, start and stop sub-agents, watch what guests send.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// The proxy's control socket.
+    #[arg(long, short, default_value = tether::host::config::DEFAULT_CONTROL_SOCKET, env = "TETHER_CONTROL_SOCKET")]
+    socket: PathBuf,
+    /// Print the raw JSON response (for scripts).
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for an answer (ms); the proxy's default if unset.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List instance links and their state.
+    Links,
+    /// Call a method in an instance and print the result.
+    Call {
+        /// Instance uuid.
+        instance: String,
+        /// Topic a sub-agent serves.
+        topic: String,
+        /// Method name.
+        method: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// Cast to an instance; returns once the guest acknowledged it.
+    Cast {
+        /// Instance uuid.
+        instance: String,
+        /// Topic.
+        topic: String,
+        /// Method name.
+        method: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Your own unique id, so that a retry is dropped as a duplicate.
+        #[arg(long)]
+        unique_id: Option<String>,
+    },
+    /// Cast to every instance whose sub-agents serve the topic.
+    Fanout {
+        /// Topic.
+        topic: String,
+        /// Method name.
+        method: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// List the sub-agents of an instance.
+    Agents {
+        /// Instance uuid.
+        instance: String,
+    },
+    /// Start a sub-agent in an instance (the program must be allowed there).
+    StartAgent {
+        /// Instance uuid.
+        instance: String,
+        /// A name for it.
+        name: String,
+        /// Restart policy: always, on-failure, never.
+        #[arg(long)]
+        restart: Option<String>,
+        /// Environment, KEY=VALUE (repeatable).
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Program and arguments (after --).
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Stop a sub-agent in an instance.
+    StopAgent {
+        /// Instance uuid.
+        instance: String,
+        /// Its name.
+        name: String,
+        /// SIGTERM-to-SIGKILL grace (ms).
+        #[arg(long)]
+        grace_ms: Option<u64>,
+    },
+    /// Print every guest-originated cast as it arrives (until interrupted).
+    Watch,
+}
+
+const EXIT_REMOTE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_TIMEOUT: u8 = 3;
+const EXIT_NOT_CONNECTED: u8 = 4;
+const EXIT_UNREACHABLE: u8 = 5;
+
+fn json_arg(s: &str) -> Result<Value, String> {
+    match serde_json::from_str::<Value>(s) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("--args must be a JSON object, like '{\"key\": 1}'".into()),
+        Err(e) => Err(format!("--args is not valid JSON: {e}")),
+    }
+}
+
+fn request(args: &Args) -> Result<Value, String> {
+    let mut r = match &args.cmd {
+        Cmd::Links => json!({"op": "links"}),
+        Cmd::Call {
+            instance,
+            topic,
+            method,
+            args: a,
+        } => {
+            json!({"op": "call", "instance": instance, "topic": topic, "method": method, "args": json_arg(a)?})
+        }
+        Cmd::Cast {
+            instance,
+            topic,
+            method,
+            args: a,
+            unique_id,
+        } => {
+            let mut r = json!({"op": "cast", "instance": instance, "topic": topic, "method": method, "args": json_arg(a)?});
+            if let Some(u) = unique_id {
+                r["unique_id"] = json!(u);
+            }
+            r
+        }
+        Cmd::Fanout {
+            topic,
+            method,
+            args: a,
+        } => {
+            json!({"op": "fanout", "topic": topic, "method": method, "args": json_arg(a)?})
+        }
+        Cmd::Agents { instance } => json!({"op": "agents", "instance": instance}),
+        Cmd::StartAgent {
+            instance,
+            name,
+            restart,
+            env,
+            argv,
+        } => {
+            let mut envs = serde_json::Map::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("--env {kv}: expected KEY=VALUE"))?;
+                envs.insert(k.into(), json!(v));
+            }
+            let mut r = json!({"op": "start_agent", "instance": instance, "name": name, "argv": argv, "env": envs});
+            if let Some(p) = restart {
+                r["restart"] = json!(p);
+            }
+            r
+        }
+        Cmd::StopAgent {
+            instance,
+            name,
+            grace_ms,
+        } => {
+            json!({"op": "stop_agent", "instance": instance, "name": name, "grace_ms": grace_ms})
+        }
+        Cmd::Watch => json!({"op": "watch"}),
+    };
+    if let (Some(t), false) = (args.timeout_ms, matches!(args.cmd, Cmd::Links | Cmd::Watch)) {
+        r["timeout_ms"] = json!(t);
+    }
+    Ok(r)
+}
+
+fn human(cmd: &Cmd, result: &Value) -> String {
+    match cmd {
+        Cmd::Links => {
+            let mut out = String::from(
+                "INSTANCE                              STATE        UNACKED RESENT TOPICS\n",
+            );
+            for l in result.as_array().into_iter().flatten() {
+                let state = if l["established"] == true {
+                    "linked"
+                } else if l["connected"] == true {
+                    "handshake"
+                } else {
+                    "disconnected"
+                };
+                let topics: Vec<&str> = l["topics"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                out += &format!(
+                    "{:<37} {:<12} {:>7} {:>6} {}\n",
+                    l["instance"].as_str().unwrap_or("?"),
+                    state,
+                    l["unacked"],
+                    l["resent"],
+                    topics.join(",")
+                );
+            }
+            out.trim_end().to_string()
+        }
+        Cmd::Agents { .. } => {
+            let mut out =
+                String::from("NAME                 STATE      PID      RESTARTS LAST EXIT\n");
+            for a in result.as_array().into_iter().flatten() {
+                out += &format!(
+                    "{:<20} {:<10} {:<8} {:>8} {}\n",
+                    a["name"].as_str().unwrap_or("?"),
+                    a["state"].as_str().unwrap_or("?"),
+                    a["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+                    a["restarts"],
+                    a["last_exit"].as_str().unwrap_or("-")
+                );
+            }
+            out.trim_end().to_string()
+        }
+        Cmd::Cast { .. } => format!(
+            "delivered (unique id {})",
+            result["unique_id"].as_str().unwrap_or("?")
+        ),
+        Cmd::Fanout { .. } => {
+            let d = result["delivered"].as_array().map_or(0, Vec::len);
+            let f = result["failed"].as_array().map_or(0, Vec::len);
+            let mut s = format!("delivered to {d} instance(s), failed for {f}");
+            for x in result["failed"].as_array().into_iter().flatten() {
+                s += &format!(
+                    "\n  {}: {}",
+                    x["instance"].as_str().unwrap_or("?"),
+                    x["error"]["message"].as_str().unwrap_or("?")
+                );
+            }
+            s
+        }
+        _ => serde_json::to_string_pretty(result).unwrap_or_default(),
+    }
+}
+
+fn exit_for(kind: &str) -> u8 {
+    match kind {
+        "remote" => EXIT_REMOTE,
+        "timeout" => EXIT_TIMEOUT,
+        "not_connected" => EXIT_NOT_CONNECTED,
+        _ => EXIT_USAGE,
+    }
+}
+
+async fn run(args: Args) -> u8 {
+    let req = match request(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tetherctl: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let s = match UnixStream::connect(&args.socket).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "tetherctl: cannot reach tether-proxy at {}: {e}\n  is tether-proxy running? pass --socket or set TETHER_CONTROL_SOCKET if it listens elsewhere",
+                args.socket.display()
+            );
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let (r, mut w) = s.into_split();
+    let line = format!("{req}\n");
+    if let Err(e) = w.write_all(line.as_bytes()).await {
+        eprintln!("tetherctl: the proxy closed the connection: {e}");
+        return EXIT_UNREACHABLE;
+    }
+    let mut lines = BufReader::new(r).lines();
+    let watch = matches!(args.cmd, Cmd::Watch);
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                eprintln!("tetherctl: the proxy closed the connection");
+                return EXIT_UNREACHABLE;
+            }
+            Err(e) => {
+                eprintln!("tetherctl: reading from the proxy failed: {e}");
+                return EXIT_UNREACHABLE;
+            }
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            eprintln!("tetherctl: the proxy sent something that is not JSON: {line}");
+            return EXIT_UNREACHABLE;
+        };
+        if watch && (v.get("event").is_some() || v.get("lagged").is_some()) {
+            if args.json {
+                println!("{v}");
+            } else if let Some(n) = v.get("lagged") {
+                println!("(missed {n} casts: this client fell behind)");
+            } else {
+                let e = &v["event"];
+                println!(
+                    "{} {}.{} {}",
+                    e["instance"].as_str().unwrap_or("?"),
+                    e["target"]["topic"].as_str().unwrap_or("?"),
+                    e["method"].as_str().unwrap_or("?"),
+                    e["args"]
+                );
+            }
+            continue;
+        }
+        if args.json {
+            println!("{v}");
+        }
+        if v["ok"] == true {
+            if watch {
+                if !args.json {
+                    eprintln!("watching guest casts (Ctrl-C to stop)");
+                }
+                continue;
+            }
+            if !args.json {
+                println!("{}", human(&args.cmd, &v["result"]));
+            }
+            return 0;
+        }
+        let e = &v["error"];
+        let kind = e["kind"].as_str().unwrap_or("unknown");
+        if !args.json {
+            let class = e["class"]
+                .as_str()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
+            let hint = match kind {
+                "not_connected" => {
+                    "\n  check `tetherctl links`: the instance must be listed and linked"
+                }
+                "timeout" => {
+                    "\n  the guest answered nothing in time; raise --timeout-ms or check its sub-agents with `tetherctl agents`"
+                }
+                _ => "",
+            };
+            eprintln!(
+                "tetherctl: {kind}{class}: {}{hint}",
+                e["message"].as_str().unwrap_or("?")
+            );
+        }
+        return exit_for(kind);
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tetherctl: cannot start: {e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    ExitCode::from(rt.block_on(run(args)))
+}

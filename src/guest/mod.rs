@@ -1,0 +1,98 @@
+//! The guest super-agent: owns the port, routes RPC to sub-agents, supervises
+//! them.
+//!
+//! - [`port`]: the virtio-serial device or an emulated port.
+//! - [`subagent`]: the sub-agent socket (JSON lines, `docs/subagent.md`).
+//! - [`router`]: link messages ⇄ sub-agent requests, dedup, deadlines.
+//! - [`supervisor`]: the built-in `tether.supervisor` target.
+//! - [`config`]: the agent's TOML config.
+
+pub mod config;
+pub mod port;
+pub mod router;
+pub mod subagent;
+pub mod supervisor;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::link::{Link, LinkOptions};
+use config::AgentConfig;
+use port::{PortConnector, PortError, PortSpec};
+use supervisor::Supervisor;
+
+/// Sub-agent events queued for the router.
+const SUB_EVENTS: usize = 1024;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The port.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// The sub-agent socket.
+    #[error("cannot listen on the sub-agent socket {path}")]
+    SubagentSocket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Run the agent until `shutdown` resolves, then stop sub-agents and flush
+/// the link within the configured bound.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let spec = PortSpec::parse(&cfg.port);
+    let connector = PortConnector::open(&spec)?;
+    let listener =
+        subagent::bind(&cfg.subagent_socket).map_err(|source| AgentError::SubagentSocket {
+            path: cfg.subagent_socket.clone(),
+            source,
+        })?;
+    let link = Link::spawn(
+        connector,
+        LinkOptions {
+            name: cfg.port.clone(),
+            session: cfg.link.clone(),
+            ..LinkOptions::default()
+        },
+        crate::random_session_id(),
+    );
+    let (sub_tx, sub_rx) = mpsc::channel(SUB_EVENTS);
+    let server = tokio::spawn(subagent::serve(listener, cfg.max_line, sub_tx));
+    let supervisor = Supervisor::new(cfg.supervisor.clone(), cfg.subagent_socket.clone());
+    for s in &cfg.subagents {
+        if let Err(f) = supervisor.start(s.clone()).await {
+            warn!(subagent = %s.name, error = %f.message, "configured sub-agent did not start");
+        }
+    }
+    crate::sd::notify("READY=1\nSTATUS=waiting for the host");
+    if let Some(every) = crate::sd::watchdog_interval() {
+        tokio::spawn(crate::sd::watchdog(every));
+    }
+    info!(port = %cfg.port, socket = %cfg.subagent_socket.display(), "tether-agent ready");
+    let Link { tx, rx, task } = link;
+    let router = router::Router::new(tx.clone(), supervisor.clone());
+    router.run(rx, sub_rx, shutdown).await;
+    info!("shutting down: stopping sub-agents and flushing the link");
+    crate::sd::notify("STOPPING=1");
+    server.abort();
+    let grace = Duration::from_millis(cfg.supervisor.stop_grace_ms);
+    supervisor.stop_all(grace).await;
+    let flush = Duration::from_millis(cfg.shutdown_flush_ms);
+    if tokio::time::timeout(flush, tx.flush()).await.is_err() {
+        warn!(
+            "link not flushed within shutdown_flush_ms; unacknowledged messages are lost with this process"
+        );
+    }
+    task.close().await;
+    let _ = std::fs::remove_file(&cfg.subagent_socket);
+    Ok(())
+}

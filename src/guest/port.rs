@@ -1,0 +1,298 @@
+//! The agent's end of the channel: a virtio-serial port device, or an
+//! emulated port (`unix-listen:PATH`) that behaves as QEMU's chardev does.
+//!
+//! How the real port behaves (measured, `shared/notes/virtio-serial.md`):
+//! only one process may open it (`EBUSY`); while the host side is not
+//! connected `read()` returns 0 with `POLLHUP` and `POLLOUT` is never set, so
+//! "connected" is the writable edge; writes move at most 32 KiB each. A read
+//! of 0 is therefore "host went away", not end of file for good: the stream
+//! ends, the link driver calls `connect` again, and `connect` waits for the
+//! next writable edge without spinning.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::link::Connector;
+use crate::link::driver::{ConnectFuture, UnixAcceptor};
+
+/// The largest write the port takes at once.
+const PORT_WRITE_MAX: usize = 32 * 1024;
+/// A host connect that slipped between our check and our wait is noticed
+/// within this long (a bounded re-check, not a poll loop).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Where the agent's port is, as written in its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSpec {
+    /// A virtio-serial port device (or a symlink to one).
+    Device(PathBuf),
+    /// An emulated port: listen on a UNIX socket, one client at a time.
+    UnixListen(PathBuf),
+}
+
+impl PortSpec {
+    /// Parse `unix-listen:PATH` or a device path.
+    pub fn parse(s: &str) -> Self {
+        match s.strip_prefix("unix-listen:") {
+            Some(p) => Self::UnixListen(PathBuf::from(p)),
+            None => Self::Device(PathBuf::from(s)),
+        }
+    }
+}
+
+/// Why the port could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// Another process holds the port.
+    #[error(
+        "port {0} is in use by another process (only one may open a virtio-serial port); is another tether-agent running?"
+    )]
+    Busy(PathBuf),
+    /// The device is missing or not openable.
+    #[error("cannot open port {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The emulated port's socket could not be bound.
+    #[error("cannot listen on emulated port {path}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A connector for either kind of port.
+pub enum PortConnector {
+    /// A virtio-serial device.
+    Device(VirtioPort),
+    /// An emulated port.
+    Emulated(UnixAcceptor),
+}
+
+impl PortConnector {
+    /// Open the port described by `spec`.
+    pub fn open(spec: &PortSpec) -> Result<Self, PortError> {
+        match spec {
+            PortSpec::Device(p) => VirtioPort::open(p).map(Self::Device),
+            PortSpec::UnixListen(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = tokio::net::UnixListener::bind(p).map_err(|source| PortError::Listen {
+                    path: p.clone(),
+                    source,
+                })?;
+                Ok(Self::Emulated(UnixAcceptor::new(l)))
+            }
+        }
+    }
+}
+
+/// Either kind of connected stream.
+pub enum PortStream {
+    /// The device.
+    Device(DeviceStream),
+    /// A UNIX socket.
+    Emulated(tokio::net::UnixStream),
+}
+
+impl Connector for PortConnector {
+    type Io = PortStream;
+    fn connect(&mut self) -> ConnectFuture<PortStream> {
+        match self {
+            Self::Device(d) => {
+                let f = d.connect();
+                Box::pin(async move { f.await.map(PortStream::Device) })
+            }
+            Self::Emulated(a) => {
+                let f = a.connect();
+                Box::pin(async move { f.await.map(PortStream::Emulated) })
+            }
+        }
+    }
+    fn connect_timeout(&self) -> Option<Duration> {
+        None // waiting for the host is not a failure
+    }
+}
+
+/// A virtio-serial port device, opened once and kept open: closing it would
+/// discard what the host sent and the agent has not read yet.
+pub struct VirtioPort {
+    fd: Arc<AsyncFd<File>>,
+}
+
+impl VirtioPort {
+    /// Open the device non-blocking, close-on-exec.
+    pub fn open(path: &Path) -> Result<Self, PortError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| {
+                if source.raw_os_error() == Some(nix::libc::EBUSY) {
+                    PortError::Busy(path.to_path_buf())
+                } else {
+                    PortError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
+            })?;
+        let fd = register(f).map_err(|source| PortError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { fd: Arc::new(fd) })
+    }
+
+    fn connect(&mut self) -> ConnectFuture<DeviceStream> {
+        let fd = self.fd.clone();
+        Box::pin(async move {
+            loop {
+                if host_connected(&fd) {
+                    return Ok(DeviceStream { fd });
+                }
+                // Wait for the writable edge the host's connect produces.
+                match tokio::time::timeout(RECHECK, fd.writable()).await {
+                    Ok(Ok(mut g)) => {
+                        if !host_connected(&fd) {
+                            g.clear_ready();
+                        }
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {} // re-check
+                }
+            }
+        })
+    }
+}
+
+/// Register the port with the reactor.
+#[allow(unsafe_code)]
+fn register(f: File) -> io::Result<AsyncFd<File>> {
+    // SAFETY: the `File` owns a valid descriptor, opened non-blocking above;
+    // the `AsyncFd` takes the `File` by value, and nothing replaces or closes
+    // that descriptor while it is registered (it is closed only when the
+    // `AsyncFd` and with it the `File` are dropped).
+    unsafe { AsyncFd::register(f) }.map_err(|e| e.into_parts().1)
+}
+
+/// `POLLOUT` is set exactly while a host client is connected.
+fn host_connected(fd: &AsyncFd<File>) -> bool {
+    let mut p = [PollFd::new(fd.get_ref().as_fd(), PollFlags::POLLOUT)];
+    matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
+        && p.first()
+            .and_then(PollFd::revents)
+            .is_some_and(|r| r.contains(PollFlags::POLLOUT))
+}
+
+/// The port while the host is connected.
+pub struct DeviceStream {
+    fd: Arc<AsyncFd<File>>,
+}
+
+impl AsyncRead for DeviceStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut g = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match g.try_io(|f| f.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    if n == 0 {
+                        // Host disconnected: end this stream; `connect` waits
+                        // for the next writable edge.
+                        g.clear_ready();
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for DeviceStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let data = data
+            .get(..data.len().min(PORT_WRITE_MAX))
+            .unwrap_or_default();
+        loop {
+            let mut g = ready!(self.fd.poll_write_ready(cx))?;
+            match g.try_io(|f| f.get_ref().write(data)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for PortStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Device(d) => Pin::new(d).poll_read(cx, buf),
+            Self::Emulated(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PortStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Device(d) => Pin::new(d).poll_write(cx, data),
+            Self::Emulated(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Device(d) => Pin::new(d).poll_flush(cx),
+            Self::Emulated(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Device(d) => Pin::new(d).poll_shutdown(cx),
+            Self::Emulated(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The agent's router: link messages in, sub-agent requests out, replies
+//! back. It owns all routing state and never waits on a sub-agent: requests
+//! go into each sub-agent's bounded queue and replies come back as events, so
+//! a slow handler delays nobody else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::subagent::{ConnId, FromSub, SubEvent, ToSub};
+use super::supervisor::{SUPERVISOR_TOPIC, Supervisor};
+use crate::link::LinkEvent;
+use crate::link::driver::{LinkReceiver, LinkSender};
+use crate::rpc::{
+    DEDUP_WINDOW, DedupWindow, Failure, Kind, LinkMsg, Reply, Request, Target, new_unique_id,
+};
+
+/// Calls waiting for a sub-agent's answer, across all sub-agents: past this,
+/// new calls are refused with an error reply instead of growing the table.
+pub const MAX_INFLIGHT: usize = 4096;
+/// Calls a sub-agent sent upstream and that wait for an answer.
+pub const MAX_UPSTREAM: usize = 1024;
+/// Upstream calls without a timeout wait this long.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Calls without a deadline are forgotten after this long (the caller gave up).
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// How often expired entries are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+struct Sub {
+    name: String,
+    topics: Vec<String>,
+    tx: mpsc::Sender<ToSub>,
+}
+
+struct InFlight {
+    msg_id: String,
+    reply_to: Option<String>,
+    expires: Instant,
+}
+
+struct Upstream {
+    conn: ConnId,
+    id: u64,
+    expires: Instant,
+}
+
+/// The router state.
+pub struct Router {
+    link: LinkSender,
+    supervisor: Supervisor,
+    subs: HashMap<ConnId, Sub>,
+    topics: BTreeMap<String, ConnId>,
+    inflight: HashMap<(ConnId, u64), InFlight>,
+    upstream: HashMap<String, Upstream>,
+    next_req: u64,
+    dedup: DedupWindow,
+}
+
+impl Router {
+    /// A router sending to the host through `link`.
+    pub fn new(link: LinkSender, supervisor: Supervisor) -> Self {
+        Self {
+            link,
+            supervisor,
+            subs: HashMap::new(),
+            topics: BTreeMap::new(),
+            inflight: HashMap::new(),
+            upstream: HashMap::new(),
+            next_req: 1,
+            dedup: DedupWindow::new(DEDUP_WINDOW),
+        }
+    }
+
+    /// Route until `shutdown` resolves or the link ends.
+    pub async fn run(
+        mut self,
+        mut link_rx: LinkReceiver,
+        mut subs: mpsc::Receiver<SubEvent>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                ev = link_rx.recv() => match ev {
+                    Some(ev) => self.on_link(ev).await,
+                    None => break,
+                },
+                Some(ev) = subs.recv() => self.on_sub(ev).await,
+                _ = sweep.tick() => self.sweep(),
+            }
+        }
+    }
+
+    async fn send(&self, m: &LinkMsg) {
+        if let Err(e) = self.link.send(m.to_bytes()).await {
+            error!(error = %e, "could not queue a message to the host");
+        }
+    }
+
+    async fn reply(&self, msg_id: String, reply_to: Option<String>, res: Result<Value, Failure>) {
+        let (result, failure) = match res {
+            Ok(v) => (Some(v), None),
+            Err(f) => (None, Some(f)),
+        };
+        let m = LinkMsg::Rep(Reply {
+            msg_id: msg_id.clone(),
+            reply_to: reply_to.clone(),
+            result,
+            failure,
+            ending: true,
+        });
+        if let Err(e) = self.link.send(m.to_bytes()).await {
+            // Most likely too large: the caller must still get its one reply.
+            let f = Failure::tether("ReplyTooLarge", format!("the reply could not be sent: {e}"));
+            let m = LinkMsg::Rep(Reply {
+                msg_id,
+                reply_to,
+                result: None,
+                failure: Some(f),
+                ending: true,
+            });
+            self.send(&m).await;
+        }
+    }
+
+    async fn topics_changed(&self) {
+        let topics = self.topics.keys().cloned().collect();
+        self.send(&LinkMsg::Topics { topics }).await;
+    }
+
+    async fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Message(b) => match LinkMsg::from_bytes(&b) {
+                Ok(LinkMsg::Req(r)) => self.on_request(r).await,
+                Ok(LinkMsg::Rep(r)) => self.on_upstream_reply(r).await,
+                Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
+                Err(e) => warn!(error = %e, "malformed message from the host dropped"),
+            },
+            LinkEvent::Up { .. } => self.topics_changed().await,
+            LinkEvent::Expired { unacked } => {
+                error!(
+                    lost = unacked.len(),
+                    "host link expired: messages to the host were not delivered"
+                )
+            }
+            LinkEvent::Down | LinkEvent::PeerChanged { .. } => {}
+        }
+    }
+
+    async fn on_request(&mut self, r: Request) {
+        if !self.dedup.first_sight(&r.unique_id) {
+            debug!(unique_id = %r.unique_id, "duplicate request dropped");
+            return;
+        }
+        if r.timeout_ms == Some(0) {
+            info!(method = %r.method, topic = %r.target.topic, "expired request dropped before dispatch");
+            return;
+        }
+        let is_call = r.kind == Kind::Call;
+        let msg_id = match (is_call, &r.msg_id) {
+            (true, Some(m)) => Some(m.clone()),
+            (true, None) => {
+                warn!("call without msg_id dropped: it could not be answered");
+                return;
+            }
+            _ => None,
+        };
+        if r.target.topic == SUPERVISOR_TOPIC {
+            let sup = self.supervisor.clone();
+            let link = self.link.clone();
+            let router_reply = msg_id.map(|m| (m, r.reply_to.clone()));
+            tokio::spawn(async move {
+                let res = sup.handle(&r.method, &r.args).await;
+                if let Some((msg_id, reply_to)) = router_reply {
+                    let (result, failure) = match res {
+                        Ok(v) => (Some(v), None),
+                        Err(f) => (None, Some(f)),
+                    };
+                    let m = LinkMsg::Rep(Reply {
+                        msg_id,
+                        reply_to,
+                        result,
+                        failure,
+                        ending: true,
+                    });
+                    let _ = link.send(m.to_bytes()).await;
+                } else if let Err(f) = res {
+                    warn!(error = %f.message, "supervisor cast failed");
+                }
+            });
+            return;
+        }
+        let Some(&conn) = self.topics.get(&r.target.topic) else {
+            match msg_id {
+                Some(m) => {
+                    let f = Failure::tether(
+                        "NoSuchTopic",
+                        format!(
+                            "no sub-agent serves topic '{}' in this instance",
+                            r.target.topic
+                        ),
+                    );
+                    self.reply(m, r.reply_to, Err(f)).await;
+                }
+                None => {
+                    warn!(topic = %r.target.topic, method = %r.method, "cast to a topic nobody serves dropped")
+                }
+            }
+            return;
+        };
+        if is_call && self.inflight.len() >= MAX_INFLIGHT {
+            let f = Failure::tether(
+                "Overloaded",
+                format!("{MAX_INFLIGHT} calls already in progress"),
+            );
+            if let Some(m) = msg_id {
+                self.reply(m, r.reply_to, Err(f)).await;
+            }
+            return;
+        }
+        let id = self.next_req;
+        self.next_req += 1;
+        let Some(sub) = self.subs.get(&conn) else {
+            return;
+        };
+        let out = ToSub::Request {
+            id,
+            kind: if is_call { Kind::Call } else { Kind::Cast },
+            target: r.target.clone(),
+            method: r.method.clone(),
+            args: r.args,
+            ctx: r.ctx,
+            timeout_ms: r.timeout_ms,
+        };
+        match sub.tx.try_send(out) {
+            Ok(()) => {
+                if let Some(m) = msg_id {
+                    let ttl = r.timeout_ms.map_or(FORGET_AFTER, Duration::from_millis);
+                    self.inflight.insert(
+                        (conn, id),
+                        InFlight {
+                            msg_id: m,
+                            reply_to: r.reply_to,
+                            expires: Instant::now() + ttl,
+                        },
+                    );
+                }
+            }
+            Err(_) => {
+                let name = sub.name.clone();
+                match msg_id {
+                    Some(m) => {
+                        let f = Failure::tether(
+                            "SubAgentBusy",
+                            format!("sub-agent '{name}' is not keeping up with its requests"),
+                        );
+                        self.reply(m, r.reply_to, Err(f)).await;
+                    }
+                    None => {
+                        error!(subagent = %name, method = %r.method, "sub-agent is not keeping up: cast dropped")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_upstream_reply(&mut self, r: Reply) {
+        if !r.ending {
+            return; // a heartbeat: the answer is still coming
+        }
+        let Some(u) = self.upstream.remove(&r.msg_id) else {
+            debug!(msg_id = %r.msg_id, "reply to an unknown or expired upstream call dropped");
+            return;
+        };
+        if let Some(sub) = self.subs.get(&u.conn) {
+            let _ = sub.tx.try_send(ToSub::Result {
+                id: u.id,
+                result: r.result,
+                error: r.failure,
+            });
+        }
+    }
+
+    async fn on_sub(&mut self, ev: SubEvent) {
+        match ev {
+            SubEvent::Connected(conn, tx) => {
+                self.subs.insert(
+                    conn,
+                    Sub {
+                        name: format!("conn-{conn}"),
+                        topics: vec![],
+                        tx,
+                    },
+                );
+            }
+            SubEvent::Gone(conn) => self.sub_gone(conn).await,
+            SubEvent::Message(conn, m) => self.on_sub_message(conn, *m).await,
+        }
+    }
+
+    async fn sub_gone(&mut self, conn: ConnId) {
+        let Some(sub) = self.subs.remove(&conn) else {
+            return;
+        };
+        info!(subagent = %sub.name, "sub-agent disconnected");
+        for t in &sub.topics {
+            self.topics.remove(t);
+        }
+        let lost: Vec<(ConnId, u64)> = self
+            .inflight
+            .keys()
+            .filter(|k| k.0 == conn)
+            .copied()
+            .collect();
+        for k in lost {
+            if let Some(f) = self.inflight.remove(&k) {
+                let e = Failure::tether(
+                    "SubAgentGone",
+                    format!("sub-agent '{}' went away", sub.name),
+                );
+                self.reply(f.msg_id, f.reply_to, Err(e)).await;
+            }
+        }
+        self.upstream.retain(|_, u| u.conn != conn);
+        if !sub.topics.is_empty() {
+            self.topics_changed().await;
+        }
+    }
+
+    fn refuse(&self, conn: ConnId, message: String) {
+        if let Some(s) = self.subs.get(&conn) {
+            let _ = s.tx.try_send(ToSub::Error { message });
+        }
+    }
+
+    async fn on_sub_message(&mut self, conn: ConnId, m: FromSub) {
+        match m {
+            FromSub::Register { name, topics } => {
+                for t in &topics {
+                    if t.is_empty() || t == SUPERVISOR_TOPIC || t.len() > 255 {
+                        return self.refuse(conn, format!("topic '{t}' cannot be registered"));
+                    }
+                    if let Some(&owner) = self.topics.get(t)
+                        && owner != conn
+                    {
+                        let who = self
+                            .subs
+                            .get(&owner)
+                            .map_or("another sub-agent", |s| s.name.as_str());
+                        return self
+                            .refuse(conn, format!("topic '{t}' is already served by {who}"));
+                    }
+                }
+                let Some(sub) = self.subs.get_mut(&conn) else {
+                    return;
+                };
+                for t in &sub.topics {
+                    self.topics.remove(t);
+                }
+                for t in &topics {
+                    self.topics.insert(t.clone(), conn);
+                }
+                info!(subagent = %name, ?topics, "sub-agent registered");
+                sub.name = name;
+                sub.topics = topics.clone();
+                let _ = sub.tx.try_send(ToSub::Registered { topics });
+                self.topics_changed().await;
+            }
+            FromSub::Reply { id, result, error } => match self.inflight.remove(&(conn, id)) {
+                Some(f) => {
+                    let res = match (result, error) {
+                        (_, Some(e)) => Err(e),
+                        (r, None) => Ok(r.unwrap_or(Value::Null)),
+                    };
+                    self.reply(f.msg_id, f.reply_to, res).await;
+                }
+                None => self.refuse(conn, format!("reply to unknown or expired request {id}")),
+            },
+            FromSub::Cast {
+                target,
+                method,
+                args,
+                ctx,
+            } => {
+                let r = upstream_request(Kind::Cast, target, method, args, ctx, None, None);
+                self.send(&LinkMsg::Req(r)).await;
+            }
+            FromSub::Call {
+                id,
+                target,
+                method,
+                args,
+                ctx,
+                timeout_ms,
+            } => {
+                if self.upstream.len() >= MAX_UPSTREAM {
+                    if let Some(s) = self.subs.get(&conn) {
+                        let e = Failure::tether(
+                            "Overloaded",
+                            format!("{MAX_UPSTREAM} upstream calls in progress"),
+                        );
+                        let _ = s.tx.try_send(ToSub::Result {
+                            id,
+                            result: None,
+                            error: Some(e),
+                        });
+                    }
+                    return;
+                }
+                let timeout = timeout_ms.map_or(DEFAULT_UPSTREAM_TIMEOUT, Duration::from_millis);
+                let msg_id = new_unique_id();
+                self.upstream.insert(
+                    msg_id.clone(),
+                    Upstream {
+                        conn,
+                        id,
+                        expires: Instant::now() + timeout,
+                    },
+                );
+                let ms = timeout.as_millis() as u64;
+                let r = upstream_request(
+                    Kind::Call,
+                    target,
+                    method,
+                    args,
+                    ctx,
+                    Some(msg_id),
+                    Some(ms),
+                );
+                self.send(&LinkMsg::Req(r)).await;
+            }
+        }
+    }
+
+    /// Forget calls whose caller has given up, and fail upstream calls that
+    /// got no answer in time.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.inflight.retain(|_, f| f.expires > now);
+        let expired: Vec<String> = self
+            .upstream
+            .iter()
+            .filter(|(_, u)| u.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(u) = self.upstream.remove(&k)
+                && let Some(s) = self.subs.get(&u.conn)
+            {
+                let e = Failure::tether(
+                    "MessagingTimeout",
+                    "no reply from the control plane in time",
+                );
+                let _ = s.tx.try_send(ToSub::Result {
+                    id: u.id,
+                    result: None,
+                    error: Some(e),
+                });
+            }
+        }
+    }
+}
+
+fn upstream_request(
+    kind: Kind,
+    target: Target,
+    method: String,
+    args: Value,
+    ctx: Value,
+    msg_id: Option<String>,
+    timeout_ms: Option<u64>,
+) -> Request {
+    Request {
+        kind,
+        target,
+        method,
+        args,
+        ctx,
+        msg_id,
+        unique_id: new_unique_id(),
+        reply_to: None,
+        timeout_ms,
+    }
+}

@@ -1,0 +1,100 @@
+//! The channels directory: each `<instance-uuid>.sock` is one VM's chardev
+//! socket. The instance id is the file stem, validated as a UUID; anything
+//! else is ignored with a warning.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchMask};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// A socket appeared in (or was found in) the channels directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// The instance uuid.
+    pub instance: String,
+    /// The socket path.
+    pub path: PathBuf,
+}
+
+/// The instance id of a channel file name, if it is `<uuid>.sock`.
+pub fn instance_id(name: &OsStr) -> Option<String> {
+    let name = name.to_str()?;
+    let stem = name.strip_suffix(".sock")?;
+    let groups: Vec<&str> = stem.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    let ok = groups.len() == 5
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
+    ok.then(|| stem.to_ascii_lowercase())
+}
+
+fn consider(dir: &Path, name: &OsStr) -> Option<Channel> {
+    match instance_id(name) {
+        Some(instance) => Some(Channel {
+            instance,
+            path: dir.join(name),
+        }),
+        None => {
+            warn!(file = %name.to_string_lossy(), "ignoring a file in the channels directory that is not <instance-uuid>.sock");
+            None
+        }
+    }
+}
+
+/// Report every channel already present, then every one that appears.
+/// Removals are not reported: a link outlives its socket for the grace
+/// period (a VM that migrates away may come back).
+pub async fn watch(dir: PathBuf, out: mpsc::Sender<Channel>) -> std::io::Result<()> {
+    std::fs::create_dir_all(&dir)?;
+    let inotify = Inotify::init()?;
+    inotify.watches().add(
+        &dir,
+        WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ATTRIB,
+    )?;
+    // Scan after the watch is in place, so nothing slips between the two.
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        if let Some(c) = consider(&dir, &e.file_name())
+            && out.send(c).await.is_err()
+        {
+            return Ok(());
+        }
+    }
+    let mut events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        if let Some(name) = ev.name
+            && let Some(c) = consider(&dir, &name)
+            && out.send(c).await.is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_stems_only() {
+        let ok = OsStr::new("0f8fad5b-d9cb-469f-a165-70867728950e.sock");
+        assert_eq!(
+            instance_id(ok).as_deref(),
+            Some("0f8fad5b-d9cb-469f-a165-70867728950e")
+        );
+        for bad in [
+            "x.sock",
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950g.sock",
+            "../0f8fad5b-d9cb-469f-a165-70867728950e.sock",
+        ] {
+            assert_eq!(instance_id(OsStr::new(bad)), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The control socket: JSON lines from operators and tools (`tetherctl`),
+//! specified in `docs/control.md`. Each request may carry an `id`, echoed in
+//! its response; requests on one connection run concurrently.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+use tracing::{debug, warn};
+
+use super::Proxy;
+use crate::guest::supervisor::SUPERVISOR_TOPIC;
+use crate::link::SendError;
+use crate::rpc::{Kind, LinkMsg, Request, Target, new_unique_id};
+
+/// Requests in progress per control connection; more wait their turn.
+pub const MAX_CLIENT_INFLIGHT: usize = 256;
+
+/// A control request (the `id` field is handled around it).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum CtlRequest {
+    Call {
+        instance: String,
+        topic: String,
+        method: String,
+        #[serde(default)]
+        args: Value,
+        #[serde(default)]
+        ctx: Value,
+        timeout_ms: Option<u64>,
+        unique_id: Option<String>,
+    },
+    Cast {
+        instance: String,
+        topic: String,
+        method: String,
+        #[serde(default)]
+        args: Value,
+        #[serde(default)]
+        ctx: Value,
+        timeout_ms: Option<u64>,
+        unique_id: Option<String>,
+    },
+    Fanout {
+        topic: String,
+        method: String,
+        #[serde(default)]
+        args: Value,
+        #[serde(default)]
+        ctx: Value,
+        timeout_ms: Option<u64>,
+    },
+    Links,
+    Agents {
+        instance: String,
+        timeout_ms: Option<u64>,
+    },
+    StartAgent {
+        instance: String,
+        name: String,
+        argv: Vec<String>,
+        #[serde(default)]
+        env: Map<String, Value>,
+        cwd: Option<String>,
+        restart: Option<String>,
+        timeout_ms: Option<u64>,
+    },
+    StopAgent {
+        instance: String,
+        name: String,
+        grace_ms: Option<u64>,
+        timeout_ms: Option<u64>,
+    },
+    Watch,
+}
+
+/// A failed request, as the client sees it.
+#[derive(Debug)]
+struct CtlError {
+    kind: &'static str,
+    message: String,
+    extra: Option<Value>,
+}
+
+fn err(kind: &'static str, message: impl Into<String>) -> CtlError {
+    CtlError {
+        kind,
+        message: message.into(),
+        extra: None,
+    }
+}
+
+impl CtlError {
+    fn to_json(&self) -> Value {
+        let mut e = json!({"kind": self.kind, "message": self.message});
+        if let (Some(Value::Object(x)), Value::Object(m)) = (&self.extra, &mut e) {
+            for (k, v) in x {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        e
+    }
+}
+
+/// Bind the control socket with mode 0600 (replacing a stale socket file).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serve control clients forever.
+pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(client(s, proxy.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn client(s: UnixStream, proxy: Arc<Proxy>) {
+    let mut framed = Framed::new(s, LinesCodec::new_with_max_length(proxy.cfg.max_line));
+    let (out_tx, mut out_rx) = mpsc::channel::<Value>(MAX_CLIENT_INFLIGHT);
+    let slots = Arc::new(Semaphore::new(MAX_CLIENT_INFLIGHT));
+    let mut watching: Option<(Value, broadcast::Receiver<Value>)> = None;
+    loop {
+        tokio::select! {
+            Some(v) = out_rx.recv() => {
+                if framed.send(v.to_string()).await.is_err() {
+                    break;
+                }
+            }
+            ev = async {
+                match &mut watching {
+                    Some((_, rx)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let line = match ev {
+                    Ok(e) => json!({"event": e}),
+                    Err(broadcast::error::RecvError::Lagged(n)) => json!({"lagged": n}),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if framed.send(line.to_string()).await.is_err() {
+                    break;
+                }
+            }
+            line = framed.next() => match line {
+                Some(Ok(line)) if line.trim().is_empty() => {}
+                Some(Ok(line)) => {
+                    let (id, req) = parse(&line);
+                    match req {
+                        Err(e) => {
+                            let _ = out_tx.send(json!({"id": id, "ok": false, "error": e.to_json()})).await;
+                        }
+                        Ok(CtlRequest::Watch) => {
+                            watching = Some((id.clone(), proxy.subscribe()));
+                            let _ = out_tx.send(json!({"id": id, "ok": true, "result": "watching"})).await;
+                        }
+                        Ok(req) => {
+                            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                            let (p, tx) = (proxy.clone(), out_tx.clone());
+                            tokio::spawn(async move {
+                                let resp = match handle(&p, req).await {
+                                    Ok(r) => json!({"id": id, "ok": true, "result": r}),
+                                    Err(e) => json!({"id": id, "ok": false, "error": e.to_json()}),
+                                };
+                                let _ = tx.send(resp).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    let e = err("too_large", format!("request longer than {} bytes; connection closed", proxy.cfg.max_line));
+                    let _ = framed.send(json!({"id": null, "ok": false, "error": e.to_json()}).to_string()).await;
+                    break;
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "control client failed");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+fn parse(line: &str) -> (Value, Result<CtlRequest, CtlError>) {
+    let mut v: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                Value::Null,
+                Err(err("bad_request", format!("not JSON: {e}"))),
+            );
+        }
+    };
+    let id = v
+        .as_object_mut()
+        .and_then(|m| m.remove("id"))
+        .unwrap_or(Value::Null);
+    let req = serde_json::from_value(v).map_err(|e| err("bad_request", e.to_string()));
+    (id, req)
+}
+
+fn timeout(p: &Proxy, ms: Option<u64>) -> Duration {
+    Duration::from_millis(ms.unwrap_or(p.cfg.default_timeout_ms).max(1))
+}
+
+async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
+    match req {
+        CtlRequest::Call {
+            instance,
+            topic,
+            method,
+            args,
+            ctx,
+            timeout_ms,
+            unique_id,
+        } => {
+            call(
+                p,
+                &instance,
+                topic,
+                method,
+                args,
+                ctx,
+                timeout(p, timeout_ms),
+                unique_id,
+            )
+            .await
+        }
+        CtlRequest::Cast {
+            instance,
+            topic,
+            method,
+            args,
+            ctx,
+            timeout_ms,
+            unique_id,
+        } => {
+            cast(
+                p,
+                &instance,
+                topic,
+                method,
+                args,
+                ctx,
+                timeout(p, timeout_ms),
+                unique_id,
+                Kind::Cast,
+            )
+            .await
+        }
+        CtlRequest::Fanout {
+            topic,
+            method,
+            args,
+            ctx,
+            timeout_ms,
+        } => {
+            let t = timeout(p, timeout_ms);
+            let targets: Vec<String> = p
+                .instances()
+                .into_iter()
+                .filter(|i| i.topics().contains(&topic))
+                .map(|i| i.id.clone())
+                .collect();
+            // One unique id for the whole fanout: each guest sees it once.
+            let uid = new_unique_id();
+            let sends = targets.iter().map(|i| {
+                cast(
+                    p,
+                    i,
+                    topic.clone(),
+                    method.clone(),
+                    args.clone(),
+                    ctx.clone(),
+                    t,
+                    Some(uid.clone()),
+                    Kind::Fanout,
+                )
+            });
+            let results = futures_util::future::join_all(sends).await;
+            let mut delivered = vec![];
+            let mut failed = vec![];
+            for (i, r) in targets.into_iter().zip(results) {
+                match r {
+                    Ok(_) => delivered.push(json!(i)),
+                    Err(e) => failed.push(json!({"instance": i, "error": e.to_json()})),
+                }
+            }
+            Ok(json!({"delivered": delivered, "failed": failed}))
+        }
+        CtlRequest::Links => Ok(Value::Array(
+            p.instances().iter().map(|i| i.status_json()).collect(),
+        )),
+        CtlRequest::Agents {
+            instance,
+            timeout_ms,
+        } => {
+            call(
+                p,
+                &instance,
+                SUPERVISOR_TOPIC.into(),
+                "list".into(),
+                json!({}),
+                json!({}),
+                timeout(p, timeout_ms),
+                None,
+            )
+            .await
+        }
+        CtlRequest::StartAgent {
+            instance,
+            name,
+            argv,
+            env,
+            cwd,
+            restart,
+            timeout_ms,
+        } => {
+            let mut args = json!({"name": name, "argv": argv, "env": env});
+            if let Value::Object(m) = &mut args {
+                if let Some(c) = cwd {
+                    m.insert("cwd".into(), json!(c));
+                }
+                if let Some(r) = restart {
+                    m.insert("restart".into(), json!(r));
+                }
+            }
+            call(
+                p,
+                &instance,
+                SUPERVISOR_TOPIC.into(),
+                "start".into(),
+                args,
+                json!({}),
+                timeout(p, timeout_ms),
+                None,
+            )
+            .await
+        }
+        CtlRequest::StopAgent {
+            instance,
+            name,
+            grace_ms,
+            timeout_ms,
+        } => {
+            let args = json!({"name": name, "grace_ms": grace_ms});
+            call(
+                p,
+                &instance,
+                SUPERVISOR_TOPIC.into(),
+                "stop".into(),
+                args,
+                json!({}),
+                timeout(p, timeout_ms),
+                None,
+            )
+            .await
+        }
+        CtlRequest::Watch => Err(err("bad_request", "watch is handled per connection")),
+    }
+}
+
+fn not_connected(instance: &str) -> CtlError {
+    err(
+        "not_connected",
+        format!(
+            "no channel for instance {instance}: is the VM running on this host, with its socket in the channels directory?"
+        ),
+    )
+}
+
+fn send_error(e: SendError) -> CtlError {
+    match e {
+        SendError::TooLarge { .. } => err("too_large", e.to_string()),
+        _ => err("not_connected", e.to_string()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    p: &Proxy,
+    instance: &str,
+    topic: String,
+    method: String,
+    args: Value,
+    ctx: Value,
+    t: Duration,
+    unique_id: Option<String>,
+) -> Result<Value, CtlError> {
+    let inst = p
+        .instance(instance)
+        .ok_or_else(|| not_connected(instance))?;
+    let msg_id = new_unique_id();
+    let rx = inst.expect_reply(&msg_id);
+    let req = Request {
+        kind: Kind::Call,
+        target: Target {
+            topic,
+            server: Some(inst.id.clone()),
+            ..Default::default()
+        },
+        method,
+        args,
+        ctx,
+        msg_id: Some(msg_id.clone()),
+        unique_id: unique_id.unwrap_or_else(new_unique_id),
+        reply_to: None,
+        timeout_ms: Some(t.as_millis() as u64),
+    };
+    let res = tokio::time::timeout(t, async {
+        inst.tx
+            .send(LinkMsg::Req(req).to_bytes())
+            .await
+            .map_err(send_error)?;
+        rx.await
+            .map_err(|_| err("not_connected", "the instance's link closed"))
+    })
+    .await;
+    let reply = match res {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            inst.forget(&msg_id);
+            return Err(e);
+        }
+        Err(_) => {
+            inst.forget(&msg_id);
+            let st = inst.tx.status();
+            return Err(if st.established {
+                err("timeout", format!("no reply within {} ms", t.as_millis()))
+            } else {
+                err(
+                    "not_connected",
+                    format!(
+                        "the agent of instance {} is not connected (no reply within {} ms)",
+                        inst.id,
+                        t.as_millis()
+                    ),
+                )
+            });
+        }
+    };
+    match reply.failure {
+        Some(f) => Err(CtlError {
+            kind: "remote",
+            message: f.message.clone(),
+            extra: Some(json!({"class": f.class, "module": f.module})),
+        }),
+        None => Ok(reply.result.unwrap_or(Value::Null)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn cast(
+    p: &Proxy,
+    instance: &str,
+    topic: String,
+    method: String,
+    args: Value,
+    ctx: Value,
+    t: Duration,
+    unique_id: Option<String>,
+    kind: Kind,
+) -> Result<Value, CtlError> {
+    let inst = p
+        .instance(instance)
+        .ok_or_else(|| not_connected(instance))?;
+    let uid = unique_id.unwrap_or_else(new_unique_id);
+    let req = Request {
+        kind,
+        target: Target {
+            topic,
+            server: Some(inst.id.clone()),
+            ..Default::default()
+        },
+        method,
+        args,
+        ctx,
+        msg_id: None,
+        unique_id: uid.clone(),
+        reply_to: None,
+        timeout_ms: None,
+    };
+    let acked = tokio::time::timeout(t, async {
+        let r = inst
+            .tx
+            .send(LinkMsg::Req(req).to_bytes())
+            .await
+            .map_err(send_error)?;
+        inst.tx.wait_acked(r).await.map_err(send_error)
+    })
+    .await;
+    match acked {
+        Ok(Ok(())) => Ok(json!({"unique_id": uid})),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(err(
+            if inst.tx.status().established {
+                "timeout"
+            } else {
+                "not_connected"
+            },
+            format!(
+                "the guest did not acknowledge the cast within {} ms; it stays queued and may still be delivered: retry with unique_id {uid} so the guest drops a duplicate",
+                t.as_millis()
+            ),
+        )),
+    }
+}

@@ -1,0 +1,246 @@
+//! One VM instance on the host: its link, what its guest serves, its calls
+//! in flight. Every message from the guest passes the enforcement point
+//! first; the instance id comes from the channel's file name.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, oneshot};
+use tracing::{debug, info, warn};
+
+use super::policy::{Decision, Enforcer, PolicyConfig};
+use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
+use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
+use crate::rpc::{Failure, Kind, LinkMsg, Reply};
+
+/// A guest-originated cast, as shown to `watch` clients.
+pub type WatchEvent = Value;
+
+/// One instance.
+pub struct Instance {
+    /// The instance uuid (the channel socket's file stem).
+    pub id: String,
+    /// Sends to the guest.
+    pub tx: LinkSender,
+    topics: Mutex<Vec<String>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    denied: AtomicU64,
+    task: Mutex<Option<LinkTask>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Instance {
+    /// Start the link to `socket` and the task that reads from it.
+    pub fn spawn(
+        id: String,
+        socket: std::path::PathBuf,
+        session: SessionConfig,
+        policy: PolicyConfig,
+        watch: broadcast::Sender<WatchEvent>,
+    ) -> Arc<Self> {
+        let link = Link::spawn(
+            UnixConnector { path: socket },
+            LinkOptions {
+                name: id.clone(),
+                session,
+                ..LinkOptions::default()
+            },
+            crate::random_session_id(),
+        );
+        let Link { tx, rx, task } = link;
+        let inst = Arc::new(Self {
+            id,
+            tx,
+            topics: Mutex::new(vec![]),
+            pending: Mutex::new(HashMap::new()),
+            denied: AtomicU64::new(0),
+            task: Mutex::new(Some(task)),
+        });
+        tokio::spawn(read_loop(inst.clone(), rx, Enforcer::new(policy), watch));
+        inst
+    }
+
+    /// Topics the guest's sub-agents serve.
+    pub fn topics(&self) -> Vec<String> {
+        lock(&self.topics).clone()
+    }
+
+    /// Register a call; its reply will come through the returned receiver.
+    pub fn expect_reply(&self, msg_id: &str) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(msg_id.to_string(), tx);
+        rx
+    }
+
+    /// Forget a call (timed out or failed to send).
+    pub fn forget(&self, msg_id: &str) {
+        lock(&self.pending).remove(msg_id);
+    }
+
+    /// Status for `links`.
+    pub fn status_json(&self) -> Value {
+        let s = self.tx.status();
+        json!({
+            "instance": self.id,
+            "connected": s.connected,
+            "established": s.established,
+            "session": format!("{:016x}", s.local),
+            "peer_session": format!("{:016x}", s.peer),
+            "next_seq": s.next_seq,
+            "acked": s.acked,
+            "expected": s.expected,
+            "unacked": s.unacked,
+            "connects": s.connects,
+            "resent": s.stats.resent,
+            "peer_changes": s.stats.peer_changes,
+            "delivered": s.stats.delivered,
+            "denied": self.denied.load(Ordering::Relaxed),
+            "garbage_bytes": s.decode.skipped_bytes,
+            "topics": self.topics(),
+            "calls_in_flight": lock(&self.pending).len(),
+        })
+    }
+
+    /// Stop the link.
+    pub async fn close(&self) {
+        let t = lock(&self.task).take();
+        if let Some(t) = t {
+            t.close().await;
+        }
+    }
+
+    fn fail_pending(&self, why: &str) {
+        let pending: Vec<_> = lock(&self.pending).drain().collect();
+        for (msg_id, tx) in pending {
+            let _ = tx.send(Reply {
+                msg_id,
+                reply_to: None,
+                result: None,
+                failure: Some(Failure::tether("GuestRestarted", why)),
+                ending: true,
+            });
+        }
+    }
+}
+
+async fn read_loop(
+    inst: Arc<Instance>,
+    mut rx: LinkReceiver,
+    mut enforcer: Enforcer,
+    watch: broadcast::Sender<WatchEvent>,
+) {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            LinkEvent::Message(b) => on_message(&inst, &b, &mut enforcer, &watch).await,
+            LinkEvent::Up { peer } => {
+                info!(instance = %inst.id, peer = format_args!("{peer:016x}"), "guest linked")
+            }
+            LinkEvent::Down => info!(instance = %inst.id, "guest link down"),
+            LinkEvent::PeerChanged {
+                previous: Some(_), ..
+            } => {
+                // Calls the old agent had accepted died with it.
+                inst.fail_pending("the guest agent restarted; the call may or may not have run");
+            }
+            LinkEvent::PeerChanged { previous: None, .. } => {}
+            LinkEvent::Expired { unacked } => {
+                warn!(instance = %inst.id, lost = unacked.len(), "guest link expired after the grace period");
+                inst.fail_pending("the guest was unreachable for longer than the grace period");
+            }
+        }
+    }
+}
+
+/// The enforcement point: every guest message passes here first.
+async fn on_message(
+    inst: &Instance,
+    b: &[u8],
+    enforcer: &mut Enforcer,
+    watch: &broadcast::Sender<WatchEvent>,
+) {
+    let msg = match LinkMsg::from_bytes(b) {
+        Ok(m) => m,
+        Err(e) => {
+            inst.denied.fetch_add(1, Ordering::Relaxed);
+            warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %e, "malformed guest message");
+            return;
+        }
+    };
+    if let Decision::Deny(reason) = enforcer.check(&msg, b.len()) {
+        inst.denied.fetch_add(1, Ordering::Relaxed);
+        warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %reason, "guest message refused");
+        // A refused call still gets its one answer.
+        if let LinkMsg::Req(r) = &msg
+            && r.kind == Kind::Call
+            && let Some(msg_id) = &r.msg_id
+        {
+            let rep = LinkMsg::Rep(Reply {
+                msg_id: msg_id.clone(),
+                reply_to: r.reply_to.clone(),
+                result: None,
+                failure: Some(Failure::tether("Denied", reason)),
+                ending: true,
+            });
+            let _ = inst.tx.send(rep.to_bytes()).await;
+        }
+        return;
+    }
+    match msg {
+        LinkMsg::Rep(r) => {
+            let waiter = lock(&inst.pending).remove(&r.msg_id);
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(r);
+                }
+                None => {
+                    debug!(instance = %inst.id, msg_id = %r.msg_id, "reply to an unknown or expired call dropped")
+                }
+            }
+        }
+        LinkMsg::Topics { topics } => {
+            info!(instance = %inst.id, ?topics, "guest topics");
+            *lock(&inst.topics) = topics;
+        }
+        LinkMsg::Req(mut r) => match r.kind {
+            Kind::Cast => {
+                // Identity is stamped here, whatever the guest claims.
+                if let Value::Object(m) = &mut r.ctx {
+                    m.insert("tether_instance".into(), json!(inst.id));
+                } else {
+                    r.ctx = json!({"tether_instance": inst.id});
+                }
+                debug!(target: "audit", instance = %inst.id, decision = "allow", method = %r.method, "guest cast");
+                let _ = watch.send(json!({
+                    "instance": inst.id,
+                    "target": r.target,
+                    "method": r.method,
+                    "args": r.args,
+                    "ctx": r.ctx,
+                    "unique_id": r.unique_id,
+                }));
+            }
+            _ => {
+                // Allowed by policy, but with no broker there is nowhere to
+                // send a guest call yet: answer it rather than leave it hanging.
+                if let Some(msg_id) = r.msg_id {
+                    let rep = LinkMsg::Rep(Reply {
+                        msg_id,
+                        reply_to: r.reply_to,
+                        result: None,
+                        failure: Some(Failure::tether(
+                            "NoRoute",
+                            "no control-plane route for guest calls on this proxy",
+                        )),
+                        ending: true,
+                    });
+                    let _ = inst.tx.send(rep.to_bytes()).await;
+                }
+            }
+        },
+    }
+}

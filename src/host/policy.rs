@@ -1,0 +1,198 @@
+//! The one enforcement point for guest-originated traffic. Every message a
+//! guest sends passes [`Enforcer::check`] before anything else looks at it;
+//! identity comes from the channel's file name, never from the message.
+
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use crate::rpc::{Kind, LinkMsg};
+
+/// What guests may send. The defaults: replies and casts allowed, guest
+/// calls refused, 100 messages/s and 1 MB/s per instance.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Guests may cast to the control plane.
+    pub allow_guest_casts: bool,
+    /// Guests may call the control plane.
+    pub allow_guest_calls: bool,
+    /// Sustained messages per second per instance (token bucket rate).
+    pub messages_per_sec: f64,
+    /// Burst of messages per instance (token bucket size).
+    pub message_burst: f64,
+    /// Sustained payload bytes per second per instance.
+    pub bytes_per_sec: f64,
+    /// Burst of payload bytes per instance.
+    pub byte_burst: f64,
+    /// Most topics one instance may register.
+    pub max_topics: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            allow_guest_casts: true,
+            allow_guest_calls: false,
+            messages_per_sec: 100.0,
+            message_burst: 1000.0,
+            bytes_per_sec: 1_000_000.0,
+            byte_burst: 4_000_000.0,
+            max_topics: 64,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Check the values.
+    pub fn validate(&self) -> Result<(), String> {
+        for (k, v) in [
+            ("messages_per_sec", self.messages_per_sec),
+            ("message_burst", self.message_burst),
+            ("bytes_per_sec", self.bytes_per_sec),
+            ("byte_burst", self.byte_burst),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("policy.{k} must be a positive number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the enforcement point decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Let it through.
+    Allow,
+    /// Refuse it, for this reason.
+    Deny(String),
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            tokens: burst,
+            rate,
+            burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, n: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-instance enforcement state.
+#[derive(Debug)]
+pub struct Enforcer {
+    cfg: PolicyConfig,
+    msgs: Bucket,
+    bytes: Bucket,
+    /// Messages denied so far.
+    pub denied: u64,
+}
+
+impl Enforcer {
+    /// A fresh enforcer for one instance.
+    pub fn new(cfg: PolicyConfig) -> Self {
+        Self {
+            msgs: Bucket::new(cfg.messages_per_sec, cfg.message_burst),
+            bytes: Bucket::new(cfg.bytes_per_sec, cfg.byte_burst),
+            cfg,
+            denied: 0,
+        }
+    }
+
+    /// The decision for one guest message of `size` bytes.
+    pub fn check(&mut self, msg: &LinkMsg, size: usize) -> Decision {
+        let d = self.decide(msg, size);
+        if d != Decision::Allow {
+            self.denied += 1;
+        }
+        d
+    }
+
+    fn decide(&mut self, msg: &LinkMsg, size: usize) -> Decision {
+        let now = Instant::now();
+        if !self.msgs.take(1.0, now) {
+            return Decision::Deny("message rate limit exceeded".into());
+        }
+        if !self.bytes.take(size as f64, now) {
+            return Decision::Deny("byte rate limit exceeded".into());
+        }
+        match msg {
+            LinkMsg::Rep(_) => Decision::Allow,
+            LinkMsg::Topics { topics } if topics.len() > self.cfg.max_topics => {
+                Decision::Deny(format!("more than {} topics", self.cfg.max_topics))
+            }
+            LinkMsg::Topics { .. } => Decision::Allow,
+            LinkMsg::Req(r) => match r.kind {
+                Kind::Cast if self.cfg.allow_guest_casts => Decision::Allow,
+                Kind::Call if self.cfg.allow_guest_calls => Decision::Allow,
+                Kind::Cast => Decision::Deny("guest casts are not allowed".into()),
+                Kind::Call => Decision::Deny("guest calls are not allowed".into()),
+                Kind::Fanout => Decision::Deny("guests may not fan out".into()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::{Request, Target};
+
+    fn req(kind: Kind) -> LinkMsg {
+        LinkMsg::Req(Request {
+            kind,
+            target: Target::default(),
+            method: "m".into(),
+            args: serde_json::Value::Null,
+            ctx: serde_json::Value::Null,
+            msg_id: None,
+            unique_id: "u".into(),
+            reply_to: None,
+            timeout_ms: None,
+        })
+    }
+
+    #[test]
+    fn defaults_allow_casts_refuse_calls() {
+        let mut e = Enforcer::new(PolicyConfig::default());
+        assert_eq!(e.check(&req(Kind::Cast), 10), Decision::Allow);
+        assert!(matches!(e.check(&req(Kind::Call), 10), Decision::Deny(_)));
+        assert!(matches!(e.check(&req(Kind::Fanout), 10), Decision::Deny(_)));
+        assert_eq!(e.denied, 2);
+    }
+
+    #[test]
+    fn a_flood_hits_the_rate_limit() {
+        let mut e = Enforcer::new(PolicyConfig {
+            message_burst: 5.0,
+            messages_per_sec: 1.0,
+            ..Default::default()
+        });
+        let allowed = (0..100)
+            .filter(|_| e.check(&req(Kind::Cast), 1) == Decision::Allow)
+            .count();
+        assert_eq!(allowed, 5);
+    }
+}
