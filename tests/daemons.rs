@@ -1,0 +1,387 @@
+//! tether-proxy, tether-agent and tetherctl as real processes over real
+//! sockets, with the example Python sub-agent: round trips, errors, the
+//! supervisor, and bad input from every side.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const U1: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
+const U2: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+async fn one_guest(w: &World) -> (Proc, Proc, Ctl) {
+    let proxy = w.proxy("");
+    let agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    (proxy, agent, ctl)
+}
+
+#[tokio::test]
+async fn call_cast_fanout_and_errors() {
+    let w = World::new();
+    let (_proxy, _agent, mut ctl) = one_guest(&w).await;
+    let _agent2 = w.agent(U2, &w.channels().join(format!("{U2}.sock")), "demo", "");
+    wait_linked(&mut ctl, U2, "demo").await;
+
+    let v = ctl
+        .req(json!({"id": 7, "op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 2, "b": 40}}))
+        .await;
+    assert_eq!(v, json!({"id": 7, "ok": true, "result": 42}));
+
+    // A sub-agent exception comes back with its class and module.
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "fail", "args": {"message": "boom"}}))
+        .await;
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"]["kind"], "remote");
+    assert_eq!(v["error"]["class"], "ValueError");
+    assert_eq!(v["error"]["module"], "builtins");
+    assert_eq!(v["error"]["message"], "boom");
+
+    // Unknown method, unknown topic, unknown instance.
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "nope"}))
+        .await;
+    assert_eq!(v["error"]["class"], "NotImplementedError");
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "nobody", "method": "x"}))
+        .await;
+    assert_eq!(v["error"]["class"], "NoSuchTopic");
+    let v = ctl
+        .req(json!({"op": "call", "instance": uuid(9), "topic": "demo", "method": "x"}))
+        .await;
+    assert_eq!(v["error"]["kind"], "not_connected");
+    // A cast to a topic nobody serves is acknowledged by the link but handled by nobody.
+    let v = ctl
+        .req(json!({"op": "cast", "instance": U1, "topic": "nobody", "method": "x"}))
+        .await;
+    assert_eq!(v["ok"], true);
+
+    // Casts: acknowledged, handled once even when retried with the same unique id.
+    for _ in 0..3 {
+        let v = ctl
+            .req(json!({"op": "cast", "instance": U1, "topic": "demo", "method": "record", "args": {"n": 1}, "unique_id": "fixed-1"}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    // A call after the casts returns after they were handled (casts run in order).
+    ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "echo"}))
+        .await;
+    assert_eq!(w.recorded(U1), vec![json!({"n": 1})]);
+
+    // Fanout reaches both instances once.
+    let v = ctl
+        .req(json!({"op": "fanout", "topic": "demo", "method": "record", "args": {"f": 1}}))
+        .await;
+    assert_eq!(v["result"]["delivered"].as_array().unwrap().len(), 2, "{v}");
+    for u in [U1, U2] {
+        ctl.req(json!({"op": "call", "instance": u, "topic": "demo", "method": "echo"}))
+            .await;
+        assert!(
+            w.recorded(u).contains(&json!({"f": 1})),
+            "fanout missed {u}"
+        );
+    }
+}
+
+fn tetherctl(w: &World, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(CTL)
+        .arg("--socket")
+        .arg(w.ctl_sock())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn tetherctl_output_and_exit_codes() {
+    let w = World::new();
+    let (_proxy, _agent, _ctl) = one_guest(&w).await;
+    let (c, out, _) = tetherctl(
+        &w,
+        &["call", U1, "demo", "add", "--args", r#"{"a":1,"b":2}"#],
+    );
+    assert_eq!((c, out.trim()), (0, "3"));
+    let (c, out, _) = tetherctl(
+        &w,
+        &[
+            "--json",
+            "call",
+            U1,
+            "demo",
+            "add",
+            "--args",
+            r#"{"a":1,"b":2}"#,
+        ],
+    );
+    assert_eq!(c, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["result"],
+        3
+    );
+    let (c, _, err) = tetherctl(&w, &["call", U1, "demo", "fail"]);
+    assert_eq!(c, 1, "remote error");
+    assert!(err.contains("ValueError"), "{err}");
+    let (c, _, _) = tetherctl(
+        &w,
+        &[
+            "--timeout-ms",
+            "300",
+            "call",
+            U1,
+            "demo",
+            "sleep",
+            "--args",
+            r#"{"seconds":5}"#,
+        ],
+    );
+    assert_eq!(c, 3, "timeout");
+    let (c, _, err) = tetherctl(&w, &["call", &uuid(5), "demo", "x"]);
+    assert_eq!(c, 4, "not connected");
+    assert!(
+        err.contains("tetherctl links"),
+        "says what to do next: {err}"
+    );
+    let (c, _, err) = tetherctl(&w, &["call", U1, "demo", "x", "--args", "not json"]);
+    assert_eq!(c, 2, "bad usage");
+    assert!(err.contains("--args"), "{err}");
+    let (c, out, _) = tetherctl(&w, &["links"]);
+    assert_eq!(c, 0);
+    assert!(out.contains(U1) && out.contains("linked"), "{out}");
+    let (c, out, _) = tetherctl(&w, &["cast", U1, "demo", "record"]);
+    assert_eq!(c, 0);
+    assert!(out.contains("delivered"), "{out}");
+    // No proxy at all.
+    let out = std::process::Command::new(CTL)
+        .args(["--socket", "/nonexistent/ctl.sock", "links"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is tether-proxy running?"));
+}
+
+fn zombies_of(pid: u32) -> Vec<String> {
+    let mut z = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
+            continue;
+        };
+        let f: Vec<&str> = after.split(' ').collect();
+        if f.len() > 1 && f[0] == "Z" && f[1] == pid.to_string() {
+            z.push(stat);
+        }
+    }
+    z
+}
+
+#[tokio::test]
+async fn supervisor_start_stop_crash_restart_without_zombies() {
+    let w = World::new();
+    let (_proxy, agent, mut ctl) = one_guest(&w).await;
+    let py = python3();
+    let sub = example_subagent();
+
+    // Start a second sub-agent serving another topic, use it, stop it.
+    let v = ctl
+        .req(
+            json!({"op": "start_agent", "instance": U1, "name": "second", "argv": [py, sub],
+                    "env": {"SUBAGENT_TOPICS": "second"}, "restart": "never"}),
+        )
+        .await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    wait_linked(&mut ctl, U1, "second").await;
+    let v = ctl.req(json!({"op": "call", "instance": U1, "topic": "second", "method": "add", "args": {"a": 1, "b": 1}})).await;
+    assert_eq!(v["result"], 2);
+    let v = ctl
+        .req(json!({"op": "stop_agent", "instance": U1, "name": "second"}))
+        .await;
+    assert_eq!(v["result"]["state"], "stopped", "{v}");
+    let v = ctl.req(json!({"op": "call", "instance": U1, "topic": "second", "method": "add", "args": {"a": 1, "b": 1}})).await;
+    assert_eq!(
+        v["error"]["class"], "NoSuchTopic",
+        "stopped sub-agent unregistered: {v}"
+    );
+
+    // Not on the allow-list.
+    let v = ctl.req(json!({"op": "start_agent", "instance": U1, "name": "evil", "argv": ["/bin/sh", "-c", "true"]})).await;
+    assert_eq!(v["error"]["class"], "SupervisorError");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_executables"),
+        "{v}"
+    );
+    // Duplicate name while running.
+    let v = ctl.req(json!({"op": "start_agent", "instance": U1, "name": "py", "argv": [python3(), example_subagent()]})).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already running"),
+        "{v}"
+    );
+
+    // Crash: the configured sub-agent (on-failure) exits with 3, is restarted
+    // after its backoff, and serves again.
+    let v = ctl.req(json!({"op": "cast", "instance": U1, "topic": "demo", "method": "exit", "args": {"code": 3}})).await;
+    assert_eq!(v["ok"], true);
+    let t = std::time::Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "agents", "instance": U1})).await;
+        let py = v["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "py")
+            .cloned()
+            .unwrap();
+        if py["restarts"].as_u64() >= Some(1) && py["state"] == "running" {
+            assert!(py["last_exit"].as_str().unwrap().contains('3'), "{py}");
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "not restarted: {py}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_linked(&mut ctl, U1, "demo").await;
+    let v = ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 5, "b": 5}})).await;
+    assert_eq!(v["result"], 10);
+    assert!(
+        zombies_of(agent.pid()).is_empty(),
+        "zombies: {:?}",
+        zombies_of(agent.pid())
+    );
+}
+
+#[tokio::test]
+async fn a_slow_sub_agent_does_not_delay_another() {
+    let w = World::new();
+    let (_proxy, _agent, mut ctl) = one_guest(&w).await;
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U1, "name": "fast", "argv": [python3(), example_subagent()],
+                    "env": {"SUBAGENT_TOPICS": "fast"}}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    wait_linked(&mut ctl, U1, "fast").await;
+    // The slow call goes first on the same connection; the fast one must come back first.
+    ctl.send_line(&json!({"id": "slow", "op": "call", "instance": U1, "topic": "demo", "method": "sleep", "args": {"seconds": 5}}).to_string()).await;
+    ctl.send_line(&json!({"id": "slow-same-agent", "op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 1, "b": 2}}).to_string()).await;
+    ctl.send_line(&json!({"id": "fast", "op": "call", "instance": U1, "topic": "fast", "method": "add", "args": {"a": 1, "b": 2}}).to_string()).await;
+    let mut order = vec![];
+    for _ in 0..3 {
+        order.push(ctl.read().await["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        order.last().unwrap(),
+        "slow",
+        "replies came in order {order:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_hurts_nobody_else() {
+    let w = World::new();
+    let (_proxy, _agent, mut ctl) = one_guest(&w).await;
+    let mut other = w.ctl().await;
+
+    // Control socket: not JSON, unknown op, unknown field, wrong type.
+    ctl.send_line("{not json").await;
+    let v = ctl.read().await;
+    assert_eq!(v["error"]["kind"], "bad_request");
+    for bad in [
+        json!({"op": "explode"}),
+        json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "bogus": 1}),
+        json!({"op": "call", "instance": U1, "topic": 5, "method": "add"}),
+    ] {
+        let v = ctl.req(bad.clone()).await;
+        assert_eq!(v["error"]["kind"], "bad_request", "{bad} -> {v}");
+    }
+    // Oversized request: refused, that connection closed, the other unaffected.
+    let huge = format!(
+        "{{\"op\":\"links\",\"pad\":\"{}\"}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let _ = ctl.try_send_line(&huge).await;
+    let v = ctl.read().await;
+    assert_eq!(v["error"]["kind"], "too_large");
+    let v = other.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 1, "b": 1}})).await;
+    assert_eq!(v["result"], 2);
+
+    // Sub-agent socket: garbage and unknown ops get an error line; the agent goes on.
+    let sock = w.path(&format!("agent-{U1}.sock"));
+    let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (r, mut wr) = s.into_split();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(r));
+    for bad in [
+        "garbage\n",
+        "{\"op\":\"fly\"}\n",
+        "{\"op\":\"reply\",\"id\":999,\"result\":1}\n",
+        "{\"op\":\"register\",\"name\":\"x\",\"topics\":[\"demo\"]}\n",
+    ] {
+        tokio::io::AsyncWriteExt::write_all(&mut wr, bad.as_bytes())
+            .await
+            .unwrap();
+        let l = tokio::time::timeout(BOUND, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(l.contains("\"op\":\"error\""), "{bad} -> {l}");
+    }
+    let v = other.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 2, "b": 2}})).await;
+    assert_eq!(
+        v["result"], 4,
+        "the topic still belongs to the real sub-agent"
+    );
+}
+
+#[test]
+fn bad_config_files_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (AGENT, "port = 5\n", "invalid"),
+        (AGENT, "colour = \"blue\"\n", "unknown field"),
+        (AGENT, "[link]\nwindow_bytes = 10\n", "window_bytes"),
+        (
+            AGENT,
+            "[supervisor]\nallowed_executables = [\"python3\"]\n",
+            "absolute",
+        ),
+        (
+            PROXY,
+            "[policy]\nmessages_per_sec = -1\n",
+            "messages_per_sec",
+        ),
+        (PROXY, "max_links = 0\n", "max_links"),
+        (PROXY, "this is not toml", "invalid"),
+    ];
+    for (bin, text, needle) in cases {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = std::process::Command::new(bin)
+            .args(["--check-config", "-c", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text:?} accepted");
+        assert!(err.contains(needle), "{text:?}: {err}");
+    }
+    let out = std::process::Command::new(AGENT)
+        .args(["--check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "defaults are valid");
+}

@@ -1,0 +1,276 @@
+//! Real daemons for integration tests: each process is killed by PID when
+//! its guard drops, also when a test fails; every wait is bounded.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Generous bound for anything that should take well under a second.
+pub const BOUND: Duration = Duration::from_secs(30);
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL now (as `kill -9`), and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns its status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t = Instant::now();
+        while t.elapsed() < BOUND {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    Proc {
+        child,
+        name: name.into(),
+        log,
+    }
+}
+
+pub const PROXY: &str = env!("CARGO_BIN_EXE_tether-proxy");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_tether-agent");
+pub const CTL: &str = env!("CARGO_BIN_EXE_tetherctl");
+
+pub fn example_subagent() -> String {
+    format!("{}/examples/subagent.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// python3, required: a missing interpreter fails the test rather than skip it.
+pub fn python3() -> String {
+    let p = "/usr/bin/python3";
+    assert!(
+        Path::new(p).exists(),
+        "python3 is required at {p} (apt-get install python3)"
+    );
+    p.into()
+}
+
+/// A test world: a temp dir with a channels directory and a control socket.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("channels")).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn channels(&self) -> PathBuf {
+        self.path("channels")
+    }
+
+    pub fn ctl_sock(&self) -> PathBuf {
+        self.path("ctl.sock")
+    }
+
+    pub fn proxy(&self, extra: &str) -> Proc {
+        let cfg = self.path("proxy.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "channels_dir = {:?}\ncontrol_socket = {:?}\n{extra}\n",
+                self.channels(),
+                self.ctl_sock()
+            ),
+        )
+        .unwrap();
+        let p = spawn(
+            "proxy",
+            PROXY,
+            &["-c", cfg.to_str().unwrap()],
+            self.dir.path(),
+        );
+        wait_for_path(&self.ctl_sock());
+        p
+    }
+
+    /// Start an agent for `uuid` whose emulated port is at `port_path`, with
+    /// the example sub-agent configured (topics `topics`).
+    pub fn agent(&self, uuid: &str, port_path: &Path, topics: &str, extra: &str) -> Proc {
+        let py = python3();
+        let sock = self.path(&format!("agent-{uuid}.sock"));
+        let cfg = self.path(&format!("agent-{uuid}.toml"));
+        let record = self.record_path(uuid);
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"port = "unix-listen:{}"
+subagent_socket = {:?}
+{extra}
+[supervisor]
+allowed_executables = ["{py}"]
+backoff_min_ms = 100
+backoff_max_ms = 400
+stop_grace_ms = 2000
+[[subagents]]
+name = "py"
+argv = ["{py}", "{}"]
+env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
+"#,
+                port_path.display(),
+                sock,
+                example_subagent(),
+                record.display()
+            ),
+        )
+        .unwrap();
+        spawn(
+            &format!("agent-{uuid}"),
+            AGENT,
+            &["-c", cfg.to_str().unwrap()],
+            self.dir.path(),
+        )
+    }
+
+    pub fn record_path(&self, uuid: &str) -> PathBuf {
+        self.path(&format!("record-{uuid}.jsonl"))
+    }
+
+    /// The lines the example sub-agent recorded for `record` casts.
+    pub fn recorded(&self, uuid: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.record_path(uuid))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub async fn ctl(&self) -> Ctl {
+        Ctl::connect(&self.ctl_sock()).await
+    }
+}
+
+pub fn wait_for_path(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(t.elapsed() < BOUND, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A control-socket client.
+pub struct Ctl {
+    r: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Ctl {
+    pub async fn connect(p: &Path) -> Self {
+        let s = UnixStream::connect(p).await.unwrap();
+        let (r, w) = s.into_split();
+        Self {
+            r: BufReader::new(r).lines(),
+            w,
+        }
+    }
+
+    pub async fn send_line(&mut self, line: &str) {
+        self.w.write_all(line.as_bytes()).await.unwrap();
+        self.w.write_all(b"\n").await.unwrap();
+    }
+
+    /// Write a line that the proxy may refuse mid-way (it closes the
+    /// connection on an oversized request).
+    pub async fn try_send_line(&mut self, line: &str) -> std::io::Result<()> {
+        self.w.write_all(line.as_bytes()).await?;
+        self.w.write_all(b"\n").await
+    }
+
+    pub async fn read(&mut self) -> Value {
+        let l = tokio::time::timeout(BOUND * 2, self.r.next_line())
+            .await
+            .expect("no answer from the proxy")
+            .unwrap()
+            .expect("proxy closed the control connection");
+        serde_json::from_str(&l).unwrap()
+    }
+
+    pub async fn req(&mut self, v: Value) -> Value {
+        self.send_line(&v.to_string()).await;
+        self.read().await
+    }
+}
+
+/// Wait (bounded) until the instance is linked with `topic` registered.
+pub async fn wait_linked(ctl: &mut Ctl, uuid: &str, topic: &str) {
+    let t = Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "links"})).await;
+        let ok = v["result"].as_array().into_iter().flatten().any(|l| {
+            l["instance"] == uuid
+                && l["established"] == true
+                && l["topics"]
+                    .as_array()
+                    .is_some_and(|t| t.contains(&json!(topic)))
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "instance {uuid} never linked with topic {topic}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn uuid(n: u32) -> String {
+    format!("{n:08x}-0000-4000-8000-000000000000")
+}
