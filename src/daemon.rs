@@ -27,3 +27,22 @@ pub async fn terminated() {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
 }
+
+/// Listen on a UNIX socket at `path` with `mode`, replacing a stale socket
+/// file. The socket is bound under a temporary name, given its mode, and then
+/// renamed into place: a client never finds the path before it listens, nor
+/// with looser permissions.
+pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(l)
+}

@@ -5,7 +5,6 @@
 //! router; the router writes back through a bounded queue per connection, so
 //! a slow or stuck sub-agent never blocks the router or other sub-agents.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use futures_util::{SinkExt, StreamExt};
@@ -138,19 +137,9 @@ pub enum SubEvent {
 /// bound.
 pub const SUB_QUEUE: usize = 1024;
 
-/// Bind the sub-agent socket with mode 0600 (replacing a stale socket file).
+/// Bind the socket with mode 0600 (see [`crate::daemon::bind_unix`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    crate::daemon::bind_unix(path, 0o600)
 }
 
 /// Accept sub-agents forever, one task each.

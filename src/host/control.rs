@@ -2,7 +2,6 @@
 //! specified in `docs/control.md`. Each request may carry an `id`, echoed in
 //! its response; requests on one connection run concurrently.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,19 +109,9 @@ impl CtlError {
     }
 }
 
-/// Bind the control socket with mode 0600 (replacing a stale socket file).
+/// Bind the socket with mode 0600 (see [`crate::daemon::bind_unix`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    crate::daemon::bind_unix(path, 0o600)
 }
 
 /// Serve control clients forever.

@@ -131,6 +131,8 @@ impl World {
             ),
         )
         .unwrap();
+        // A proxy killed with -9 leaves its socket file behind.
+        let _ = std::fs::remove_file(self.ctl_sock());
         let p = spawn(
             "proxy",
             PROXY,
@@ -240,6 +242,14 @@ impl Ctl {
             .unwrap()
             .expect("proxy closed the control connection");
         serde_json::from_str(&l).unwrap()
+    }
+
+    /// The next line, or None once the proxy closed the connection.
+    pub async fn next(&mut self) -> Option<Value> {
+        match self.r.next_line().await {
+            Ok(Some(l)) => serde_json::from_str(&l).ok(),
+            _ => None,
+        }
     }
 
     pub async fn req(&mut self, v: Value) -> Value {
