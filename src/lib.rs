@@ -20,6 +20,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod client;
 pub mod daemon;
 pub mod guest;
 pub mod host;

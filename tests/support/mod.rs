@@ -181,6 +181,22 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
         )
     }
 
+    /// An agent with no sub-agents of its own; returns it and its sub-agent socket.
+    pub fn bare_agent(&self, uuid: &str) -> (Proc, PathBuf) {
+        let sock = self.path(&format!("agent-{uuid}.sock"));
+        let port = format!(
+            "unix-listen:{}",
+            self.channels().join(format!("{uuid}.sock")).display()
+        );
+        let p = spawn(
+            &format!("agent-{uuid}"),
+            AGENT,
+            &["--port", &port, "--subagent-socket", sock.to_str().unwrap()],
+            self.dir.path(),
+        );
+        (p, sock)
+    }
+
     pub fn record_path(&self, uuid: &str) -> PathBuf {
         self.path(&format!("record-{uuid}.jsonl"))
     }

@@ -1,0 +1,125 @@
+//! Many guests on one proxy, and what a guest may and may not claim.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+use tether::client::SubAgent;
+use tether::rpc::Target;
+
+const GUESTS: u32 = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fanout_reaches_every_one_of_200_guests() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let mut agents = vec![];
+    for n in 0..GUESTS {
+        agents.push(w.bare_agent(&uuid(n)));
+    }
+    // The test plays each guest's sub-agent, through the Rust client API.
+    let mut subs = vec![];
+    for (n, (_, sock)) in agents.iter().enumerate() {
+        wait_for_path(sock);
+        let sa = SubAgent::connect(sock, &format!("fleet-{n}"), &["fleet"])
+            .await
+            .unwrap();
+        subs.push(sa);
+    }
+    let mut ctl = w.ctl().await;
+    for n in 0..GUESTS {
+        wait_linked(&mut ctl, &uuid(n), "fleet").await;
+    }
+    let v = ctl
+        .req(json!({"op": "fanout", "topic": "fleet", "method": "hello", "args": {"k": 1}}))
+        .await;
+    assert_eq!(
+        v["result"]["delivered"].as_array().unwrap().len(),
+        GUESTS as usize,
+        "{v}"
+    );
+    assert!(v["result"]["failed"].as_array().unwrap().is_empty());
+    // Every sub-agent got it, once.
+    for (n, sa) in subs.iter_mut().enumerate() {
+        let r = tokio::time::timeout(BOUND, sa.next_request())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.method.as_str(), &r.args),
+            ("hello", &json!({"k": 1})),
+            "guest {n}"
+        );
+        assert!(!r.is_call());
+    }
+    for sa in subs.iter_mut() {
+        let more = tokio::time::timeout(Duration::from_millis(50), sa.next_request()).await;
+        assert!(more.is_err(), "a guest got the fanout twice");
+    }
+    // And a call to one of them through its Rust sub-agent.
+    let task = {
+        let mut sa = subs.remove(7);
+        tokio::spawn(async move {
+            let r = sa.next_request().await.unwrap().unwrap();
+            sa.reply(r.id, Ok(json!({"got": r.args}))).await.unwrap();
+        })
+    };
+    let v = ctl.req(json!({"op": "call", "instance": uuid(7), "topic": "fleet", "method": "m", "args": {"x": 7}})).await;
+    assert_eq!(v["result"], json!({"got": {"x": 7}}));
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn guest_identity_comes_from_the_host_and_guest_calls_are_refused() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let (_a, sock) = w.bare_agent(&uuid(1));
+    wait_for_path(&sock);
+    let mut sa = SubAgent::connect(&sock, "liar", &["x"]).await.unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &uuid(1), "x").await;
+    let mut watch = w.ctl().await;
+    let v = watch.req(json!({"op": "watch"})).await;
+    assert_eq!(v["ok"], true);
+
+    // The guest claims to be another instance; the proxy stamps the truth.
+    sa.cast_with_ctx(
+        Target {
+            topic: "events".into(),
+            ..Default::default()
+        },
+        "claim",
+        json!({}),
+        json!({"tether_instance": uuid(99), "user": "admin"}),
+    )
+    .await
+    .unwrap();
+    let ev = watch.read().await;
+    assert_eq!(ev["event"]["instance"], json!(uuid(1)));
+    assert_eq!(
+        ev["event"]["ctx"]["tether_instance"],
+        json!(uuid(1)),
+        "{ev}"
+    );
+
+    // Guest calls are refused by default, with an answer (not silence).
+    let r = sa
+        .call(
+            Target {
+                topic: "conductor".into(),
+                ..Default::default()
+            },
+            "get",
+            json!({}),
+            Some(5_000),
+        )
+        .await
+        .unwrap();
+    let f = r.unwrap_err();
+    assert_eq!(f.class, "Denied");
+    let v = ctl.req(json!({"op": "links"})).await;
+    assert_eq!(v["result"][0]["denied"], 1, "{v}");
+}
