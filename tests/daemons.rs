@@ -385,3 +385,22 @@ fn bad_config_files_are_refused_with_the_reason() {
         .unwrap();
     assert!(out.status.success(), "defaults are valid");
 }
+
+#[test]
+fn example_config_files_are_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (bin, f) in [
+        (AGENT, "config/agent.example.toml"),
+        (PROXY, "config/proxy.example.toml"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["--check-config", "-c", &format!("{root}/{f}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
