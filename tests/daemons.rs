@@ -404,3 +404,126 @@ fn example_config_files_are_valid() {
         );
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_allow_list_and_ready_is_notified() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let cfg = w.path("agent.toml");
+    let sock = w.path("agent.sock");
+    let write_cfg = |allowed: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\n[supervisor]\nallowed_executables = [{allowed}]\n",
+                w.channels().join(format!("{U1}.sock")).display(),
+                sock
+            ),
+        )
+        .unwrap()
+    };
+    write_cfg("");
+    // systemd's notification socket, played by the test.
+    let notify_path = w.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(BOUND)).unwrap();
+    let log = std::fs::File::create(w.path("agent.log")).unwrap();
+    let agent = Proc {
+        child: std::process::Command::new(AGENT)
+            .args(["-c", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        name: "agent".into(),
+        log: w.path("agent.log"),
+    };
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+
+    let mut ctl = w.ctl().await;
+    let t = std::time::Instant::now();
+    while ctl.req(json!({"op": "agents", "instance": U1})).await["ok"] != true {
+        assert!(t.elapsed() < BOUND, "agent never linked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = json!({"op": "start_agent", "instance": U1, "name": "py", "argv": [python3(), example_subagent()]});
+    let v = ctl.req(start.clone()).await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_executables"),
+        "{v}"
+    );
+
+    // A broken file on reload is refused; the running config stays.
+    std::fs::write(&cfg, "port = [").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    while !agent.log_text().contains("config reload refused") {
+        assert!(
+            t.elapsed() < BOUND,
+            "no refusal logged: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Now allow python3 and reload: the same request succeeds.
+    write_cfg(&format!("{:?}", python3()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let v = ctl.req(start.clone()).await;
+        if v["ok"] == true {
+            assert_eq!(v["result"]["state"], "running");
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "reload not applied: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Regression: replies were charged to the guest's rate limit, so the
+/// 1,025th call of a burst got no answer. Replies to our own calls pass;
+/// the guest's own casts are still limited.
+#[tokio::test]
+async fn rate_limits_apply_to_guest_traffic_not_to_answers() {
+    let w = World::new();
+    let _proxy = w.proxy("[policy]\nmessage_burst = 20.0\nmessages_per_sec = 1.0\n");
+    let _agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    for i in 0..100 {
+        let v = ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": i, "b": 0}})).await;
+        assert_eq!(v["result"], i, "call {i}: {v}");
+    }
+    let mut watch = w.ctl().await;
+    watch.req(json!({"op": "watch"})).await;
+    for i in 0..50 {
+        ctl.req(json!({"op": "cast", "instance": U1, "topic": "demo", "method": "tell_host", "args": {"i": i}})).await;
+    }
+    ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "echo"}))
+        .await;
+    let links = ctl.req(json!({"op": "links"})).await;
+    let denied = links["result"][0]["denied"].as_u64().unwrap();
+    assert!(denied >= 25, "a guest flood is limited: {links}");
+    let mut seen = 0;
+    while let Ok(v) = tokio::time::timeout(Duration::from_millis(300), watch.read()).await {
+        assert!(v.get("event").is_some());
+        seen += 1;
+    }
+    assert!(
+        seen >= 1 && seen + denied as usize >= 50,
+        "seen {seen}, denied {denied}"
+    );
+}

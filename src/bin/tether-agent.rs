@@ -52,6 +52,26 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(tether::guest::run(cfg, tether::daemon::terminated()))?;
+    rt.block_on(async {
+        // SIGHUP: re-read and validate the config file; a bad file is
+        // reported and the running config stays.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match load(&args) {
+                    Ok(c) => {
+                        let _ = tx.send(c).await;
+                    }
+                    Err(e) => {
+                        tracing::error!("config reload refused, keeping the running config: {e:#}")
+                    }
+                }
+            }
+        });
+        tether::guest::run(cfg, tether::daemon::terminated(), rx).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }

@@ -44,10 +44,13 @@ pub enum AgentError {
 }
 
 /// Run the agent until `shutdown` resolves, then stop sub-agents and flush
-/// the link within the configured bound.
+/// the link within the configured bound. Each value from `reload` (SIGHUP)
+/// is a re-read config: the supervisor's section applies at once; other
+/// changes need a restart and are logged as such.
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
+    mut reload: mpsc::Receiver<AgentConfig>,
 ) -> Result<(), AgentError> {
     let spec = PortSpec::parse(&cfg.port);
     let connector = PortConnector::open(&spec)?;
@@ -78,12 +81,33 @@ pub async fn run(
         tokio::spawn(crate::sd::watchdog(every));
     }
     info!(port = %cfg.port, socket = %cfg.subagent_socket.display(), "tether-agent ready");
+    let reloader = {
+        let (sup, old) = (supervisor.clone(), cfg.clone());
+        tokio::spawn(async move {
+            while let Some(new) = reload.recv().await {
+                sup.set_config(new.supervisor.clone());
+                let restart_needed = AgentConfig {
+                    supervisor: old.supervisor.clone(),
+                    subagents: old.subagents.clone(),
+                    ..new
+                } != old;
+                if restart_needed {
+                    warn!(
+                        "config reloaded: the supervisor section applies now; other changes need a restart"
+                    );
+                } else {
+                    info!("config reloaded: supervisor settings applied");
+                }
+            }
+        })
+    };
     let Link { tx, rx, task } = link;
     let router = router::Router::new(tx.clone(), supervisor.clone());
     router.run(rx, sub_rx, shutdown).await;
     info!("shutting down: stopping sub-agents and flushing the link");
     crate::sd::notify("STOPPING=1");
     server.abort();
+    reloader.abort();
     let grace = Duration::from_millis(cfg.supervisor.stop_grace_ms);
     supervisor.stop_all(grace).await;
     let flush = Duration::from_millis(cfg.shutdown_flush_ms);

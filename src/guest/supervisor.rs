@@ -126,7 +126,8 @@ struct Child {
 /// The supervisor; cheap to clone.
 #[derive(Clone)]
 pub struct Supervisor {
-    cfg: Arc<SupervisorConfig>,
+    /// Swapped whole on reload (SIGHUP); each child keeps the one it started with.
+    cfg: Arc<std::sync::RwLock<Arc<SupervisorConfig>>>,
     /// The sub-agent socket path, passed to children as `TETHER_AGENT_SOCKET`.
     socket: PathBuf,
     children: Arc<tokio::sync::Mutex<BTreeMap<String, Child>>>,
@@ -144,9 +145,24 @@ impl Supervisor {
     /// A supervisor with no children.
     pub fn new(cfg: SupervisorConfig, socket: PathBuf) -> Self {
         Self {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(std::sync::RwLock::new(Arc::new(cfg))),
             socket,
             children: Default::default(),
+        }
+    }
+
+    fn cfg(&self) -> Arc<SupervisorConfig> {
+        self.cfg
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Replace the configuration (allow-list, limits) for later requests.
+    pub fn set_config(&self, cfg: SupervisorConfig) {
+        match self.cfg.write() {
+            Ok(mut c) => *c = Arc::new(cfg),
+            Err(p) => *p.into_inner() = Arc::new(cfg),
         }
     }
 
@@ -198,7 +214,7 @@ impl Supervisor {
             .canonicalize()
             .map_err(|e| bad(format!("cannot run '{program}': {e}")))?;
         let allowed = self
-            .cfg
+            .cfg()
             .allowed_executables
             .iter()
             .any(|a| a.canonicalize().is_ok_and(|a| a == real));
@@ -234,7 +250,7 @@ impl Supervisor {
                 )
             })
             .count();
-        if live >= self.cfg.max_children {
+        if live >= self.cfg().max_children {
             return Err(bad(format!(
                 "already {live} sub-agents running (max_children)"
             )));
@@ -251,7 +267,7 @@ impl Supervisor {
             spec.clone(),
             program,
             self.socket.clone(),
-            self.cfg.clone(),
+            self.cfg(),
             status.clone(),
             stop_rx,
         ));
@@ -277,7 +293,7 @@ impl Supervisor {
 
     /// Stop a sub-agent: SIGTERM to its process group, SIGKILL after the grace.
     pub async fn stop(&self, name: &str, grace: Option<Duration>) -> Result<Value, Failure> {
-        let grace = grace.unwrap_or(Duration::from_millis(self.cfg.stop_grace_ms));
+        let grace = grace.unwrap_or(Duration::from_millis(self.cfg().stop_grace_ms));
         let mut children = self.children.lock().await;
         let c = children
             .get_mut(name)

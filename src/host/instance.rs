@@ -171,7 +171,9 @@ async fn on_message(
             return;
         }
     };
-    if let Decision::Deny(reason) = enforcer.check(&msg, b.len()) {
+    let answers_call =
+        matches!(&msg, LinkMsg::Rep(r) if lock(&inst.pending).contains_key(&r.msg_id));
+    if let Decision::Deny(reason) = enforcer.check(&msg, b.len(), answers_call) {
         inst.denied.fetch_add(1, Ordering::Relaxed);
         warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %reason, "guest message refused");
         // A refused call still gets its one answer.

@@ -121,8 +121,15 @@ impl Enforcer {
         }
     }
 
-    /// The decision for one guest message of `size` bytes.
-    pub fn check(&mut self, msg: &LinkMsg, size: usize) -> Decision {
+    /// The decision for one guest message of `size` bytes. `answers_call`:
+    /// the message is the reply to a call this host made and still waits for.
+    /// Such replies are not charged to the guest's rate limits: the host
+    /// chose that rate, and refusing a reply would only make the caller time
+    /// out. Unsolicited replies are charged like anything else.
+    pub fn check(&mut self, msg: &LinkMsg, size: usize, answers_call: bool) -> Decision {
+        if answers_call && matches!(msg, LinkMsg::Rep(_)) {
+            return Decision::Allow;
+        }
         let d = self.decide(msg, size);
         if d != Decision::Allow {
             self.denied += 1;
@@ -177,9 +184,15 @@ mod tests {
     #[test]
     fn defaults_allow_casts_refuse_calls() {
         let mut e = Enforcer::new(PolicyConfig::default());
-        assert_eq!(e.check(&req(Kind::Cast), 10), Decision::Allow);
-        assert!(matches!(e.check(&req(Kind::Call), 10), Decision::Deny(_)));
-        assert!(matches!(e.check(&req(Kind::Fanout), 10), Decision::Deny(_)));
+        assert_eq!(e.check(&req(Kind::Cast), 10, false), Decision::Allow);
+        assert!(matches!(
+            e.check(&req(Kind::Call), 10, false),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            e.check(&req(Kind::Fanout), 10, false),
+            Decision::Deny(_)
+        ));
         assert_eq!(e.denied, 2);
     }
 
@@ -191,8 +204,31 @@ mod tests {
             ..Default::default()
         });
         let allowed = (0..100)
-            .filter(|_| e.check(&req(Kind::Cast), 1) == Decision::Allow)
+            .filter(|_| e.check(&req(Kind::Cast), 1, false) == Decision::Allow)
             .count();
         assert_eq!(allowed, 5);
+    }
+
+    /// Regression: the 1,025th reply in a burst of host calls was refused
+    /// by the guest rate limit and its caller timed out.
+    #[test]
+    fn replies_to_our_calls_are_not_rate_limited_but_unsolicited_ones_are() {
+        let rep = LinkMsg::Rep(crate::rpc::Reply {
+            msg_id: "m".into(),
+            reply_to: None,
+            result: None,
+            failure: None,
+            ending: true,
+        });
+        let mut e = Enforcer::new(PolicyConfig {
+            message_burst: 5.0,
+            messages_per_sec: 1.0,
+            ..Default::default()
+        });
+        assert!((0..10_000).all(|_| e.check(&rep, 100, true) == Decision::Allow));
+        let unsolicited = (0..100)
+            .filter(|_| e.check(&rep, 100, false) == Decision::Allow)
+            .count();
+        assert_eq!(unsolicited, 5);
     }
 }
