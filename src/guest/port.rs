@@ -1,5 +1,6 @@
-//! The agent's end of the channel: a virtio-serial port device, or an
-//! emulated port (`unix-listen:PATH`) that behaves as QEMU's chardev does.
+//! The agent's end of the channel: a virtio-serial port device, a serial
+//! line in raw mode, or an emulated port (`unix-listen:PATH`) that behaves as
+//! QEMU's chardev does.
 //!
 //! How the real port behaves (measured, `shared/notes/virtio-serial.md`):
 //! only one process may open it (`EBUSY`); while the host side is not
@@ -39,15 +40,27 @@ pub enum PortSpec {
     Device(PathBuf),
     /// An emulated port: listen on a UNIX socket, one client at a time.
     UnixListen(PathBuf),
+    /// A serial line (`serial:PATH`, or a path under `/dev/ttyS`, `/dev/hvc`,
+    /// `/dev/pts/`), put in raw mode; it is always "connected".
+    Serial(PathBuf),
 }
 
 impl PortSpec {
     /// Parse `unix-listen:PATH` or a device path.
     pub fn parse(s: &str) -> Self {
-        match s.strip_prefix("unix-listen:") {
-            Some(p) => Self::UnixListen(PathBuf::from(p)),
-            None => Self::Device(PathBuf::from(s)),
+        if let Some(p) = s.strip_prefix("unix-listen:") {
+            return Self::UnixListen(PathBuf::from(p));
         }
+        if let Some(p) = s.strip_prefix("serial:") {
+            return Self::Serial(PathBuf::from(p));
+        }
+        if ["/dev/ttyS", "/dev/hvc", "/dev/pts/", "/dev/ttyAMA"]
+            .iter()
+            .any(|pre| s.starts_with(pre))
+        {
+            return Self::Serial(PathBuf::from(s));
+        }
+        Self::Device(PathBuf::from(s))
     }
 }
 
@@ -85,6 +98,8 @@ pub enum PortConnector {
     Device(VirtioPort),
     /// An emulated port.
     Emulated(UnixAcceptor),
+    /// A serial line.
+    Serial(SerialPort),
 }
 
 impl PortConnector {
@@ -92,6 +107,7 @@ impl PortConnector {
     pub fn open(spec: &PortSpec) -> Result<Self, PortError> {
         match spec {
             PortSpec::Device(p) => VirtioPort::open(p).map(Self::Device),
+            PortSpec::Serial(p) => SerialPort::open(p).map(Self::Serial),
             PortSpec::UnixListen(p) => {
                 let _ = std::fs::remove_file(p);
                 let l = tokio::net::UnixListener::bind(p).map_err(|source| PortError::Listen {
@@ -123,6 +139,10 @@ impl Connector for PortConnector {
             Self::Emulated(a) => {
                 let f = a.connect();
                 Box::pin(async move { f.await.map(PortStream::Emulated) })
+            }
+            Self::Serial(p) => {
+                let f = p.connect();
+                Box::pin(async move { f.await.map(PortStream::Device) })
             }
         }
     }
@@ -184,9 +204,73 @@ impl VirtioPort {
     }
 }
 
-/// Register the port with the reactor.
+/// A serial line in raw mode. There is no "host connected" signal on a
+/// serial line: it counts as connected, and the link's HELLO retry finds the
+/// peer whenever it starts.
+pub struct SerialPort {
+    fd: Arc<AsyncFd<File>>,
+    /// Set after the first connection: later ones wait a little, so a line
+    /// that keeps reporting end of file (a hung-up pty) is not spun on.
+    reconnect_delay: Option<Duration>,
+}
+
+impl SerialPort {
+    /// Open `path` (no controlling tty, non-blocking) and make it raw.
+    pub fn open(path: &Path) -> Result<Self, PortError> {
+        let err = |source: io::Error| PortError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY)
+            .open(path)
+            .map_err(err)?;
+        Self::from_file(f).map_err(err)
+    }
+
+    /// Use an open tty (raw mode is set here).
+    pub fn from_file(f: File) -> io::Result<Self> {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let mut t = tcgetattr(&f).map_err(io::Error::from)?;
+        cfmakeraw(&mut t);
+        tcsetattr(&f, SetArg::TCSANOW, &t).map_err(io::Error::from)?;
+        Ok(Self {
+            fd: Arc::new(register(f)?),
+            reconnect_delay: None,
+        })
+    }
+
+    fn connect(&mut self) -> ConnectFuture<DeviceStream> {
+        let fd = self.fd.clone();
+        let delay = self.reconnect_delay.replace(RECHECK);
+        Box::pin(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            Ok(DeviceStream { fd })
+        })
+    }
+}
+
+impl Connector for SerialPort {
+    type Io = DeviceStream;
+    fn connect(&mut self) -> ConnectFuture<DeviceStream> {
+        SerialPort::connect(self)
+    }
+    fn connect_timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Register the port with the reactor, non-blocking whatever the caller
+/// opened it with: a blocking descriptor would stall a runtime thread.
 #[allow(unsafe_code)]
 fn register(f: File) -> io::Result<AsyncFd<File>> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(&f, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
     // SAFETY: the `File` owns a valid descriptor, opened non-blocking above;
     // the `AsyncFd` takes the `File` by value, and nothing replaces or closes
     // that descriptor while it is registered (it is closed only when the

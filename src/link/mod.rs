@@ -66,6 +66,11 @@ pub enum LinkError {
         /// Our oldest held frame.
         base: u64,
     },
+    /// Our own HELLO came back to us.
+    #[error(
+        "received our own HELLO: the channel echoes or is looped back (a serial line not in raw mode?)"
+    )]
+    OwnHelloEchoed,
     /// The peer sent an ERROR frame.
     #[error("peer reported: {0}")]
     PeerError(String),

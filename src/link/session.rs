@@ -464,6 +464,13 @@ impl Session {
                 return;
             }
         };
+        if h.session == self.local {
+            // Our own HELLO came back: the line echoes or is looped back
+            // (a tty not yet in raw mode does this). Never take ourselves
+            // for the peer.
+            self.protocol_error(LinkError::OwnHelloEchoed);
+            return;
+        }
         if let Some(queued) = self.unacked.iter().map(Bytes::len).max()
             && queued > h.max_payload as usize
         {

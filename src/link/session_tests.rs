@@ -389,3 +389,17 @@ fn next_deadline_always_moves_forward_after_tick() {
         }
     }
 }
+
+#[test]
+fn own_hello_echoed_back_is_refused() {
+    let mut p = Pair::new();
+    p.a.on_connected(p.now);
+    let hello = p.a.poll_transmit(p.now).unwrap();
+    p.a.on_frame(hello, p.now);
+    p.drain();
+    assert!(!p.a.is_established(), "took itself for the peer");
+    assert!(
+        p.events_a
+            .contains(&Event::ProtocolError(LinkError::OwnHelloEchoed))
+    );
+}
