@@ -527,3 +527,69 @@ async fn rate_limits_apply_to_guest_traffic_not_to_answers() {
         "seen {seen}, denied {denied}"
     );
 }
+
+#[tokio::test]
+async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let notify_path = w.path("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(BOUND)).unwrap();
+    let cfg = w.path("agent.toml");
+    let py = python3();
+    std::fs::write(
+        &cfg,
+        format!(
+            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\n[supervisor]\nallowed_executables = [\"{py}\"]\n\
+             [[subagents]]\nname = \"py\"\nargv = [\"{py}\", \"{}\"]\n",
+            w.channels().join(format!("{U1}.sock")).display(),
+            w.path("agent.sock"),
+            example_subagent()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(w.path("agent.log")).unwrap();
+    let mut agent = Proc {
+        child: std::process::Command::new(AGENT)
+            .args(["-c", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "100000")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        name: "agent".into(),
+        log: w.path("agent.log"),
+    };
+    // READY first, then watchdog pings (every 50 ms for a 100 ms watchdog).
+    let mut got = vec![];
+    let mut buf = [0u8; 256];
+    while got
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
+    {
+        let n = notify.recv(&mut buf).expect("no notification in time");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got[0].contains("READY=1"), "{got:?}");
+
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    let v = ctl.req(json!({"op": "agents", "instance": U1})).await;
+    let sub_pid = v["result"][0]["pid"].as_u64().unwrap() as i32;
+    assert_eq!(
+        agent.terminate(),
+        Some(0),
+        "clean exit on SIGTERM: {}",
+        agent.log_text()
+    );
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(sub_pid), None).is_err(),
+        "the sub-agent outlived the agent"
+    );
+    assert!(
+        !w.path("agent.sock").exists(),
+        "the sub-agent socket is removed"
+    );
+}
