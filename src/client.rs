@@ -193,10 +193,7 @@ impl SubAgent {
         id: u64,
         result: Result<Value, Failure>,
     ) -> Result<(), ClientError> {
-        let (result, error) = match result {
-            Ok(v) => (Some(v), None),
-            Err(f) => (None, Some(f)),
-        };
+        let (result, error) = crate::rpc::split_result(result);
         self.send(&FromSub::Reply { id, result, error }).await
     }
 

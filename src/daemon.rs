@@ -46,3 +46,12 @@ pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::ne
     std::fs::rename(&tmp, path)?;
     Ok(l)
 }
+
+/// The daemons' runtime: two worker threads (the machines tether runs on are
+/// small, and one link task per VM needs no more).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

@@ -21,6 +21,7 @@
 )]
 
 pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod guest;
 pub mod host;

@@ -127,6 +127,28 @@ fn yes() -> bool {
     true
 }
 
+/// Split a handler's outcome into the `result` / `failure` pair of the wire.
+pub fn split_result(res: Result<Value, Failure>) -> (Option<Value>, Option<Failure>) {
+    match res {
+        Ok(v) => (Some(v), None),
+        Err(f) => (None, Some(f)),
+    }
+}
+
+impl Reply {
+    /// The final reply to call `msg_id`.
+    pub fn new(msg_id: String, reply_to: Option<String>, res: Result<Value, Failure>) -> Self {
+        let (result, failure) = split_result(res);
+        Self {
+            msg_id,
+            reply_to,
+            result,
+            failure,
+            ending: true,
+        }
+    }
+}
+
 /// One link message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]

@@ -47,11 +47,7 @@ fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = tether::daemon::runtime().context("cannot start the runtime")?;
     rt.block_on(async {
         // SIGHUP: re-read and validate the config file; a bad file is
         // reported and the running config stays.

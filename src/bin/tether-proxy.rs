@@ -42,11 +42,7 @@ fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = tether::daemon::runtime().context("cannot start the runtime")?;
     rt.block_on(tether::host::run(cfg, tether::daemon::terminated()))?;
     Ok(())
 }

@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::config::ConfigError;
+use crate::config::Validate;
+
 use super::supervisor::{StartSpec, SupervisorConfig};
 use crate::link::SessionConfig;
 
@@ -46,77 +49,36 @@ impl Default for AgentConfig {
     }
 }
 
-/// A config file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Not readable.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not valid TOML or not the expected shape.
-    #[error("config file {path} is invalid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message (names the key and line).
-        message: String,
-    },
-    /// A value out of range.
-    #[error("config file {path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 impl AgentConfig {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        crate::config::load(path)
     }
+}
 
-    /// Parse and validate config text (`path` is for messages).
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.into(),
-            message,
-        };
-        c.link.validate().map_err(|e| invalid(e.to_string()))?;
-        if c.port.is_empty() {
-            return Err(invalid("port must not be empty".into()));
+impl Validate for AgentConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.link.validate().map_err(|e| e.to_string())?;
+        if self.port.is_empty() {
+            return Err("port must not be empty".into());
         }
-        if c.max_line < 1024 {
-            return Err(invalid("max_line must be at least 1024".into()));
+        if self.max_line < 1024 {
+            return Err("max_line must be at least 1024".into());
         }
-        for a in &c.supervisor.allowed_executables {
+        for a in &self.supervisor.allowed_executables {
             if !a.is_absolute() {
-                return Err(invalid(format!(
+                return Err(format!(
                     "allowed_executables entry '{}' is not an absolute path",
                     a.display()
-                )));
+                ));
             }
         }
         let mut names = std::collections::BTreeSet::new();
-        for s in &c.subagents {
+        for s in &self.subagents {
             if !names.insert(&s.name) {
-                return Err(invalid(format!("sub-agent '{}' is defined twice", s.name)));
+                return Err(format!("sub-agent '{}' is defined twice", s.name));
             }
         }
-        Ok(c)
+        Ok(())
     }
 }

@@ -104,29 +104,7 @@ impl Router {
     }
 
     async fn reply(&self, msg_id: String, reply_to: Option<String>, res: Result<Value, Failure>) {
-        let (result, failure) = match res {
-            Ok(v) => (Some(v), None),
-            Err(f) => (None, Some(f)),
-        };
-        let m = LinkMsg::Rep(Reply {
-            msg_id: msg_id.clone(),
-            reply_to: reply_to.clone(),
-            result,
-            failure,
-            ending: true,
-        });
-        if let Err(e) = self.link.send(m.to_bytes()).await {
-            // Most likely too large: the caller must still get its one reply.
-            let f = Failure::tether("ReplyTooLarge", format!("the reply could not be sent: {e}"));
-            let m = LinkMsg::Rep(Reply {
-                msg_id,
-                reply_to,
-                result: None,
-                failure: Some(f),
-                ending: true,
-            });
-            self.send(&m).await;
-        }
+        send_reply(&self.link, msg_id, reply_to, res).await;
     }
 
     async fn topics_changed(&self) {
@@ -177,21 +155,13 @@ impl Router {
             let router_reply = msg_id.map(|m| (m, r.reply_to.clone()));
             tokio::spawn(async move {
                 let res = sup.handle(&r.method, &r.args).await;
-                if let Some((msg_id, reply_to)) = router_reply {
-                    let (result, failure) = match res {
-                        Ok(v) => (Some(v), None),
-                        Err(f) => (None, Some(f)),
-                    };
-                    let m = LinkMsg::Rep(Reply {
-                        msg_id,
-                        reply_to,
-                        result,
-                        failure,
-                        ending: true,
-                    });
-                    let _ = link.send(m.to_bytes()).await;
-                } else if let Err(f) = res {
-                    warn!(error = %f.message, "supervisor cast failed");
+                match router_reply {
+                    Some((msg_id, reply_to)) => send_reply(&link, msg_id, reply_to, res).await,
+                    None => {
+                        if let Err(f) = res {
+                            warn!(error = %f.message, "supervisor cast failed");
+                        }
+                    }
                 }
             });
             return;
@@ -486,5 +456,23 @@ fn upstream_request(
         unique_id: new_unique_id(),
         reply_to: None,
         timeout_ms,
+    }
+}
+
+/// Send the one reply a call gets; if it cannot be sent (most likely too
+/// large), send a failure in its place so the caller is never left waiting.
+async fn send_reply(
+    link: &LinkSender,
+    msg_id: String,
+    reply_to: Option<String>,
+    res: Result<Value, Failure>,
+) {
+    let m = LinkMsg::Rep(Reply::new(msg_id.clone(), reply_to.clone(), res));
+    if let Err(e) = link.send(m.to_bytes()).await {
+        let f = Failure::tether("ReplyTooLarge", format!("the reply could not be sent: {e}"));
+        let m = LinkMsg::Rep(Reply::new(msg_id, reply_to, Err(f)));
+        if let Err(e) = link.send(m.to_bytes()).await {
+            error!(error = %e, "could not queue a reply to the host");
+        }
     }
 }

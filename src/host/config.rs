@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::policy::PolicyConfig;
-use crate::guest::config::ConfigError;
+use crate::config::{ConfigError, Validate};
 use crate::link::SessionConfig;
 
 /// Default channels directory: one `<instance-uuid>.sock` per VM.
@@ -50,34 +50,23 @@ impl Default for ProxyConfig {
 impl ProxyConfig {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        crate::config::load(path)
     }
+}
 
-    /// Parse and validate config text (`path` is for messages).
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.into(),
-            message,
-        };
-        c.link.validate().map_err(|e| invalid(e.to_string()))?;
-        c.policy.validate().map_err(invalid)?;
-        if c.max_line < 1024 {
-            return Err(invalid("max_line must be at least 1024".into()));
+impl Validate for ProxyConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.link.validate().map_err(|e| e.to_string())?;
+        self.policy.validate()?;
+        if self.max_line < 1024 {
+            return Err("max_line must be at least 1024".into());
         }
-        if c.default_timeout_ms == 0 {
-            return Err(invalid("default_timeout_ms must be above 0".into()));
+        if self.default_timeout_ms == 0 {
+            return Err("default_timeout_ms must be above 0".into());
         }
-        if c.max_links == 0 {
-            return Err(invalid("max_links must be above 0".into()));
+        if self.max_links == 0 {
+            return Err("max_links must be above 0".into());
         }
-        Ok(c)
+        Ok(())
     }
 }

@@ -22,32 +22,42 @@ use crate::rpc::{Kind, LinkMsg, Request, Target, new_unique_id};
 /// Requests in progress per control connection; more wait their turn.
 pub const MAX_CLIENT_INFLIGHT: usize = 256;
 
+/// A call or cast into one instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invoke {
+    instance: String,
+    topic: String,
+    method: String,
+    #[serde(default)]
+    args: Value,
+    #[serde(default)]
+    ctx: Value,
+    timeout_ms: Option<u64>,
+    unique_id: Option<String>,
+}
+
+impl Invoke {
+    /// A call to the guest's built-in supervisor.
+    fn supervisor(instance: String, method: &str, args: Value, timeout_ms: Option<u64>) -> Self {
+        Self {
+            instance,
+            topic: SUPERVISOR_TOPIC.into(),
+            method: method.into(),
+            args,
+            ctx: json!({}),
+            timeout_ms,
+            unique_id: None,
+        }
+    }
+}
+
 /// A control request (the `id` field is handled around it).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum CtlRequest {
-    Call {
-        instance: String,
-        topic: String,
-        method: String,
-        #[serde(default)]
-        args: Value,
-        #[serde(default)]
-        ctx: Value,
-        timeout_ms: Option<u64>,
-        unique_id: Option<String>,
-    },
-    Cast {
-        instance: String,
-        topic: String,
-        method: String,
-        #[serde(default)]
-        args: Value,
-        #[serde(default)]
-        ctx: Value,
-        timeout_ms: Option<u64>,
-        unique_id: Option<String>,
-    },
+    Call(Invoke),
+    Cast(Invoke),
     Fanout {
         topic: String,
         method: String,
@@ -221,49 +231,8 @@ fn timeout(p: &Proxy, ms: Option<u64>) -> Duration {
 
 async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
     match req {
-        CtlRequest::Call {
-            instance,
-            topic,
-            method,
-            args,
-            ctx,
-            timeout_ms,
-            unique_id,
-        } => {
-            call(
-                p,
-                &instance,
-                topic,
-                method,
-                args,
-                ctx,
-                timeout(p, timeout_ms),
-                unique_id,
-            )
-            .await
-        }
-        CtlRequest::Cast {
-            instance,
-            topic,
-            method,
-            args,
-            ctx,
-            timeout_ms,
-            unique_id,
-        } => {
-            cast(
-                p,
-                &instance,
-                topic,
-                method,
-                args,
-                ctx,
-                timeout(p, timeout_ms),
-                unique_id,
-                Kind::Cast,
-            )
-            .await
-        }
+        CtlRequest::Call(inv) => call(p, inv).await,
+        CtlRequest::Cast(inv) => cast(p, inv, Kind::Cast).await,
         CtlRequest::Fanout {
             topic,
             method,
@@ -271,7 +240,6 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
             ctx,
             timeout_ms,
         } => {
-            let t = timeout(p, timeout_ms);
             let targets: Vec<String> = p
                 .instances()
                 .into_iter()
@@ -281,17 +249,16 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
             // One unique id for the whole fanout: each guest sees it once.
             let uid = new_unique_id();
             let sends = targets.iter().map(|i| {
-                cast(
-                    p,
-                    i,
-                    topic.clone(),
-                    method.clone(),
-                    args.clone(),
-                    ctx.clone(),
-                    t,
-                    Some(uid.clone()),
-                    Kind::Fanout,
-                )
+                let inv = Invoke {
+                    instance: i.clone(),
+                    topic: topic.clone(),
+                    method: method.clone(),
+                    args: args.clone(),
+                    ctx: ctx.clone(),
+                    timeout_ms,
+                    unique_id: Some(uid.clone()),
+                };
+                cast(p, inv, Kind::Fanout)
             });
             let results = futures_util::future::join_all(sends).await;
             let mut delivered = vec![];
@@ -313,13 +280,7 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
         } => {
             call(
                 p,
-                &instance,
-                SUPERVISOR_TOPIC.into(),
-                "list".into(),
-                json!({}),
-                json!({}),
-                timeout(p, timeout_ms),
-                None,
+                Invoke::supervisor(instance, "list", json!({}), timeout_ms),
             )
             .await
         }
@@ -341,17 +302,7 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
                     m.insert("restart".into(), json!(r));
                 }
             }
-            call(
-                p,
-                &instance,
-                SUPERVISOR_TOPIC.into(),
-                "start".into(),
-                args,
-                json!({}),
-                timeout(p, timeout_ms),
-                None,
-            )
-            .await
+            call(p, Invoke::supervisor(instance, "start", args, timeout_ms)).await
         }
         CtlRequest::StopAgent {
             instance,
@@ -360,17 +311,7 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
             timeout_ms,
         } => {
             let args = json!({"name": name, "grace_ms": grace_ms});
-            call(
-                p,
-                &instance,
-                SUPERVISOR_TOPIC.into(),
-                "stop".into(),
-                args,
-                json!({}),
-                timeout(p, timeout_ms),
-                None,
-            )
-            .await
+            call(p, Invoke::supervisor(instance, "stop", args, timeout_ms)).await
         }
         CtlRequest::Watch => Err(err("bad_request", "watch is handled per connection")),
     }
@@ -392,17 +333,18 @@ fn send_error(e: SendError) -> CtlError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn call(
-    p: &Proxy,
-    instance: &str,
-    topic: String,
-    method: String,
-    args: Value,
-    ctx: Value,
-    t: Duration,
-    unique_id: Option<String>,
-) -> Result<Value, CtlError> {
+async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
+    let t = timeout(p, inv.timeout_ms);
+    let Invoke {
+        instance,
+        topic,
+        method,
+        args,
+        ctx,
+        unique_id,
+        ..
+    } = inv;
+    let instance = instance.as_str();
     let inst = p
         .instance(instance)
         .ok_or_else(|| not_connected(instance))?;
@@ -465,18 +407,18 @@ async fn call(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn cast(
-    p: &Proxy,
-    instance: &str,
-    topic: String,
-    method: String,
-    args: Value,
-    ctx: Value,
-    t: Duration,
-    unique_id: Option<String>,
-    kind: Kind,
-) -> Result<Value, CtlError> {
+async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
+    let t = timeout(p, inv.timeout_ms);
+    let Invoke {
+        instance,
+        topic,
+        method,
+        args,
+        ctx,
+        unique_id,
+        ..
+    } = inv;
+    let instance = instance.as_str();
     let inst = p
         .instance(instance)
         .ok_or_else(|| not_connected(instance))?;

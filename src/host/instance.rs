@@ -117,13 +117,11 @@ impl Instance {
     fn fail_pending(&self, why: &str) {
         let pending: Vec<_> = lock(&self.pending).drain().collect();
         for (msg_id, tx) in pending {
-            let _ = tx.send(Reply {
+            let _ = tx.send(Reply::new(
                 msg_id,
-                reply_to: None,
-                result: None,
-                failure: Some(Failure::tether("GuestRestarted", why)),
-                ending: true,
-            });
+                None,
+                Err(Failure::tether("GuestRestarted", why)),
+            ));
         }
     }
 }
@@ -181,13 +179,11 @@ async fn on_message(
             && r.kind == Kind::Call
             && let Some(msg_id) = &r.msg_id
         {
-            let rep = LinkMsg::Rep(Reply {
-                msg_id: msg_id.clone(),
-                reply_to: r.reply_to.clone(),
-                result: None,
-                failure: Some(Failure::tether("Denied", reason)),
-                ending: true,
-            });
+            let rep = LinkMsg::Rep(Reply::new(
+                msg_id.clone(),
+                r.reply_to.clone(),
+                Err(Failure::tether("Denied", reason)),
+            ));
             let _ = inst.tx.send(rep.to_bytes()).await;
         }
         return;
@@ -230,16 +226,11 @@ async fn on_message(
                 // Allowed by policy, but with no broker there is nowhere to
                 // send a guest call yet: answer it rather than leave it hanging.
                 if let Some(msg_id) = r.msg_id {
-                    let rep = LinkMsg::Rep(Reply {
-                        msg_id,
-                        reply_to: r.reply_to,
-                        result: None,
-                        failure: Some(Failure::tether(
-                            "NoRoute",
-                            "no control-plane route for guest calls on this proxy",
-                        )),
-                        ending: true,
-                    });
+                    let f = Failure::tether(
+                        "NoRoute",
+                        "no control-plane route for guest calls on this proxy",
+                    );
+                    let rep = LinkMsg::Rep(Reply::new(msg_id, r.reply_to, Err(f)));
                     let _ = inst.tx.send(rep.to_bytes()).await;
                 }
             }
