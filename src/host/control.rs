@@ -38,6 +38,31 @@ struct Invoke {
 }
 
 impl Invoke {
+    /// The link request for instance `server`.
+    fn into_request(
+        self,
+        server: &str,
+        kind: Kind,
+        msg_id: Option<String>,
+        timeout_ms: Option<u64>,
+    ) -> Request {
+        Request {
+            kind,
+            target: Target {
+                topic: self.topic,
+                server: Some(server.to_string()),
+                ..Default::default()
+            },
+            method: self.method,
+            args: self.args,
+            ctx: self.ctx,
+            msg_id,
+            unique_id: self.unique_id.unwrap_or_else(new_unique_id),
+            reply_to: None,
+            timeout_ms,
+        }
+    }
+
     /// A call to the guest's built-in supervisor.
     fn supervisor(instance: String, method: &str, args: Value, timeout_ms: Option<u64>) -> Self {
         Self {
@@ -333,38 +358,21 @@ fn send_error(e: SendError) -> CtlError {
     }
 }
 
+fn lookup(p: &Proxy, instance: &str) -> Result<Arc<super::instance::Instance>, CtlError> {
+    p.instance(instance).ok_or_else(|| not_connected(instance))
+}
+
 async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     let t = timeout(p, inv.timeout_ms);
-    let Invoke {
-        instance,
-        topic,
-        method,
-        args,
-        ctx,
-        unique_id,
-        ..
-    } = inv;
-    let instance = instance.as_str();
-    let inst = p
-        .instance(instance)
-        .ok_or_else(|| not_connected(instance))?;
+    let inst = lookup(p, &inv.instance)?;
     let msg_id = new_unique_id();
     let rx = inst.expect_reply(&msg_id);
-    let req = Request {
-        kind: Kind::Call,
-        target: Target {
-            topic,
-            server: Some(inst.id.clone()),
-            ..Default::default()
-        },
-        method,
-        args,
-        ctx,
-        msg_id: Some(msg_id.clone()),
-        unique_id: unique_id.unwrap_or_else(new_unique_id),
-        reply_to: None,
-        timeout_ms: Some(t.as_millis() as u64),
-    };
+    let req = inv.into_request(
+        &inst.id,
+        Kind::Call,
+        Some(msg_id.clone()),
+        Some(t.as_millis() as u64),
+    );
     let res = tokio::time::timeout(t, async {
         inst.tx
             .send(LinkMsg::Req(req).to_bytes())
@@ -409,35 +417,9 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
 
 async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
     let t = timeout(p, inv.timeout_ms);
-    let Invoke {
-        instance,
-        topic,
-        method,
-        args,
-        ctx,
-        unique_id,
-        ..
-    } = inv;
-    let instance = instance.as_str();
-    let inst = p
-        .instance(instance)
-        .ok_or_else(|| not_connected(instance))?;
-    let uid = unique_id.unwrap_or_else(new_unique_id);
-    let req = Request {
-        kind,
-        target: Target {
-            topic,
-            server: Some(inst.id.clone()),
-            ..Default::default()
-        },
-        method,
-        args,
-        ctx,
-        msg_id: None,
-        unique_id: uid.clone(),
-        reply_to: None,
-        timeout_ms: None,
-    };
+    let inst = lookup(p, &inv.instance)?;
+    let req = inv.into_request(&inst.id, kind, None, None);
+    let uid = req.unique_id.clone();
     let acked = tokio::time::timeout(t, async {
         let r = inst
             .tx
