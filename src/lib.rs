@@ -30,21 +30,27 @@ pub mod rpc;
 pub mod sd;
 pub mod testing;
 
-/// A fresh random session id for this process run (never 0).
-///
-/// Falls back to a mix of the time and the process id if the OS random source
-/// fails: uniqueness matters here, unpredictability does not (identity comes
-/// from the host side, never from a session id).
-pub fn random_session_id() -> link::SessionId {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_ok() {
-        return u64::from_le_bytes(b).max(1);
-    }
-    let t = std::time::SystemTime::now()
+/// 64 random bits that never block: std's `RandomState` keys (seeded by the
+/// kernel without waiting for the entropy pool) hashed with the time, the
+/// process id and a counter. Early in a VM's boot, with no entropy yet,
+/// `getrandom()` blocks for minutes; these ids need to be unique, not secret
+/// (identity comes from the host side, never from them).
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
+        .map(|d| d.as_nanos())
         .unwrap_or(0);
-    testing::SplitMix64::new(t ^ u64::from(std::process::id()) << 32)
-        .next_u64()
-        .max(1)
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
+/// A fresh random session id for this process run (never 0).
+pub fn random_session_id() -> link::SessionId {
+    random_u64().max(1)
 }

@@ -221,14 +221,7 @@ impl DedupWindow {
 
 /// A fresh unique id (32 hex digits, like oslo's uuid4().hex).
 pub fn new_unique_id() -> String {
-    let mut b = [0u8; 16];
-    if getrandom::fill(&mut b).is_err() {
-        let a = crate::random_session_id().to_le_bytes();
-        let c = crate::random_session_id().to_le_bytes();
-        b[..8].copy_from_slice(&a);
-        b[8..].copy_from_slice(&c);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("{:016x}{:016x}", crate::random_u64(), crate::random_u64())
 }
 
 #[cfg(test)]

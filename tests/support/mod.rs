@@ -297,6 +297,8 @@ pub async fn wait_linked(ctl: &mut Ctl, uuid: &str, topic: &str) {
     }
 }
 
+pub mod vm;
+
 pub fn uuid(n: u32) -> String {
     format!("{n:08x}-0000-4000-8000-000000000000")
 }

@@ -1,0 +1,133 @@
+//! The agent in a real QEMU guest over a real virtio-serial port.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::vm::Vm;
+use support::*;
+
+const U: &str = "9f1c6b2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b";
+/// A TCG boot takes about 3 s here; the bound is generous for loaded machines.
+const BOOT_BOUND: Duration = Duration::from_secs(120);
+
+async fn wait_linked_vm(ctl: &mut Ctl, vm: &Vm, topic: &str) {
+    let t = Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "links"})).await;
+        let ok = v["result"].as_array().into_iter().flatten().any(|l| {
+            l["instance"] == U
+                && l["established"] == true
+                && l["topics"]
+                    .as_array()
+                    .is_some_and(|t| t.contains(&json!(topic)))
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "guest never linked with {topic}: {v}\nconsole:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_casts_fanout_and_the_supervisor_inside_a_real_vm() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let vm = Vm::boot(w.dir.path(), "vm1", &w.channels().join(format!("{U}.sock")));
+    let mut ctl = w.ctl().await;
+    wait_linked_vm(&mut ctl, &vm, "demo").await;
+
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": 40, "b": 2}})).await;
+    assert_eq!(v["result"], 42, "{v}");
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "fail", "args": {"message": "in the VM"}})).await;
+    assert_eq!(
+        (v["error"]["class"].as_str(), v["error"]["message"].as_str()),
+        (Some("ValueError"), Some("in the VM"))
+    );
+
+    for i in 0..200 {
+        let v = ctl
+            .req(json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "unique_id": format!("vm-{i}")}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    // A retried cast with a known unique id is dropped by the guest.
+    ctl.req(json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "unique_id": "vm-7"})).await;
+    let v = ctl
+        .req(json!({"op": "fanout", "topic": "demo", "method": "record"}))
+        .await;
+    assert_eq!(v["result"]["delivered"], json!([U]), "{v}");
+    let v = ctl
+        .req(json!({"op": "call", "instance": U, "topic": "demo", "method": "count"}))
+        .await;
+    assert_eq!(
+        v["result"], 201,
+        "each cast handled exactly once in the guest: {v}"
+    );
+
+    // The guest's supervisor starts and stops a second sub-agent.
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U, "name": "second", "argv": ["/bin/echo_subagent"],
+                    "env": {"SUBAGENT_TOPICS": "second"}}))
+        .await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    wait_linked_vm(&mut ctl, &vm, "second").await;
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "second", "method": "add", "args": {"a": 1, "b": 1}})).await;
+    assert_eq!(v["result"], 2);
+    let v = ctl
+        .req(json!({"op": "stop_agent", "instance": U, "name": "second"}))
+        .await;
+    assert_eq!(v["result"]["state"], "stopped", "{v}");
+    let v = ctl.req(json!({"op": "agents", "instance": U})).await;
+    let names: Vec<_> = v["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].clone(), a["state"].clone()))
+        .collect();
+    assert!(names.contains(&(json!("echo"), json!("running"))), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_order_does_not_matter_and_the_proxy_may_restart() {
+    let w = World::new();
+    // The VM first, with no proxy: its agent waits on a port nobody reads.
+    let vm = Vm::boot(w.dir.path(), "vm2", &w.channels().join(format!("{U}.sock")));
+    let t = Instant::now();
+    while !vm.console().contains("tether-agent ready") {
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "agent never started:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut proxy = w.proxy("");
+    let mut ctl = w.ctl().await;
+    wait_linked_vm(&mut ctl, &vm, "demo").await;
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": 1, "b": 1}})).await;
+    assert_eq!(v["result"], 2);
+    for (i, how) in ["SIGTERM", "SIGKILL"].iter().enumerate() {
+        // The proxy goes away (cleanly, then with kill -9) while the VM runs:
+        // the guest sees the host disconnect and waits for the next one.
+        if *how == "SIGTERM" {
+            assert_eq!(proxy.terminate(), Some(0));
+        } else {
+            proxy.kill9();
+        }
+        drop(proxy);
+        proxy = w.proxy("");
+        let mut c = w.ctl().await;
+        wait_linked_vm(&mut c, &vm, "demo").await;
+        let v = c.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": i, "b": 10}})).await;
+        assert_eq!(v["result"], i + 10, "after {how}: {v}");
+        let links = c.req(json!({"op": "links"})).await;
+        assert_eq!(links["result"][0]["established"], true);
+    }
+}
