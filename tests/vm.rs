@@ -92,6 +92,42 @@ async fn calls_casts_fanout_and_the_supervisor_inside_a_real_vm() {
         .map(|a| (a["name"].clone(), a["state"].clone()))
         .collect();
     assert!(names.contains(&(json!("echo"), json!("running"))), "{v}");
+
+    // A second agent on the same port gets EBUSY and says so clearly (its
+    // stderr lands in the first agent's log, on the console).
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U, "name": "intruder", "restart": "never",
+                    "argv": ["/bin/tether-agent", "--subagent-socket", "/run/tether/intruder.sock"]}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let t = Instant::now();
+    while !vm.console().contains("is in use by another process") {
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "no EBUSY message:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "agents", "instance": U})).await;
+        let intruder = v["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "intruder")
+            .cloned()
+            .unwrap();
+        if intruder["state"] == "exited" {
+            break;
+        }
+        assert!(t.elapsed() < BOOT_BOUND, "{intruder}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The first agent still owns the port and serves.
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": 2, "b": 2}})).await;
+    assert_eq!(v["result"], 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
