@@ -167,3 +167,88 @@ async fn start_up_order_does_not_matter_and_the_proxy_may_restart() {
         assert_eq!(links["result"][0]["established"], true);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_in_the_guest_is_restarted_and_the_link_recovers() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let vm = Vm::boot(w.dir.path(), "vm3", &w.channels().join(format!("{U}.sock")));
+    let mut ctl = w.ctl().await;
+    wait_linked_vm(&mut ctl, &vm, "demo").await;
+    let before = ctl.req(json!({"op": "links"})).await["result"][0]["peer_changes"]
+        .as_u64()
+        .unwrap();
+    // kill -9 of the agent from inside the guest (its child kills its parent).
+    // The answer to this very request may be lost with the agent: any
+    // outcome is fine as long as one comes.
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U, "name": "killer", "restart": "never", "timeout_ms": 5000,
+                    "argv": ["/bin/busybox", "sh", "-c", "sleep 0.3; kill -9 $PPID"]}))
+        .await;
+    assert!(v.get("ok").is_some(), "{v}");
+    let t = Instant::now();
+    while !vm.console().contains("agent exited with 137") {
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "agent not killed:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The guest's init restarts it; the proxy sees a new guest session.
+    let t = Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": 3, "b": 4}, "timeout_ms": 2000})).await;
+        let links = ctl.req(json!({"op": "links"})).await;
+        if v["result"] == 7 && links["result"][0]["peer_changes"].as_u64().unwrap() > before {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "no recovery: {v} {links}\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_host_side_is_skipped_and_the_proxy_links_afterwards() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new();
+    let chardev = w.channels().join(format!("{U}.sock"));
+    let vm = Vm::boot(w.dir.path(), "vm4", &chardev);
+    let t = Instant::now();
+    while !vm.console().contains("tether-agent ready") {
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "agent never started:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A raw client writes garbage (with false magics in it) into the port.
+    let mut raw = tokio::net::UnixStream::connect(&chardev).await.unwrap();
+    let mut rng = tether::testing::SplitMix64::new(7);
+    let mut junk = rng.bytes(64 * 1024);
+    for i in (0..junk.len() - 4).step_by(997) {
+        junk[i..i + 4].copy_from_slice(&tether::link::frame::MAGIC);
+    }
+    raw.write_all(&junk).await.unwrap();
+    let t = Instant::now();
+    while !vm.console().contains("garbage on the link skipped") {
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "the agent did not report the garbage:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(raw);
+    // Then the proxy comes, and everything works.
+    let _proxy = w.proxy("");
+    let mut ctl = w.ctl().await;
+    wait_linked_vm(&mut ctl, &vm, "demo").await;
+    let v = ctl.req(json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": 5, "b": 5}})).await;
+    assert_eq!(v["result"], 10, "{v}");
+}
