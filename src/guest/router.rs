@@ -120,14 +120,17 @@ impl Router {
                 Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
                 Err(e) => warn!(error = %e, "malformed message from the host dropped"),
             },
-            LinkEvent::Up { .. } => self.topics_changed().await,
+            // A new connection, or a new host proxy on the same connection (a
+            // migration whose destination was connected beforehand: the guest
+            // sees no disconnect): either way the host must learn our topics.
+            LinkEvent::Up { .. } | LinkEvent::PeerChanged { .. } => self.topics_changed().await,
             LinkEvent::Expired { unacked } => {
                 error!(
                     lost = unacked.len(),
                     "host link expired: messages to the host were not delivered"
                 )
             }
-            LinkEvent::Down | LinkEvent::PeerChanged { .. } => {}
+            LinkEvent::Down => {}
         }
     }
 

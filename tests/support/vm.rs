@@ -25,8 +25,29 @@ fn asset(name: &str) -> PathBuf {
 impl Vm {
     /// Boot a guest whose agent port's chardev socket is `chardev`.
     pub fn boot(dir: &Path, name: &str, chardev: &Path) -> Self {
+        Self::start(dir, name, chardev, None)
+    }
+
+    /// A migration destination: same machine, waiting on `-incoming`.
+    pub fn incoming(dir: &Path, name: &str, chardev: &Path, port: u16) -> Self {
+        Self::start(dir, name, chardev, Some(port))
+    }
+
+    pub fn qmp_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}-qmp.sock"))
+    }
+
+    fn start(dir: &Path, name: &str, chardev: &Path, incoming: Option<u16>) -> Self {
         let serial = dir.join(format!("{name}-console.log"));
-        let child = Command::new("qemu-system-x86_64")
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            Self::qmp_path(dir, name).display()
+        ));
+        if let Some(p) = incoming {
+            cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
+        }
+        let child = cmd
             .args(["-display", "none", "-monitor", "none", "-no-reboot", "-m", "256", "-accel", "tcg", "-nic", "none"])
             .arg("-kernel")
             .arg(asset("vmlinuz"))
@@ -56,5 +77,57 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A QMP client (one command at a time; events are skipped).
+pub struct Qmp {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    pub async fn connect(path: &Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let t = std::time::Instant::now();
+        let s = loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        t.elapsed() < std::time::Duration::from_secs(30),
+                        "QMP {}: {e}",
+                        path.display()
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let (r, w) = s.into_split();
+        let mut q = Self {
+            lines: tokio::io::BufReader::new(r).lines(),
+            w,
+        };
+        q.lines.next_line().await.unwrap(); // greeting
+        q.cmd(serde_json::json!({"execute": "qmp_capabilities"}))
+            .await;
+        q
+    }
+
+    pub async fn cmd(&mut self, c: serde_json::Value) -> serde_json::Value {
+        use tokio::io::AsyncWriteExt;
+        self.w.write_all(format!("{c}\n").as_bytes()).await.unwrap();
+        loop {
+            let l =
+                tokio::time::timeout(std::time::Duration::from_secs(30), self.lines.next_line())
+                    .await
+                    .expect("QMP answered nothing")
+                    .unwrap()
+                    .expect("QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
     }
 }
