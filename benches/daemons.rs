@@ -27,6 +27,8 @@ impl Drop for Daemon {
 }
 
 fn proxy(dir: &Path) -> Daemon {
+    // The channels directory exists before anything binds in it.
+    std::fs::create_dir_all(dir.join("ch")).expect("channels dir");
     let d = Daemon(
         Command::new(env!("CARGO_BIN_EXE_tether-proxy"))
             .args([

@@ -109,6 +109,12 @@ impl PortConnector {
             PortSpec::Device(p) => VirtioPort::open(p).map(Self::Device),
             PortSpec::Serial(p) => SerialPort::open(p).map(Self::Serial),
             PortSpec::UnixListen(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| PortError::Listen {
+                        path: p.clone(),
+                        source,
+                    })?;
+                }
                 let _ = std::fs::remove_file(p);
                 let l = tokio::net::UnixListener::bind(p).map_err(|source| PortError::Listen {
                     path: p.clone(),
