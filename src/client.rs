@@ -165,7 +165,7 @@ impl SubAgent {
             }
             ToSub::Result { id, result, error } => {
                 self.results
-                    .insert(id, error.map_or(Ok(result.unwrap_or(Value::Null)), Err));
+                    .insert(id, crate::rpc::join_result(result, error));
                 Ok(())
             }
             ToSub::Error { message } => Err(ClientError::Refused(message)),

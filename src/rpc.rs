@@ -135,6 +135,14 @@ pub fn split_result(res: Result<Value, Failure>) -> (Option<Value>, Option<Failu
     }
 }
 
+/// The inverse of [`split_result`]: an error wins; no result is `null`.
+pub fn join_result(result: Option<Value>, failure: Option<Failure>) -> Result<Value, Failure> {
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(result.unwrap_or(Value::Null)),
+    }
+}
+
 impl Reply {
     /// The final reply to call `msg_id`.
     pub fn new(msg_id: String, reply_to: Option<String>, res: Result<Value, Failure>) -> Self {

@@ -347,10 +347,7 @@ impl Router {
             }
             FromSub::Reply { id, result, error } => match self.inflight.remove(&(conn, id)) {
                 Some(f) => {
-                    let res = match (result, error) {
-                        (_, Some(e)) => Err(e),
-                        (r, None) => Ok(r.unwrap_or(Value::Null)),
-                    };
+                    let res = crate::rpc::join_result(result, error);
                     self.reply(f.msg_id, f.reply_to, res).await;
                 }
                 None => self.refuse(conn, format!("reply to unknown or expired request {id}")),
