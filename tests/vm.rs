@@ -13,26 +13,10 @@ const U: &str = "9f1c6b2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b";
 const BOOT_BOUND: Duration = Duration::from_secs(120);
 
 async fn wait_linked_vm(ctl: &mut Ctl, vm: &Vm, topic: &str) {
-    let t = Instant::now();
-    loop {
-        let v = ctl.req(json!({"op": "links"})).await;
-        let ok = v["result"].as_array().into_iter().flatten().any(|l| {
-            l["instance"] == U
-                && l["established"] == true
-                && l["topics"]
-                    .as_array()
-                    .is_some_and(|t| t.contains(&json!(topic)))
-        });
-        if ok {
-            return;
-        }
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "guest never linked with {topic}: {v}\nconsole:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_linked_for(ctl, U, topic, BOOT_BOUND, || {
+        format!("console:\n{}", vm.console())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,15 +84,8 @@ async fn calls_casts_fanout_and_the_supervisor_inside_a_real_vm() {
                     "argv": ["/bin/tether-agent", "--subagent-socket", "/run/tether/intruder.sock"]}))
         .await;
     assert_eq!(v["ok"], true, "{v}");
-    let t = Instant::now();
-    while !vm.console().contains("is in use by another process") {
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "no EBUSY message:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    vm.wait_console("is in use by another process", BOOT_BOUND)
+        .await;
     let t = Instant::now();
     loop {
         let v = ctl.req(json!({"op": "agents", "instance": U})).await;
@@ -135,15 +112,7 @@ async fn start_up_order_does_not_matter_and_the_proxy_may_restart() {
     let w = World::new();
     // The VM first, with no proxy: its agent waits on a port nobody reads.
     let vm = Vm::boot(w.dir.path(), "vm2", &w.channels().join(format!("{U}.sock")));
-    let t = Instant::now();
-    while !vm.console().contains("tether-agent ready") {
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "agent never started:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    vm.wait_console("tether-agent ready", BOOT_BOUND).await;
     let mut proxy = w.proxy("");
     let mut ctl = w.ctl().await;
     wait_linked_vm(&mut ctl, &vm, "demo").await;
@@ -186,15 +155,7 @@ async fn agent_killed_in_the_guest_is_restarted_and_the_link_recovers() {
                     "argv": ["/bin/busybox", "sh", "-c", "sleep 0.3; kill -9 $PPID"]}))
         .await;
     assert!(v.get("ok").is_some(), "{v}");
-    let t = Instant::now();
-    while !vm.console().contains("agent exited with 137") {
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "agent not killed:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    vm.wait_console("agent exited with 137", BOOT_BOUND).await;
     // The guest's init restarts it; the proxy sees a new guest session.
     let t = Instant::now();
     loop {
@@ -218,15 +179,7 @@ async fn garbage_from_the_host_side_is_skipped_and_the_proxy_links_afterwards() 
     let w = World::new();
     let chardev = w.channels().join(format!("{U}.sock"));
     let vm = Vm::boot(w.dir.path(), "vm4", &chardev);
-    let t = Instant::now();
-    while !vm.console().contains("tether-agent ready") {
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "agent never started:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    vm.wait_console("tether-agent ready", BOOT_BOUND).await;
     // A raw client writes garbage (with false magics in it) into the port.
     let mut raw = tokio::net::UnixStream::connect(&chardev).await.unwrap();
     let mut rng = tether::testing::SplitMix64::new(7);
@@ -235,15 +188,8 @@ async fn garbage_from_the_host_side_is_skipped_and_the_proxy_links_afterwards() 
         junk[i..i + 4].copy_from_slice(&tether::link::frame::MAGIC);
     }
     raw.write_all(&junk).await.unwrap();
-    let t = Instant::now();
-    while !vm.console().contains("garbage on the link skipped") {
-        assert!(
-            t.elapsed() < BOOT_BOUND,
-            "the agent did not report the garbage:\n{}",
-            vm.console()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    vm.wait_console("garbage on the link skipped", BOOT_BOUND)
+        .await;
     drop(raw);
     // Then the proxy comes, and everything works.
     let _proxy = w.proxy("");

@@ -276,6 +276,17 @@ impl Ctl {
 
 /// Wait (bounded) until the instance is linked with `topic` registered.
 pub async fn wait_linked(ctl: &mut Ctl, uuid: &str, topic: &str) {
+    wait_linked_for(ctl, uuid, topic, BOUND, String::new).await
+}
+
+/// [`wait_linked`] with its own bound, and `context` added to the failure.
+pub async fn wait_linked_for(
+    ctl: &mut Ctl,
+    uuid: &str,
+    topic: &str,
+    bound: Duration,
+    context: impl Fn() -> String,
+) {
     let t = Instant::now();
     loop {
         let v = ctl.req(json!({"op": "links"})).await;
@@ -290,8 +301,9 @@ pub async fn wait_linked(ctl: &mut Ctl, uuid: &str, topic: &str) {
             return;
         }
         assert!(
-            t.elapsed() < BOUND,
-            "instance {uuid} never linked with topic {topic}: {v}"
+            t.elapsed() < bound,
+            "instance {uuid} never linked with topic {topic}: {v}\n{}",
+            context()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

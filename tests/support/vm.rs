@@ -71,6 +71,19 @@ impl Vm {
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
+
+    /// Wait (bounded) until the guest's console shows `needle`.
+    pub async fn wait_console(&self, needle: &str, bound: std::time::Duration) {
+        let t = std::time::Instant::now();
+        while !self.console().contains(needle) {
+            assert!(
+                t.elapsed() < bound,
+                "the console never showed {needle:?}:\n{}",
+                self.console()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Vm {
