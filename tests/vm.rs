@@ -11,6 +11,8 @@ use support::*;
 const U: &str = "9f1c6b2e-3a4d-4e5f-8a9b-0c1d2e3f4a5b";
 /// A TCG boot takes about 3 s here; the bound is generous for loaded machines.
 const BOOT_BOUND: Duration = Duration::from_secs(120);
+/// Casts streamed after each proxy restart.
+const CASTS_AFTER_RESTART: u64 = 40;
 
 async fn wait_linked_vm(ctl: &mut Ctl, vm: &Vm, topic: &str) {
     wait_linked_for(ctl, U, topic, BOOT_BOUND, || {
@@ -134,6 +136,26 @@ async fn start_up_order_does_not_matter_and_the_proxy_may_restart() {
         assert_eq!(v["result"], i + 10, "after {how}: {v}");
         let links = c.req(json!({"op": "links"})).await;
         assert_eq!(links["result"][0]["established"], true);
+        // The guest's own timers still run after the host went away and came
+        // back: its delayed ACKs acknowledge casts, so the proxy has no need
+        // to probe with a PING per cast (it did, at one cast per second, when
+        // the port's registration kept the hang-up readiness for good).
+        for n in 0..CASTS_AFTER_RESTART {
+            let v = c
+                .req(
+                    json!({"op": "cast", "instance": U, "topic": "demo", "method": "echo",
+                                 "unique_id": format!("r{i}-{n}"), "timeout_ms": 20_000}),
+                )
+                .await;
+            assert_eq!(v["ok"], true, "{v}");
+        }
+        let links = c.req(json!({"op": "links"})).await;
+        let pings = links["result"][0]["pings"].as_u64().unwrap();
+        assert!(
+            pings < CASTS_AFTER_RESTART / 4,
+            "after {how}: {pings} PINGs for {CASTS_AFTER_RESTART} casts: the guest does not ACK by itself\n{links}\n{}",
+            vm.console()
+        );
     }
 }
 

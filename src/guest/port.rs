@@ -21,6 +21,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -159,14 +160,25 @@ impl Connector for PortConnector {
 
 /// A virtio-serial port device, opened once and kept open: closing it would
 /// discard what the host sent and the agent has not read yet.
+///
+/// Each connection registers a fresh duplicate of the descriptor with the
+/// reactor: tokio keeps "read/write closed" readiness for good once a hang-up
+/// was seen, so a registration that lived through a host disconnect would
+/// report the port ready for ever after and spin. Waiting for the host uses
+/// a private edge-triggered epoll instance for the same reason.
 pub struct VirtioPort {
-    fd: Arc<AsyncFd<File>>,
+    file: File,
+    host_edge: Arc<AsyncFd<EdgeWaiter>>,
 }
 
 impl VirtioPort {
     /// Open the device non-blocking, close-on-exec.
     pub fn open(path: &Path) -> Result<Self, PortError> {
-        let f = OpenOptions::new()
+        let err = |source| PortError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
@@ -175,38 +187,66 @@ impl VirtioPort {
                 if source.raw_os_error() == Some(nix::libc::EBUSY) {
                     PortError::Busy(path.to_path_buf())
                 } else {
-                    PortError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    }
+                    err(source)
                 }
             })?;
-        let fd = register(f).map_err(|source| PortError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Self { fd: Arc::new(fd) })
+        let host_edge = EdgeWaiter::new(&file).and_then(register).map_err(err)?;
+        Ok(Self {
+            file,
+            host_edge: Arc::new(host_edge),
+        })
     }
 
     fn connect(&mut self) -> ConnectFuture<DeviceStream> {
-        let fd = self.fd.clone();
+        let file = self.file.try_clone();
+        let host_edge = self.host_edge.clone();
         Box::pin(async move {
+            let file = file?;
             loop {
-                if host_connected(&fd) {
-                    return Ok(DeviceStream { fd });
+                if host_connected(&file) {
+                    return DeviceStream::new(file);
                 }
-                // Wait for the writable edge the host's connect produces.
-                match tokio::time::timeout(RECHECK, fd.writable()).await {
-                    Ok(Ok(mut g)) => {
-                        if !host_connected(&fd) {
-                            g.clear_ready();
-                        }
-                    }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => {} // re-check
+                // Wait for the edge the host's connect produces (bounded: a
+                // re-check costs one poll()).
+                if let Ok(guard) = tokio::time::timeout(RECHECK, host_edge.readable()).await {
+                    let mut guard = guard?;
+                    host_edge.get_ref().drain()?;
+                    guard.clear_ready();
                 }
             }
         })
+    }
+}
+
+/// A private epoll instance watching one descriptor edge-triggered for
+/// `EPOLLOUT` (hang-ups are always reported too); readable when an edge
+/// happened. Its own readiness never "closes".
+struct EdgeWaiter(Epoll);
+
+impl EdgeWaiter {
+    fn new(watched: &File) -> io::Result<Self> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        ep.add(
+            watched,
+            EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLET, 0),
+        )
+        .map_err(io::Error::from)?;
+        Ok(Self(ep))
+    }
+
+    /// Take the pending edges off the ready list.
+    fn drain(&self) -> io::Result<()> {
+        let mut ev = [EpollEvent::empty(); 4];
+        self.0
+            .wait(&mut ev, EpollTimeout::ZERO)
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+}
+
+impl std::os::fd::AsRawFd for EdgeWaiter {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.0.as_raw_fd()
     }
 }
 
@@ -214,7 +254,7 @@ impl VirtioPort {
 /// serial line: it counts as connected, and the link's HELLO retry finds the
 /// peer whenever it starts.
 pub struct SerialPort {
-    fd: Arc<AsyncFd<File>>,
+    file: File,
     /// Set after the first connection: later ones wait a little, so a line
     /// that keeps reporting end of file (a hung-up pty) is not spun on.
     reconnect_delay: Option<Duration>,
@@ -236,26 +276,27 @@ impl SerialPort {
         Self::from_file(f).map_err(err)
     }
 
-    /// Use an open tty (raw mode is set here).
+    /// Use an open tty (raw mode and non-blocking are set here).
     pub fn from_file(f: File) -> io::Result<Self> {
         use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
         let mut t = tcgetattr(&f).map_err(io::Error::from)?;
         cfmakeraw(&mut t);
         tcsetattr(&f, SetArg::TCSANOW, &t).map_err(io::Error::from)?;
+        set_nonblocking(&f)?;
         Ok(Self {
-            fd: Arc::new(register(f)?),
+            file: f,
             reconnect_delay: None,
         })
     }
 
     fn connect(&mut self) -> ConnectFuture<DeviceStream> {
-        let fd = self.fd.clone();
+        let file = self.file.try_clone();
         let delay = self.reconnect_delay.replace(RECHECK);
         Box::pin(async move {
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
-            Ok(DeviceStream { fd })
+            DeviceStream::new(file?)
         })
     }
 }
@@ -270,32 +311,46 @@ impl Connector for SerialPort {
     }
 }
 
-/// Register the port with the reactor, non-blocking whatever the caller
-/// opened it with: a blocking descriptor would stall a runtime thread.
-#[allow(unsafe_code)]
-fn register(f: File) -> io::Result<AsyncFd<File>> {
+/// Make a descriptor non-blocking whatever the caller opened it with: a
+/// blocking descriptor would stall a runtime thread.
+fn set_nonblocking(f: &File) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL).map_err(io::Error::from)?);
-    fcntl(&f, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
-    // SAFETY: the `File` owns a valid descriptor, opened non-blocking above;
-    // the `AsyncFd` takes the `File` by value, and nothing replaces or closes
-    // that descriptor while it is registered (it is closed only when the
-    // `AsyncFd` and with it the `File` are dropped).
-    unsafe { AsyncFd::register(f) }.map_err(|e| e.into_parts().1)
+    let flags = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(f, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Register with the reactor.
+#[allow(unsafe_code)]
+fn register<T: std::os::fd::AsRawFd>(t: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `t` owns a valid, non-blocking descriptor (a `File` made
+    // non-blocking, or an epoll instance, which never blocks in our use); the
+    // `AsyncFd` takes it by value, and nothing closes or replaces that
+    // descriptor while it is registered: it is closed only when the `AsyncFd`
+    // is dropped, after deregistration.
+    unsafe { AsyncFd::register(t) }.map_err(|e| e.into_parts().1)
 }
 
 /// `POLLOUT` is set exactly while a host client is connected.
-fn host_connected(fd: &AsyncFd<File>) -> bool {
-    let mut p = [PollFd::new(fd.get_ref().as_fd(), PollFlags::POLLOUT)];
+fn host_connected(f: &File) -> bool {
+    let mut p = [PollFd::new(f.as_fd(), PollFlags::POLLOUT)];
     matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
         && p.first()
             .and_then(PollFd::revents)
             .is_some_and(|r| r.contains(PollFlags::POLLOUT))
 }
 
-/// The port while the host is connected.
+/// The port while the host is connected: its own duplicate of the
+/// descriptor, registered for this connection only.
 pub struct DeviceStream {
-    fd: Arc<AsyncFd<File>>,
+    fd: AsyncFd<File>,
+}
+
+impl DeviceStream {
+    fn new(dup: File) -> io::Result<Self> {
+        set_nonblocking(&dup)?;
+        Ok(Self { fd: register(dup)? })
+    }
 }
 
 impl AsyncRead for DeviceStream {
@@ -309,11 +364,8 @@ impl AsyncRead for DeviceStream {
             let unfilled = buf.initialize_unfilled();
             match g.try_io(|f| f.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
-                    if n == 0 {
-                        // Host disconnected: end this stream; `connect` waits
-                        // for the next writable edge.
-                        g.clear_ready();
-                    }
+                    // n == 0: the host disconnected. This stream ends (its
+                    // registration with it); `connect` waits for the host.
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }

@@ -97,6 +97,8 @@ impl Instance {
             "unacked": s.unacked,
             "connects": s.connects,
             "resent": s.stats.resent,
+            "duplicates": s.stats.duplicates,
+            "pings": s.stats.pings,
             "peer_changes": s.stats.peer_changes,
             "delivered": s.stats.delivered,
             "denied": self.denied.load(Ordering::Relaxed),

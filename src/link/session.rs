@@ -103,6 +103,10 @@ pub struct SessionStats {
     pub protocol_errors: u64,
     /// Sessions expired after the grace period.
     pub expired: u64,
+    /// PINGs sent: after `ping_interval` of silence, or as loss probes when
+    /// the peer's ACK did not come within `probe_after`. A steady stream of
+    /// them under traffic means the peer's delayed ACKs do not arrive.
+    pub pings: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -677,6 +681,7 @@ impl Session {
         } else if self.ping_deadline().is_some_and(|t| now >= t) {
             let nonce = self.next_nonce;
             self.next_nonce += 1;
+            self.stats.pings += 1;
             self.ping_out = Some(PingOut {
                 nonce,
                 cursor: self.cursor,

@@ -65,7 +65,10 @@ pub fn spawn(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(bin)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(f.try_clone().unwrap())
         .stderr(f)

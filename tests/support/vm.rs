@@ -53,7 +53,11 @@ impl Vm {
             .arg(asset("vmlinuz"))
             .arg("-initrd")
             .arg(asset("initramfs.cpio.gz"))
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 tether.log={}",
+                std::env::var("TETHER_VM_LOG").unwrap_or_else(|_| "info".into())
+            ))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .args(["-device", "virtio-serial-pci,id=vser0"])

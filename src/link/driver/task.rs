@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant as TokioInstant, Sleep, sleep_until};
 use tokio_util::codec::FramedRead;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{ConnectFuture, Connector, LinkEvent, LinkOptions, LinkStatus, Shared};
 use crate::link::Frame;
@@ -110,6 +110,7 @@ pub(crate) async fn run<C: Connector>(
             && armed.is_none_or(|a| t < a)
         {
             timer.as_mut().reset(t);
+            trace!(link = %name, in_ms = t.saturating_duration_since(TokioInstant::now()).as_millis() as u64, "timer armed");
             armed = Some(t);
         }
         let reading = d.pending.is_empty();
@@ -131,10 +132,11 @@ pub(crate) async fn run<C: Connector>(
                     let now = now();
                     let mut s = d.shared.lock();
                     for f in frames {
+                        trace!(link = %name, kind = ?f.kind, seq = f.seq, ack = f.ack, "frame in");
                         s.on_frame(f, now);
                     }
                 }
-                IoStep::Wrote => {}
+                IoStep::Wrote => trace!(link = %name, "wrote"),
                 IoStep::Connected(io) => {
                     d.connects += 1;
                     debug!(link = %name, "connected");
@@ -156,6 +158,7 @@ pub(crate) async fn run<C: Connector>(
             _ = shared.wake_task.notified() => {}
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
+                trace!(link = %name, "timer");
                 d.shared.lock().on_tick(now());
             }
         }
@@ -273,7 +276,10 @@ impl Driver {
             let now = now();
             while c.out.len() < WRITE_HIGH_WATER {
                 match s.poll_transmit(now) {
-                    Some(f) => f.encode_into(&mut c.out),
+                    Some(f) => {
+                        trace!(link = %name, kind = ?f.kind, seq = f.seq, ack = f.ack, "frame out");
+                        f.encode_into(&mut c.out)
+                    }
                     None => break,
                 }
             }
