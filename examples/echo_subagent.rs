@@ -4,7 +4,8 @@
 //! Topics from `$SUBAGENT_TOPICS` (comma-separated, default `demo`). Methods:
 //! `echo` (returns its args), `add` (a + b), `record` (cast: counts it, once
 //! per delivery), `count` (how many `record` casts were handled), `fail`
-//! (raises `ValueError`).
+//! (raises `ValueError`), `sleep` (waits `ms` milliseconds, then returns its
+//! args: a call still running while a VM migrates).
 
 use serde_json::{Value, json};
 use tether::client::SubAgent;
@@ -29,6 +30,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(Value::Null)
             }
             "count" => Ok(json!(recorded)),
+            "sleep" => {
+                let ms = r.args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+                Ok(r.args.clone())
+            }
             "fail" => Err(Failure {
                 class: "ValueError".into(),
                 module: "builtins".into(),

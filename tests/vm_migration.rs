@@ -144,7 +144,6 @@ async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut 
                 break;
             }
             assert!(!on_dst, "cast {i} failed through the destination: {v}");
-            eprintln!("cast {i} through the source: {v}; moving to the destination");
             on_dst = true;
             hop.retried += 1;
         }
@@ -176,6 +175,62 @@ async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut 
     hop
 }
 
+/// The agent's own counters (its built-in `tether.agent` target).
+async fn guest_stats(ctl: &mut Ctl, uuid: &str) -> Value {
+    let v = ctl
+        .req(json!({"op": "call", "instance": uuid, "topic": "tether.agent", "method": "stats", "timeout_ms": 20_000}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    v["result"].clone()
+}
+
+/// What one migration cost, from both proxies' and the guest's counters.
+struct Measured {
+    /// From the last frame the source's proxy received to the handshake
+    /// through the destination's.
+    frame_gap_ms: i64,
+    /// DATA frames the guest sent again, and the destination proxy did.
+    guest_resent: u64,
+    host_resent: u64,
+    /// Requests the guest dropped as already seen (the client's retries of
+    /// casts that had arrived), and duplicate frames the destination dropped.
+    guest_dups_dropped: u64,
+    host_dup_frames: u64,
+}
+
+impl Measured {
+    async fn after(before: Value, src: &mut Host, dst: &mut Host, uuid: &str) -> Self {
+        let after = guest_stats(&mut dst.ctl, uuid).await;
+        let (s, d) = (src.link(uuid).await, dst.link(uuid).await);
+        let delta = |p: &str| {
+            after.pointer(p).and_then(Value::as_u64).unwrap_or(0)
+                - before.pointer(p).and_then(Value::as_u64).unwrap_or(0)
+        };
+        let ms = |l: &Value, k: &str| l[k].as_u64().unwrap_or(0) as i64;
+        Self {
+            frame_gap_ms: ms(&d, "up_since_unix_ms") - ms(&s, "last_frame_unix_ms"),
+            guest_resent: delta("/link/resent"),
+            host_resent: d["resent"].as_u64().unwrap_or(0),
+            guest_dups_dropped: delta("/router/duplicates_dropped"),
+            host_dup_frames: d["duplicates"].as_u64().unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for Measured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "last frame via source -> first via destination {} ms; re-sent: guest {}, destination proxy {} (cumulative); duplicates dropped: guest {} requests, destination proxy {} frames (cumulative)",
+            self.frame_gap_ms,
+            self.guest_resent,
+            self.host_resent,
+            self.guest_dups_dropped,
+            self.host_dup_frames
+        )
+    }
+}
+
 async fn count(host: &mut Host, uuid: &str) -> Value {
     let v = host
         .ctl
@@ -193,22 +248,56 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
     let port = free_port();
     let dst = Vm::incoming(b.world.dir.path(), "dst", &b.chardev(U), port);
     a.linked(U, &src).await;
+    let before = guest_stats(&mut a.ctl, U).await;
+    let mut watch_b = b.world.ctl().await;
+    assert_eq!(watch_b.req(json!({"op": "watch"})).await["ok"], true);
 
     let migrate = migrate_after(
         Duration::from_millis(800),
         Vm::qmp_path(a.world.dir.path(), "src"),
         port,
     );
+    // A call that enters through the source and is still running in the
+    // guest when the VM moves: its reply comes out through the destination.
+    let across = {
+        let mut c = a.world.ctl().await;
+        tokio::spawn(async move {
+            c.req(
+                json!({"op": "call", "instance": U, "topic": "demo", "method": "sleep",
+                         "args": {"ms": 2500, "tag": "across"}, "timeout_ms": 6_000}),
+            )
+            .await
+        })
+    };
     let hop = stream(U, 0..N, &mut a.ctl, &mut b.ctl).await;
     let took = migrate.await.unwrap();
     b.linked(U, &dst).await;
+    let v = across.await.unwrap();
+    let reply = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), watch_b.read())
+            .await
+            .expect("the reply to the call that entered through the source never came out through the destination");
+        if ev["event"]["reply"].is_object() {
+            break ev["event"]["reply"].clone();
+        }
+    };
+    assert_eq!(
+        reply["result"],
+        json!({"ms": 2500, "tag": "across"}),
+        "{reply}"
+    );
+    assert!(
+        v["ok"] == true || v["error"]["kind"] == "timeout" || v["error"]["kind"] == "not_connected",
+        "the source's caller gets one clean answer: {v}"
+    );
     assert_eq!(
         count(&mut b, U).await,
         json!(N),
         "every cast handled exactly once across the migration\n{}",
         dst.console()
     );
-    eprintln!("migration took {took:?}; {hop:?}");
+    let m = Measured::after(before, &mut a, &mut b, U).await;
+    eprintln!("migration {took:?}; {m}; {hop:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +306,6 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
     const HOPS: u64 = 6;
     const PER_HOP: u64 = 400;
     let mut hosts = [Host::new().await, Host::new().await];
-    let t0 = Instant::now();
     let mut vm = Vm::boot(hosts[0].world.dir.path(), "vm0", &hosts[0].chardev(U));
     hosts[0].linked(U, &vm).await;
     for n in 0..HOPS {
@@ -232,22 +320,14 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
         );
         let [h0, h1] = &mut hosts;
         let (src, dst) = if s == 0 { (h0, h1) } else { (h1, h0) };
-        let hop = stream(
-            U,
-            n * PER_HOP..(n + 1) * PER_HOP,
-            &mut src.ctl,
-            &mut dst.ctl,
-        )
-        .await;
-        eprintln!("hop {n}: stream done at {:?}", t0.elapsed());
+        let before = guest_stats(&mut src.ctl, U).await;
+        let ids = n * PER_HOP..(n + 1) * PER_HOP;
+        let hop = stream(U, ids, &mut src.ctl, &mut dst.ctl).await;
         let took = migrate.await.unwrap();
-        eprintln!("hop {n}: migrated at {:?}", t0.elapsed());
         drop(std::mem::replace(&mut vm, next));
         dst.linked(U, &vm).await;
-        eprintln!(
-            "hop {n} at {:?}: migration took {took:?}; {hop:?}",
-            t0.elapsed()
-        );
+        let m = Measured::after(before, src, dst, U).await;
+        eprintln!("hop {n}: migration {took:?}; {m}; {hop:?}");
     }
     let last = &mut hosts[(HOPS % 2) as usize];
     assert_eq!(

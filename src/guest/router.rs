@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
@@ -58,7 +58,13 @@ pub struct Router {
     upstream: HashMap<String, Upstream>,
     next_req: u64,
     dedup: DedupWindow,
+    /// Requests dropped because their unique id was seen before.
+    duplicates_dropped: u64,
 }
+
+/// The agent's own target: `stats` answers with the link's and the router's
+/// counters (what a migration re-sent and what duplicates were dropped).
+pub const AGENT_TOPIC: &str = "tether.agent";
 
 impl Router {
     /// A router sending to the host through `link`.
@@ -72,6 +78,7 @@ impl Router {
             upstream: HashMap::new(),
             next_req: 1,
             dedup: DedupWindow::new(DEDUP_WINDOW),
+            duplicates_dropped: 0,
         }
     }
 
@@ -134,8 +141,35 @@ impl Router {
         }
     }
 
+    fn stats(&self) -> Value {
+        let s = self.link.status();
+        json!({
+            "link": {
+                "session": format!("{:016x}", s.local),
+                "peer_session": format!("{:016x}", s.peer),
+                "connects": s.connects,
+                "sent": s.stats.sent,
+                "resent": s.stats.resent,
+                "delivered": s.stats.delivered,
+                "duplicates": s.stats.duplicates,
+                "out_of_order": s.stats.out_of_order,
+                "before_hello": s.stats.before_hello,
+                "established": s.stats.established,
+                "peer_changes": s.stats.peer_changes,
+                "pings": s.stats.pings,
+                "garbage_bytes": s.decode.skipped_bytes,
+            },
+            "router": {
+                "duplicates_dropped": self.duplicates_dropped,
+                "calls_in_flight": self.inflight.len(),
+                "topics": self.topics.keys().collect::<Vec<_>>(),
+            },
+        })
+    }
+
     async fn on_request(&mut self, r: Request) {
         if !self.dedup.first_sight(&r.unique_id) {
+            self.duplicates_dropped += 1;
             debug!(unique_id = %r.unique_id, "duplicate request dropped");
             return;
         }
@@ -152,6 +186,19 @@ impl Router {
             }
             _ => None,
         };
+        if r.target.topic == AGENT_TOPIC {
+            if let Some(m) = msg_id {
+                let res = match r.method.as_str() {
+                    "stats" => Ok(self.stats()),
+                    other => Err(Failure::tether(
+                        "NoSuchMethod",
+                        format!("{AGENT_TOPIC} has no method '{other}' (stats)"),
+                    )),
+                };
+                self.reply(m, r.reply_to, res).await;
+            }
+            return;
+        }
         if r.target.topic == SUPERVISOR_TOPIC {
             let sup = self.supervisor.clone();
             let link = self.link.clone();
@@ -316,7 +363,7 @@ impl Router {
         match m {
             FromSub::Register { name, topics } => {
                 for t in &topics {
-                    if t.is_empty() || t == SUPERVISOR_TOPIC || t.len() > 255 {
+                    if t.is_empty() || t == SUPERVISOR_TOPIC || t == AGENT_TOPIC || t.len() > 255 {
                         return self.refuse(conn, format!("topic '{t}' cannot be registered"));
                     }
                     if let Some(&owner) = self.topics.get(t)
@@ -350,7 +397,13 @@ impl Router {
                     let res = crate::rpc::join_result(result, error);
                     self.reply(f.msg_id, f.reply_to, res).await;
                 }
-                None => self.refuse(conn, format!("reply to unknown or expired request {id}")),
+                // A late reply: the call expired (its caller gave up) while
+                // the sub-agent worked. A normal race, not the sub-agent's
+                // fault: dropped without a refusal.
+                None if id < self.next_req => {
+                    debug!(request = id, "late reply to an expired request dropped")
+                }
+                None => self.refuse(conn, format!("reply to unknown request {id}")),
             },
             FromSub::Cast {
                 target,

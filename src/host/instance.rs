@@ -103,6 +103,8 @@ impl Instance {
             "delivered": s.stats.delivered,
             "denied": self.denied.load(Ordering::Relaxed),
             "garbage_bytes": s.decode.skipped_bytes,
+            "last_frame_unix_ms": s.last_frame_unix_ms,
+            "up_since_unix_ms": s.up_since_unix_ms,
             "topics": self.topics(),
             "calls_in_flight": lock(&self.pending).len(),
         })
@@ -198,7 +200,14 @@ async fn on_message(
                     let _ = tx.send(r);
                 }
                 None => {
-                    debug!(instance = %inst.id, msg_id = %r.msg_id, "reply to an unknown or expired call dropped")
+                    // A call this proxy did not send (it entered through
+                    // another host's proxy before a migration) or one whose
+                    // caller gave up: show it to watchers rather than drop it.
+                    debug!(instance = %inst.id, msg_id = %r.msg_id, "reply to a call not pending here");
+                    let _ = watch.send(json!({
+                        "instance": inst.id,
+                        "reply": r,
+                    }));
                 }
             }
         }

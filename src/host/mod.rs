@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use config::ProxyConfig;
 use instance::{Instance, WatchEvent};
@@ -80,7 +80,11 @@ impl Proxy {
     /// Link a channel if it is new.
     pub fn ensure(&self, c: channels::Channel) {
         let mut m = self.map();
-        if m.contains_key(&c.instance) {
+        if let Some(inst) = m.get(&c.instance) {
+            // The socket came back (a VM migrated in, QEMU restarted): the
+            // link need not wait out its reconnect backoff.
+            debug!(instance = %c.instance, "channel socket appeared again");
+            inst.tx.retry_now();
             return;
         }
         if m.len() >= self.cfg.max_links {

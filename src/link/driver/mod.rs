@@ -127,6 +127,12 @@ pub struct LinkStatus {
     pub stats: SessionStats,
     /// Decoder counters over all connections.
     pub decode: DecodeStats,
+    /// When the last frame arrived (milliseconds since the UNIX epoch; 0:
+    /// none yet). After a migration, the source's last frame.
+    pub last_frame_unix_ms: u64,
+    /// When the current handshake completed (milliseconds since the UNIX
+    /// epoch; 0: never). After a migration, the destination's first frame.
+    pub up_since_unix_ms: u64,
     /// The task has ended.
     pub closed: bool,
 }
@@ -145,6 +151,8 @@ pub(crate) struct Shared {
     session: Mutex<Session>,
     /// Poked by `send`: there is something new to transmit.
     wake_task: Notify,
+    /// Set by `retry_now`: skip the rest of the reconnect backoff.
+    retry_now: std::sync::atomic::AtomicBool,
     /// Poked by the task when the window opens or the link closes.
     window: Notify,
 }
@@ -225,6 +233,15 @@ impl LinkSender {
         self.wait_acked(last).await
     }
 
+    /// The peer is probably there now (its socket just appeared): if the
+    /// link waits out a reconnect backoff, connect at once instead.
+    pub fn retry_now(&self) {
+        self.shared
+            .retry_now
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.wake_task.notify_one();
+    }
+
     /// The status as of the link task's last wake-up: it may lag a `send`
     /// that just returned. Use [`Self::wait_acked`] or [`Self::flush`] to wait
     /// for acknowledgements.
@@ -294,6 +311,7 @@ impl Link {
         let shared = Arc::new(Shared {
             session: Mutex::new(session),
             wake_task: Notify::new(),
+            retry_now: std::sync::atomic::AtomicBool::new(false),
             window: Notify::new(),
         });
         let handle = tokio::spawn(task::run(

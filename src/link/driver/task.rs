@@ -74,6 +74,14 @@ struct Driver {
     pending: VecDeque<LinkEvent>,
     connects: u64,
     decode_total: DecodeStats,
+    last_frame_unix_ms: u64,
+    up_since_unix_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Run a link until `stop` fires.
@@ -93,6 +101,8 @@ pub(crate) async fn run<C: Connector>(
         pending: VecDeque::new(),
         connects: 0,
         decode_total: DecodeStats::default(),
+        last_frame_unix_ms: 0,
+        up_since_unix_ms: 0,
     };
     let name = d.opts.name.clone();
     let mut backoff = d.opts.backoff_min;
@@ -129,6 +139,7 @@ pub(crate) async fn run<C: Connector>(
             },
             step = io_step(&mut phase, reading) => match step {
                 IoStep::Frames(frames) => {
+                    d.last_frame_unix_ms = unix_ms();
                     let now = now();
                     let mut s = d.shared.lock();
                     for f in frames {
@@ -155,7 +166,16 @@ pub(crate) async fn run<C: Connector>(
                 IoStep::Retry => phase = Phase::Connecting(start_connect(&mut connector)),
             },
             // A sender queued something: the next housekeeping transmits it.
-            _ = shared.wake_task.notified() => {}
+            // Or the owner knows the peer is back: cut the backoff short.
+            _ = shared.wake_task.notified() => {
+                if d.shared.retry_now.swap(false, std::sync::atomic::Ordering::Relaxed)
+                    && matches!(phase, Phase::Wait(_))
+                {
+                    debug!(link = %name, "retrying at once");
+                    backoff = d.opts.backoff_min;
+                    phase = Phase::Connecting(start_connect(&mut connector));
+                }
+            }
             _ = &mut timer, if armed.is_some() => {
                 armed = None;
                 trace!(link = %name, "timer");
@@ -346,6 +366,7 @@ impl Driver {
                     if let Phase::Connected(c) = phase {
                         c.established = true;
                     }
+                    self.up_since_unix_ms = unix_ms();
                     info!(link = %name, peer = format_args!("{peer:016x}"), "link up");
                     self.pending.push_back(LinkEvent::Up { peer });
                 }
@@ -391,6 +412,8 @@ impl Driver {
             connects: self.connects,
             stats: s.stats(),
             decode,
+            last_frame_unix_ms: self.last_frame_unix_ms,
+            up_since_unix_ms: self.up_since_unix_ms,
             closed: false,
         };
         self.st_tx.send_if_modified(|old| {
