@@ -7,90 +7,20 @@
 //! `cargo bench --bench daemons` prints Markdown rows for docs/BENCHMARKS.md;
 //! `-- --quick` does a fraction of the work (CI proves it runs).
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use common::{Ctl, Daemon, proxy, stats, wait};
+
+use serde_json::json;
 use tether::client::SubAgent;
 use tether::link::driver::UnixAcceptor;
 use tether::link::{Link, LinkOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn proxy(dir: &Path) -> Daemon {
-    // The channels directory exists before anything binds in it.
-    std::fs::create_dir_all(dir.join("ch")).expect("channels dir");
-    let d = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tether-proxy"))
-            .args([
-                "--channels-dir",
-                dir.join("ch").to_str().unwrap(),
-                "--control-socket",
-                dir.join("ctl.sock").to_str().unwrap(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tether-proxy"),
-    );
-    wait(&dir.join("ctl.sock"));
-    d
-}
-
-fn wait(p: &Path) {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct Ctl {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    w: tokio::net::unix::OwnedWriteHalf,
-}
-
-impl Ctl {
-    async fn new(p: &Path) -> Self {
-        let (r, w) = UnixStream::connect(p)
-            .await
-            .expect("control socket")
-            .into_split();
-        Self {
-            lines: BufReader::new(r).lines(),
-            w,
-        }
-    }
-    async fn req(&mut self, v: &Value) -> Value {
-        self.w
-            .write_all(format!("{v}\n").as_bytes())
-            .await
-            .expect("write");
-        let l = self.lines.next_line().await.expect("read").expect("eof");
-        serde_json::from_str(&l).expect("json")
-    }
-}
-
-fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
-    v.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let mean = v.iter().sum::<Duration>() / v.len() as u32;
-    (us(mean), us(v[v.len() / 2]), us(v[(v.len() * 99) / 100]))
-}
 
 async fn raw_rtt(dir: &Path, n: usize, line: &str) -> Vec<Duration> {
     let p = dir.join("raw.sock");

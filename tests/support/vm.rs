@@ -25,19 +25,31 @@ fn asset(name: &str) -> PathBuf {
 impl Vm {
     /// Boot a guest whose agent port's chardev socket is `chardev`.
     pub fn boot(dir: &Path, name: &str, chardev: &Path) -> Self {
-        Self::start(dir, name, chardev, None)
+        Self::start(dir, name, chardev, None, None)
+    }
+
+    /// Boot with a second port, `org.tether.echo.0` at `echo`, on which the
+    /// guest's init echoes whatever comes (a raw baseline, no tether).
+    pub fn boot_with_echo(dir: &Path, name: &str, chardev: &Path, echo: &Path) -> Self {
+        Self::start(dir, name, chardev, None, Some(echo))
     }
 
     /// A migration destination: same machine, waiting on `-incoming`.
     pub fn incoming(dir: &Path, name: &str, chardev: &Path, port: u16) -> Self {
-        Self::start(dir, name, chardev, Some(port))
+        Self::start(dir, name, chardev, Some(port), None)
     }
 
     pub fn qmp_path(dir: &Path, name: &str) -> PathBuf {
         dir.join(format!("{name}-qmp.sock"))
     }
 
-    fn start(dir: &Path, name: &str, chardev: &Path, incoming: Option<u16>) -> Self {
+    fn start(
+        dir: &Path,
+        name: &str,
+        chardev: &Path,
+        incoming: Option<u16>,
+        echo: Option<&Path>,
+    ) -> Self {
         let serial = dir.join(format!("{name}-console.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.arg("-qmp").arg(format!(
@@ -47,23 +59,52 @@ impl Vm {
         if let Some(p) = incoming {
             cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
         }
+        cmd.args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-m",
+            "256",
+            "-accel",
+            "tcg",
+            "-nic",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(asset("vmlinuz"))
+        .arg("-initrd")
+        .arg(asset("initramfs.cpio.gz"))
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 tether.log={}",
+            std::env::var("TETHER_VM_LOG").unwrap_or_else(|_| "info".into())
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(["-device", "virtio-serial-pci,id=vser0"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ch0,path={},server=on,wait=off",
+            chardev.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0",
+        ]);
+        if let Some(e) = echo {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=ch1,path={},server=on,wait=off",
+                    e.display()
+                ))
+                .args([
+                    "-device",
+                    "virtserialport,chardev=ch1,name=org.tether.echo.0,id=port1",
+                ]);
+        }
         let child = cmd
-            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-m", "256", "-accel", "tcg", "-nic", "none"])
-            .arg("-kernel")
-            .arg(asset("vmlinuz"))
-            .arg("-initrd")
-            .arg(asset("initramfs.cpio.gz"))
-            .arg("-append")
-            .arg(format!(
-                "console=ttyS0 quiet panic=-1 tether.log={}",
-                std::env::var("TETHER_VM_LOG").unwrap_or_else(|_| "info".into())
-            ))
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .args(["-device", "virtio-serial-pci,id=vser0"])
-            .arg("-chardev")
-            .arg(format!("socket,id=ch0,path={},server=on,wait=off", chardev.display()))
-            .args(["-device", "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
