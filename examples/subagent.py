@@ -10,6 +10,8 @@ argument), registers its topics ($SUBAGENT_TOPICS, comma-separated, default
   sleep(seconds)        -> seconds, after sleeping (each request runs in its own
                            thread: a slow call never delays another)
   fail(message)         -> raises ValueError(message)
+  fail_custom(message)  -> raises QuotaExceeded(message), a class of its own
+                           (an oslo caller gets RemoteError, not a builtin)
   record(**kw)          cast: appends kw as one JSON line to $SUBAGENT_RECORD
   tell_host(**kw)       casts kw upstream to the control plane (topic "demo-events")
   exit(code)            exits the process (to exercise the supervisor)
@@ -49,6 +51,10 @@ def send(msg):
         s.sendall(data)
 
 
+class QuotaExceeded(Exception):
+    pass
+
+
 def handle(req):
     method, args = req["method"], req.get("args") or {}
     if method == "echo":
@@ -58,6 +64,8 @@ def handle(req):
     if method == "sleep":
         time.sleep(float(args.get("seconds", 1)))
         return args.get("seconds", 1)
+    if method == "fail_custom":
+        raise QuotaExceeded(args.get("message", "over quota"))
     if method == "fail":
         raise ValueError(args.get("message", "failed on purpose"))
     if method == "record":

@@ -31,6 +31,8 @@ pub struct ProxyConfig {
     pub link: SessionConfig,
     /// What guests may send.
     pub policy: PolicyConfig,
+    /// RabbitMQ, in oslo.messaging terms (none by default).
+    pub broker: super::broker::BrokerConfig,
 }
 
 impl Default for ProxyConfig {
@@ -43,6 +45,7 @@ impl Default for ProxyConfig {
             max_links: 10_000,
             link: SessionConfig::default(),
             policy: PolicyConfig::default(),
+            broker: Default::default(),
         }
     }
 }
@@ -58,6 +61,7 @@ impl Validate for ProxyConfig {
     fn validate(&self) -> Result<(), String> {
         self.link.validate().map_err(|e| e.to_string())?;
         self.policy.validate()?;
+        self.broker.validate()?;
         if self.max_line < 1024 {
             return Err("max_line must be at least 1024".into());
         }

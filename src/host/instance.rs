@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::broker::Upstream;
 use super::policy::{Decision, Enforcer, PolicyConfig};
 use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
 use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
@@ -42,6 +43,7 @@ impl Instance {
         session: SessionConfig,
         policy: PolicyConfig,
         watch: broadcast::Sender<WatchEvent>,
+        upstream: Option<mpsc::Sender<Upstream>>,
     ) -> Arc<Self> {
         let link = Link::spawn(
             UnixConnector { path: socket },
@@ -61,7 +63,8 @@ impl Instance {
             denied: AtomicU64::new(0),
             task: Mutex::new(Some(task)),
         });
-        tokio::spawn(read_loop(inst.clone(), rx, Enforcer::new(policy), watch));
+        let out = Outlets { watch, upstream };
+        tokio::spawn(read_loop(inst.clone(), rx, Enforcer::new(policy), out));
         inst
     }
 
@@ -130,15 +133,22 @@ impl Instance {
     }
 }
 
+/// Where guest messages go once allowed: `watch` clients always, the broker
+/// bridge when one is configured.
+struct Outlets {
+    watch: broadcast::Sender<WatchEvent>,
+    upstream: Option<mpsc::Sender<Upstream>>,
+}
+
 async fn read_loop(
     inst: Arc<Instance>,
     mut rx: LinkReceiver,
     mut enforcer: Enforcer,
-    watch: broadcast::Sender<WatchEvent>,
+    out: Outlets,
 ) {
     while let Some(ev) = rx.recv().await {
         match ev {
-            LinkEvent::Message(b) => on_message(&inst, &b, &mut enforcer, &watch).await,
+            LinkEvent::Message(b) => on_message(&inst, &b, &mut enforcer, &out).await,
             LinkEvent::Up { peer } => {
                 info!(instance = %inst.id, peer = format_args!("{peer:016x}"), "guest linked")
             }
@@ -159,12 +169,7 @@ async fn read_loop(
 }
 
 /// The enforcement point: every guest message passes here first.
-async fn on_message(
-    inst: &Instance,
-    b: &[u8],
-    enforcer: &mut Enforcer,
-    watch: &broadcast::Sender<WatchEvent>,
-) {
+async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Outlets) {
     let msg = match LinkMsg::from_bytes(b) {
         Ok(m) => m,
         Err(e) => {
@@ -183,12 +188,13 @@ async fn on_message(
             && r.kind == Kind::Call
             && let Some(msg_id) = &r.msg_id
         {
-            let rep = LinkMsg::Rep(Reply::new(
+            answer(
+                inst,
                 msg_id.clone(),
                 r.reply_to.clone(),
-                Err(Failure::tether("Denied", reason)),
-            ));
-            let _ = inst.tx.send(rep.to_bytes()).await;
+                Failure::tether("Denied", reason),
+            )
+            .await;
         }
         return;
     }
@@ -202,12 +208,18 @@ async fn on_message(
                 None => {
                     // A call this proxy did not send (it entered through
                     // another host's proxy before a migration) or one whose
-                    // caller gave up: show it to watchers rather than drop it.
+                    // caller gave up: routed by its reply_to when a broker is
+                    // there, and shown to watchers rather than dropped.
                     debug!(instance = %inst.id, msg_id = %r.msg_id, "reply to a call not pending here");
-                    let _ = watch.send(json!({
+                    let _ = out.watch.send(json!({
                         "instance": inst.id,
                         "reply": r,
                     }));
+                    if let (Some(up), Some(_)) = (&out.upstream, &r.reply_to)
+                        && up.try_send(Upstream::Reply(r)).is_err()
+                    {
+                        warn!(instance = %inst.id, "reply for the broker refused: the bridge's queue is full");
+                    }
                 }
             }
         }
@@ -215,16 +227,16 @@ async fn on_message(
             info!(instance = %inst.id, ?topics, "guest topics");
             *lock(&inst.topics) = topics;
         }
-        LinkMsg::Req(mut r) => match r.kind {
-            Kind::Cast => {
-                // Identity is stamped here, whatever the guest claims.
-                if let Value::Object(m) = &mut r.ctx {
-                    m.insert("tether_instance".into(), json!(inst.id));
-                } else {
-                    r.ctx = json!({"tether_instance": inst.id});
-                }
-                debug!(target: "audit", instance = %inst.id, decision = "allow", method = %r.method, "guest cast");
-                let _ = watch.send(json!({
+        LinkMsg::Req(mut r) => {
+            // Identity is stamped here, whatever the guest claims.
+            if let Value::Object(m) = &mut r.ctx {
+                m.insert("tether_instance".into(), json!(inst.id));
+            } else {
+                r.ctx = json!({"tether_instance": inst.id});
+            }
+            debug!(target: "audit", instance = %inst.id, decision = "allow", kind = ?r.kind, method = %r.method, "guest request");
+            if r.kind != Kind::Call {
+                let _ = out.watch.send(json!({
                     "instance": inst.id,
                     "target": r.target,
                     "method": r.method,
@@ -233,18 +245,44 @@ async fn on_message(
                     "unique_id": r.unique_id,
                 }));
             }
-            _ => {
-                // Allowed by policy, but with no broker there is nowhere to
-                // send a guest call yet: answer it rather than leave it hanging.
+            let Some(up) = &out.upstream else {
+                // No broker: a call has nowhere to go; answer it rather
+                // than leave it hanging. Casts went to watchers.
                 if let Some(msg_id) = r.msg_id {
                     let f = Failure::tether(
                         "NoRoute",
-                        "no control-plane route for guest calls on this proxy",
+                        "no control-plane route for guest calls on this proxy (no broker configured)",
                     );
-                    let rep = LinkMsg::Rep(Reply::new(msg_id, r.reply_to, Err(f)));
-                    let _ = inst.tx.send(rep.to_bytes()).await;
+                    answer(inst, msg_id, r.reply_to, f).await;
+                }
+                return;
+            };
+            let (msg_id, reply_to, method) =
+                (r.msg_id.clone(), r.reply_to.clone(), r.method.clone());
+            let m = if r.kind == Kind::Call {
+                Upstream::Call {
+                    instance: inst.id.clone(),
+                    request: r,
+                }
+            } else {
+                Upstream::Cast(r)
+            };
+            if up.try_send(m).is_err() {
+                warn!(target: "audit", instance = %inst.id, method = %method, "guest request refused: the broker bridge's queue is full");
+                if let Some(msg_id) = msg_id {
+                    let f = Failure::tether(
+                        "BrokerUnavailable",
+                        "too many guest messages wait for the broker",
+                    );
+                    answer(inst, msg_id, reply_to, f).await;
                 }
             }
-        },
+        }
     }
+}
+
+/// Answer a guest's call with a failure.
+async fn answer(inst: &Instance, msg_id: String, reply_to: Option<String>, f: Failure) {
+    let rep = LinkMsg::Rep(Reply::new(msg_id, reply_to, Err(f)));
+    let _ = inst.tx.send(rep.to_bytes()).await;
 }

@@ -7,6 +7,7 @@
 //! - [`control`]: the control socket (JSON lines, `docs/control.md`).
 //! - [`config`]: the proxy's TOML config.
 
+pub mod broker;
 pub mod channels;
 pub mod config;
 pub mod control;
@@ -46,15 +47,25 @@ pub struct Proxy {
     pub cfg: Arc<ProxyConfig>,
     instances: Mutex<BTreeMap<String, Arc<Instance>>>,
     watch: broadcast::Sender<WatchEvent>,
+    /// To the broker bridge, when a broker is configured.
+    upstream: Option<mpsc::Sender<broker::Upstream>>,
 }
 
 impl Proxy {
     /// A proxy with no instances yet.
     pub fn new(cfg: ProxyConfig) -> Arc<Self> {
+        Self::with_upstream(cfg, None)
+    }
+
+    fn with_upstream(
+        cfg: ProxyConfig,
+        upstream: Option<mpsc::Sender<broker::Upstream>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
             watch: broadcast::channel(WATCH_BUFFER).0,
+            upstream,
         })
     }
 
@@ -98,6 +109,7 @@ impl Proxy {
             self.cfg.link.clone(),
             self.cfg.policy.clone(),
             self.watch.clone(),
+            self.upstream.clone(),
         );
         m.insert(c.instance, inst);
     }
@@ -121,7 +133,15 @@ pub async fn run(
             path: cfg.control_socket.clone(),
             source,
         })?;
-    let proxy = Proxy::new(cfg);
+    let (up_tx, up_rx) = if cfg.broker.enabled() {
+        let (t, r) = mpsc::channel(cfg.broker.upstream_hold);
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let proxy = Proxy::with_upstream(cfg, up_tx);
+    let bridge =
+        up_rx.map(|rx| tokio::spawn(broker::run(proxy.clone(), proxy.cfg.broker.clone(), rx)));
     let (ch_tx, mut ch_rx) = mpsc::channel(1024);
     let dir = proxy.cfg.channels_dir.clone();
     let watcher = tokio::spawn(async move {
@@ -151,6 +171,9 @@ pub async fn run(
     crate::sd::notify("STOPPING=1");
     watcher.abort();
     server.abort();
+    if let Some(b) = bridge {
+        b.abort();
+    }
     proxy.close_all().await;
     let _ = std::fs::remove_file(&proxy.cfg.control_socket);
     Ok(())

@@ -312,6 +312,7 @@ pub async fn wait_linked_for(
     }
 }
 
+pub mod oslo;
 pub mod vm;
 
 pub fn uuid(n: u32) -> String {

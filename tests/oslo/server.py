@@ -1,0 +1,44 @@
+"""A real oslo.messaging RPC server on the control side, for the test suite.
+
+Serves `told(**kw)` (cast: prints it) and `answer(**kw)` (call: returns kw
+plus the caller's context). Prints one JSON line per request received, and
+"ready" once consuming.
+argv: transport_url control_exchange topic server
+"""
+import json
+import sys
+import threading
+import warnings
+
+warnings.simplefilter("ignore")
+from oslo_config import cfg  # noqa: E402
+import oslo_messaging as om  # noqa: E402
+
+url, exchange, topic, server = sys.argv[1:5]
+cfg.CONF([], project="tether-test")
+transport = om.get_rpc_transport(cfg.CONF, url=url)
+lock = threading.Lock()
+
+
+def emit(d):
+    with lock:
+        print(json.dumps(d, sort_keys=True), flush=True)
+
+
+class Endpoint:
+    def told(self, ctxt, **kw):
+        emit({"method": "told", "ctx": ctxt, "args": kw})
+
+    def answer(self, ctxt, **kw):
+        emit({"method": "answer", "ctx": ctxt, "args": kw})
+        return {"args": kw, "instance": ctxt.get("tether_instance")}
+
+
+target = om.Target(exchange=exchange, topic=topic, server=server)
+srv = om.get_rpc_server(transport, target, [Endpoint()], executor="threading")
+srv.start()
+print("ready", flush=True)
+try:
+    sys.stdin.read()  # until the test closes stdin (or kills us)
+finally:
+    srv.stop()

@@ -1,0 +1,121 @@
+//! The real Python oslo.messaging client and server, and the test broker.
+//! `scripts/test` starts a loopback RabbitMQ (`scripts/broker`) and creates
+//! the venv; a missing one fails the test with what to run, never skips it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// The test broker's URL (oslo form), from `TETHER_AMQP_URL`.
+pub fn amqp_url() -> String {
+    std::env::var("TETHER_AMQP_URL").unwrap_or_else(|_| {
+        panic!(
+            "these tests need RabbitMQ: run scripts/test, or `scripts/broker start` and \
+             export TETHER_AMQP_URL=rabbit://guest:guest@127.0.0.1:5673/"
+        )
+    })
+}
+
+/// The venv's python with oslo.messaging.
+pub fn oslo_python() -> PathBuf {
+    let p = std::env::var("TETHER_OSLO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/oslo-venv/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test (it creates the venv with oslo.messaging), or \
+         python3 -m venv target/oslo-venv && target/oslo-venv/bin/pip install oslo.messaging",
+        p.display()
+    );
+    p
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/oslo")
+        .join(name)
+}
+
+/// A unique name for this test's exchange and topics (tests share a broker).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", tether::random_u64())
+}
+
+/// A long-lived Python process driven by JSON lines; killed on drop.
+pub struct Py {
+    _child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Py {
+    fn spawn(script_name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(oslo_python())
+            .arg(script(script_name))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python");
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self {
+            _child: child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next line, within `bound`.
+    pub async fn line(&mut self, bound: Duration) -> String {
+        tokio::time::timeout(bound, self.lines.next_line())
+            .await
+            .expect("the Python side said nothing in time")
+            .expect("read")
+            .expect("the Python side exited")
+    }
+}
+
+/// The oslo.messaging RPC client.
+pub struct OsloClient(Py);
+
+impl OsloClient {
+    pub fn start(url: &str, exchange: &str) -> Self {
+        Self(Py::spawn("client.py", &[url, exchange]))
+    }
+
+    /// Run one op (see tests/oslo/client.py); its result.
+    pub async fn op(&mut self, op: Value) -> Value {
+        let w = self.0.stdin.as_mut().expect("stdin");
+        w.write_all(format!("{op}\n").as_bytes())
+            .await
+            .expect("write");
+        let l = self.0.line(Duration::from_secs(120)).await;
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    }
+}
+
+/// An oslo.messaging RPC server on the control side.
+pub struct OsloServer(Py);
+
+impl OsloServer {
+    pub async fn start(url: &str, exchange: &str, topic: &str, server: &str) -> Self {
+        let mut p = Py::spawn("server.py", &[url, exchange, topic, server]);
+        assert_eq!(p.line(Duration::from_secs(60)).await, "ready");
+        Self(p)
+    }
+
+    /// The next request it received.
+    pub async fn next(&mut self, bound: Duration) -> Value {
+        let l = self.0.line(bound).await;
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    }
+}
