@@ -155,3 +155,127 @@ async fn a_sub_agents_cast_reaches_an_oslo_server_with_the_identity_the_host_sta
     assert_eq!(got["args"], json!({"load": 7}));
     assert_eq!(got["ctx"]["tether_instance"], json!(u), "{got}");
 }
+
+/// Wait (bounded) until the sub-agent of `u` recorded `n` casts; assert each
+/// `i` in 0..n exactly once.
+async fn recorded_exactly_once(w: &World, u: &str, n: u64, bound: Duration) {
+    let t = Instant::now();
+    loop {
+        let r = w.recorded(u);
+        if r.len() as u64 >= n || t.elapsed() > bound {
+            let mut seen = std::collections::BTreeMap::new();
+            for x in &r {
+                *seen.entry(x["i"].as_u64().unwrap()).or_insert(0) += 1;
+            }
+            let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+            let missing: Vec<u64> = (0..n).filter(|i| !seen.contains_key(i)).collect();
+            assert!(
+                dups.is_empty() && missing.is_empty() && r.len() as u64 == n,
+                "casts handled {} times for {n} sent; duplicated: {dups:?}; missing: {missing:?}",
+                r.len()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_during_a_stream_of_oslo_casts_every_cast_handled_exactly_once() {
+    const N: u64 = 3000;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("k9");
+    let w = World::new();
+    let section = broker_section(&url, &ex);
+    let mut proxy = w.proxy(&section);
+    let u = uuid(521);
+    let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, &topic, &u).await;
+    let stream = {
+        let (topic, u) = (topic.clone(), u.clone());
+        tokio::spawn(async move {
+            c.op(json!({"op": "casts", "topic": topic, "server": u, "method": "record", "n": N}))
+                .await
+        })
+    };
+    // kill -9 while casts still stream in and the proxy works through them.
+    let t = Instant::now();
+    while (w.recorded(&u).len() as u64) < N / 10 {
+        assert!(t.elapsed() < BOUND, "no cast handled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    proxy.kill9();
+    let at_kill = w.recorded(&u).len();
+    let _proxy = w.proxy(&section);
+    let v = stream.await.unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    recorded_exactly_once(&w, &u, N, Duration::from_secs(60)).await;
+    eprintln!("killed the proxy with {at_kill} of {N} casts handled");
+    assert!(
+        (at_kill as u64) < N,
+        "the kill came too late to prove anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_moving_between_two_proxies_under_oslo_traffic_loses_nothing() {
+    const ROUNDS: u64 = 10;
+    const PER: u64 = 60;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("mv");
+    let (wa, wb) = (World::new(), World::new());
+    let section = broker_section(&url, &ex);
+    let (_pa, _pb) = (wa.proxy(&section), wb.proxy(&section));
+    let u = uuid(531);
+    // The agent stays up; its channel socket moves from host A's channels
+    // directory to host B's (as a migration does), mid-stream.
+    let _agent = wa.agent(&u, &wa.channels().join(format!("{u}.sock")), &topic, "");
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, &topic, &u).await;
+    let (mut ok, mut timed_out) = (0, 0);
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 3 {
+            std::fs::rename(
+                wa.channels().join(format!("{u}.sock")),
+                wb.channels().join(format!("{u}.sock")),
+            )
+            .unwrap();
+        }
+        let v = c
+            .op(
+                json!({"op": "casts", "topic": topic, "server": u, "method": "record",
+                       "n": PER, "start": round * PER}),
+            )
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        let v = c
+            .op(
+                json!({"op": "call", "topic": topic, "server": u, "method": "add",
+                       "args": {"a": round, "b": 1}, "timeout": 10}),
+            )
+            .await;
+        if v["ok"] == true {
+            assert_eq!(v["result"], json!(round + 1));
+            ok += 1;
+        } else {
+            assert_eq!(v["class"], "MessagingTimeout", "{v}");
+            timed_out += 1;
+        }
+    }
+    // The agent writes its record file in host A's world (its config).
+    recorded_exactly_once(&wa, &u, ROUNDS * PER, Duration::from_secs(60)).await;
+    // Host B serves the instance now; host A's link to it is down.
+    let b = wb.ctl().await.req(json!({"op": "links"})).await;
+    assert_eq!(b["result"][0]["established"], true, "{b}");
+    assert!(b["result"][0]["delivered"].as_u64().unwrap() > 0, "{b}");
+    let a = wa.ctl().await.req(json!({"op": "links"})).await;
+    assert_eq!(a["result"][0]["established"], false, "{a}");
+    eprintln!("calls answered {ok}, timed out {timed_out}");
+    assert!(
+        ok >= ROUNDS - 2,
+        "most calls are answered: {ok} of {ROUNDS}"
+    );
+}

@@ -46,20 +46,33 @@ fn consider(dir: &Path, name: &OsStr) -> Option<Channel> {
     }
 }
 
-/// Report every channel already present, then every one that appears.
-/// Removals are not reported: a link outlives its socket for the grace
-/// period (a VM that migrates away may come back).
-pub async fn watch(dir: PathBuf, out: mpsc::Sender<Channel>) -> std::io::Result<()> {
+/// What happened in the channels directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelEvent {
+    /// A socket is there (found at start, created, or moved in).
+    Appeared(Channel),
+    /// The instance's socket went (its QEMU exited, or it was moved away:
+    /// a migration to another host). The link keeps its session for the
+    /// grace period — the VM may come back — but drops the connection now.
+    Gone(String),
+}
+
+/// Report every channel already present, then every one that appears or goes.
+pub async fn watch(dir: PathBuf, out: mpsc::Sender<ChannelEvent>) -> std::io::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let inotify = Inotify::init()?;
     inotify.watches().add(
         &dir,
-        WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ATTRIB,
+        WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::ATTRIB
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM,
     )?;
     // Scan after the watch is in place, so nothing slips between the two.
     for e in std::fs::read_dir(&dir)?.flatten() {
         if let Some(c) = consider(&dir, &e.file_name())
-            && out.send(c).await.is_err()
+            && out.send(ChannelEvent::Appeared(c)).await.is_err()
         {
             return Ok(());
         }
@@ -67,10 +80,22 @@ pub async fn watch(dir: PathBuf, out: mpsc::Sender<Channel>) -> std::io::Result<
     let mut events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
     while let Some(ev) = events.next().await {
         let ev = ev?;
-        if let Some(name) = ev.name
-            && let Some(c) = consider(&dir, &name)
-            && out.send(c).await.is_err()
-        {
+        let Some(name) = ev.name else { continue };
+        let gone = ev
+            .mask
+            .intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM);
+        let e = if gone {
+            match instance_id(&name) {
+                Some(i) => ChannelEvent::Gone(i),
+                None => continue,
+            }
+        } else {
+            match consider(&dir, &name) {
+                Some(c) => ChannelEvent::Appeared(c),
+                None => continue,
+            }
+        };
+        if out.send(e).await.is_err() {
             break;
         }
     }

@@ -114,6 +114,15 @@ impl Proxy {
         m.insert(c.instance, inst);
     }
 
+    /// An instance's socket went: drop its connection now (its session
+    /// waits out the grace period; the socket may come back).
+    pub fn gone(&self, id: &str) {
+        if let Some(inst) = self.map().get(id) {
+            info!(instance = %id, "channel socket gone");
+            inst.tx.drop_connection();
+        }
+    }
+
     /// Close every link.
     pub async fn close_all(&self) {
         let all: Vec<_> = std::mem::take(&mut *self.map()).into_values().collect();
@@ -161,7 +170,8 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             c = ch_rx.recv(), if watching => match c {
-                Some(c) => proxy.ensure(c),
+                Some(channels::ChannelEvent::Appeared(c)) => proxy.ensure(c),
+                Some(channels::ChannelEvent::Gone(id)) => proxy.gone(&id),
                 // The watcher ended (logged above): keep serving what we have.
                 None => watching = false,
             },

@@ -153,6 +153,8 @@ pub(crate) struct Shared {
     wake_task: Notify,
     /// Set by `retry_now`: skip the rest of the reconnect backoff.
     retry_now: std::sync::atomic::AtomicBool,
+    /// Set by `drop_connection`: the peer's endpoint is gone.
+    drop_now: std::sync::atomic::AtomicBool,
     /// Poked by the task when the window opens or the link closes.
     window: Notify,
 }
@@ -242,6 +244,16 @@ impl LinkSender {
         self.shared.wake_task.notify_one();
     }
 
+    /// The peer's endpoint is gone (its socket was removed): drop the
+    /// connection now rather than wait for the liveness timeout; the session
+    /// stays, and the link reconnects with its backoff.
+    pub fn drop_connection(&self) {
+        self.shared
+            .drop_now
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.wake_task.notify_one();
+    }
+
     /// The status as of the link task's last wake-up: it may lag a `send`
     /// that just returned. Use [`Self::wait_acked`] or [`Self::flush`] to wait
     /// for acknowledgements.
@@ -312,6 +324,7 @@ impl Link {
             session: Mutex::new(session),
             wake_task: Notify::new(),
             retry_now: std::sync::atomic::AtomicBool::new(false),
+            drop_now: std::sync::atomic::AtomicBool::new(false),
             window: Notify::new(),
         });
         let handle = tokio::spawn(task::run(

@@ -168,6 +168,13 @@ pub(crate) async fn run<C: Connector>(
             // A sender queued something: the next housekeeping transmits it.
             // Or the owner knows the peer is back: cut the backoff short.
             _ = shared.wake_task.notified() => {
+                if d.shared.drop_now.swap(false, std::sync::atomic::Ordering::Relaxed)
+                    && matches!(phase, Phase::Connected(_))
+                {
+                    d.disconnect(&mut phase, &name, "the peer's endpoint is gone");
+                    backoff = d.opts.backoff_min;
+                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff)));
+                }
                 if d.shared.retry_now.swap(false, std::sync::atomic::Ordering::Relaxed)
                     && matches!(phase, Phase::Wait(_))
                 {
