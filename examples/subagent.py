@@ -14,6 +14,8 @@ argument), registers its topics ($SUBAGENT_TOPICS, comma-separated, default
                            (an oslo caller gets RemoteError, not a builtin)
   record(**kw)          cast: appends kw as one JSON line to $SUBAGENT_RECORD
   tell_host(**kw)       casts kw upstream to the control plane (topic "demo-events")
+  ask_host(**kw)        calls method "answer" upstream (topic "demo-events") with
+                        kw and returns its result (or raises what came back)
   exit(code)            exits the process (to exercise the supervisor)
 
 The protocol is in docs/subagent.md.
@@ -42,6 +44,34 @@ else:
     sys.exit(f"cannot connect to {sock_path}")
 
 write_lock = threading.Lock()
+# Upstream calls in flight: our id -> [event, result message].
+calls = {}
+calls_lock = threading.Lock()
+next_call = [1]
+
+
+class UpstreamError(Exception):
+    pass
+
+
+def ask(target, method, args, timeout_ms=30000):
+    with calls_lock:
+        cid = next_call[0]
+        next_call[0] += 1
+        slot = calls[cid] = [threading.Event(), None]
+    # The context claims another identity: the host's proxy overwrites it.
+    send({"op": "call", "id": cid, "target": target, "method": method, "args": args,
+          "ctx": {"tether_instance": "not-me", "request_id": "req-guest"},
+          "timeout_ms": timeout_ms})
+    slot[0].wait(timeout_ms / 1000 + 5)
+    with calls_lock:
+        calls.pop(cid, None)
+    msg = slot[1]
+    if msg is None:
+        raise TimeoutError("no result from the host")
+    if msg.get("error"):
+        raise UpstreamError(f"{msg['error'].get('class')}: {msg['error'].get('message')}")
+    return msg.get("result")
 record_lock = threading.Lock()
 
 
@@ -76,6 +106,8 @@ def handle(req):
     if method == "tell_host":
         send({"op": "cast", "target": {"topic": "demo-events"}, "method": "told", "args": args})
         return None
+    if method == "ask_host":
+        return ask({"topic": "demo-events"}, "answer", args)
     if method == "exit":
         os._exit(int(args.get("code", 0)))
     raise NotImplementedError(f"no method {method!r}")
@@ -108,6 +140,12 @@ while True:
                 threading.Thread(target=serve, args=(msg,), daemon=True).start()
             else:
                 serve(msg)  # casts in order
+        elif msg.get("op") == "result":
+            with calls_lock:
+                slot = calls.get(msg.get("id"))
+            if slot:
+                slot[1] = msg
+                slot[0].set()
         elif msg.get("op") == "registered":
             print(f"{name}: serving {msg['topics']}", flush=True)
         elif msg.get("op") == "error":

@@ -130,19 +130,21 @@ async fn oslo_call_cast_fanout_errors_timeouts_and_heartbeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sub_agents_cast_reaches_an_oslo_server_with_the_identity_the_host_stamped() {
+async fn a_sub_agents_cast_and_call_reach_an_oslo_server_with_the_identity_the_host_stamped() {
     let url = amqp_url();
     let ex = unique("ex");
     let topic = unique("vm");
     let w = World::new();
-    let _proxy = w.proxy(&broker_section(&url, &ex));
+    let _proxy = w.proxy(&format!(
+        "{}[policy]\nallow_guest_calls = true\n",
+        broker_section(&url, &ex)
+    ));
     let u = uuid(511);
     let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
     let mut server = OsloServer::start(&url, &ex, "demo-events", "conductor-1").await;
     let mut c = OsloClient::start(&url, &ex);
     served(&mut c, &topic, &u).await;
-    // The sub-agent casts upstream (topic demo-events) when told to; it
-    // claims to be another instance in its context — the proxy overrides it.
+    // The sub-agent casts upstream (topic demo-events) when told to.
     let v = c
         .op(
             json!({"op": "call", "topic": topic, "server": u, "method": "tell_host",
@@ -154,6 +156,46 @@ async fn a_sub_agents_cast_reaches_an_oslo_server_with_the_identity_the_host_sta
     assert_eq!(got["method"], "told");
     assert_eq!(got["args"], json!({"load": 7}));
     assert_eq!(got["ctx"]["tether_instance"], json!(u), "{got}");
+    // And calls: oslo client -> guest sub-agent -> oslo server and back.
+    // The sub-agent claims to be "not-me"; the proxy stamps the real id.
+    let v = c
+        .op(
+            json!({"op": "call", "topic": topic, "server": u, "method": "ask_host",
+                   "args": {"q": "capacity?"}, "timeout": 30}),
+        )
+        .await;
+    assert_eq!(
+        v,
+        json!({"ok": true, "result": {"args": {"q": "capacity?"}, "instance": u}})
+    );
+    let got: Value = server.next(Duration::from_secs(30)).await;
+    assert_eq!(got["method"], "answer");
+    assert_eq!(got["ctx"]["tether_instance"], json!(u), "{got}");
+    assert_eq!(
+        got["ctx"]["request_id"], "req-guest",
+        "the rest of the context passes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_calls_are_refused_by_default_and_the_caller_learns_why() {
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("vm");
+    let w = World::new();
+    let _proxy = w.proxy(&broker_section(&url, &ex));
+    let u = uuid(512);
+    let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, &topic, &u).await;
+    let v = c
+        .op(
+            json!({"op": "call", "topic": topic, "server": u, "method": "ask_host",
+                   "args": {"q": 1}, "timeout": 30}),
+        )
+        .await;
+    assert_eq!(v["class"], "RemoteError", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Denied"), "{v}");
 }
 
 /// Wait (bounded) until the sub-agent of `u` recorded `n` casts; assert each
