@@ -9,33 +9,6 @@ use serde_json::{Value, json};
 use support::oslo::*;
 use support::*;
 
-fn broker_section(url: &str, exchange: &str) -> String {
-    format!(
-        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {exchange:?}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\nrequeue_grace_ms = 500\n"
-    )
-}
-
-/// Wait (bounded) until an oslo call to `topic` on `server` is answered:
-/// the instance is linked and the proxy consumes its queue.
-async fn served(c: &mut OsloClient, topic: &str, server: &str) {
-    let t = Instant::now();
-    loop {
-        let v = c
-            .op(
-                json!({"op": "call", "topic": topic, "server": server, "method": "echo",
-                       "args": {"ping": 1}, "timeout": 1}),
-            )
-            .await;
-        if v["ok"] == true {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{server} never served {topic} over the broker: {v}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oslo_call_cast_fanout_errors_timeouts_and_heartbeats() {
     let url = amqp_url();
@@ -196,30 +169,6 @@ async fn guest_calls_are_refused_by_default_and_the_caller_learns_why() {
         .await;
     assert_eq!(v["class"], "RemoteError", "{v}");
     assert!(v["message"].as_str().unwrap().contains("Denied"), "{v}");
-}
-
-/// Wait (bounded) until the sub-agent of `u` recorded `n` casts; assert each
-/// `i` in 0..n exactly once.
-async fn recorded_exactly_once(w: &World, u: &str, n: u64, bound: Duration) {
-    let t = Instant::now();
-    loop {
-        let r = w.recorded(u);
-        if r.len() as u64 >= n || t.elapsed() > bound {
-            let mut seen = std::collections::BTreeMap::new();
-            for x in &r {
-                *seen.entry(x["i"].as_u64().unwrap()).or_insert(0) += 1;
-            }
-            let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-            let missing: Vec<u64> = (0..n).filter(|i| !seen.contains_key(i)).collect();
-            assert!(
-                dups.is_empty() && missing.is_empty() && r.len() as u64 == n,
-                "casts handled {} times for {n} sent; duplicated: {dups:?}; missing: {missing:?}",
-                r.len()
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,8 +53,15 @@ const GUEST_ACK_BOUND: Duration = Duration::from_secs(120);
 /// A call without an `expiration` waits this long for the guest's reply.
 const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// An unroutable guest cast (no queue bound for its topic yet: the
+/// consumer may be restarting, or its queue was lost with a broker restart)
+/// is published again every [`RETRY_EVERY`] for this long, then refused.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+/// How often an unroutable guest cast is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
 /// A guest message for the control plane, past the enforcement point.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Upstream {
     /// A cast (identity already stamped into its context).
     Cast(Request),
@@ -208,6 +215,8 @@ struct Session<'a> {
     fanout: HashMap<String, (Channel, ShortString)>,
     /// Guest calls waiting for their reply: msg_id → (instance, deadline).
     calls: HashMap<String, (String, Instant)>,
+    /// Unroutable guest casts: (first try, next try, the cast).
+    retry: VecDeque<(Instant, Instant, Upstream)>,
 }
 
 impl<'a> Session<'a> {
@@ -225,6 +234,7 @@ impl<'a> Session<'a> {
             instances: HashMap::new(),
             fanout: HashMap::new(),
             calls: HashMap::new(),
+            retry: VecDeque::new(),
         }
     }
 
@@ -258,10 +268,13 @@ impl<'a> Session<'a> {
         up_rx: &mut mpsc::Receiver<Upstream>,
         held: &mut VecDeque<Upstream>,
     ) -> lapin::Error {
-        match self.serve_inner(up_rx, held).await {
+        let e = match self.serve_inner(up_rx, held).await {
             Ok(()) => lapin::Error::from(std::io::Error::other("the bridge stopped")),
             Err(e) => e,
-        }
+        };
+        // Casts waiting for a route wait for the next connection.
+        held.extend(self.retry.drain(..).map(|(_, _, m)| m));
+        e
     }
 
     async fn serve_inner(
@@ -306,7 +319,7 @@ impl<'a> Session<'a> {
             .await?;
         // What waited while the broker was away goes first.
         while let Some(m) = held.pop_front() {
-            if let Err(e) = self.publish_upstream(&pub_ch, &m).await {
+            if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
                 held.push_front(m);
                 return Err(e);
             }
@@ -321,6 +334,13 @@ impl<'a> Session<'a> {
                     self.reconcile(&pub_ch).await?;
                     let now = Instant::now();
                     self.calls.retain(|_, (_, d)| *d > now);
+                    while self.retry.front().is_some_and(|(_, next, _)| *next <= now) {
+                        let Some((first, _, m)) = self.retry.pop_front() else { break };
+                        if let Err(e) = self.upstream(&pub_ch, m.clone(), first).await {
+                            self.retry.push_front((first, now, m));
+                            return Err(e);
+                        }
+                    }
                 }
                 d = replies.next() => match d {
                     Some(Ok(d)) => self.route_reply(&d.data).await,
@@ -328,7 +348,7 @@ impl<'a> Session<'a> {
                     None => return Err(std::io::Error::other("reply consumer cancelled").into()),
                 },
                 m = up_rx.recv() => match m {
-                    Some(m) => if let Err(e) = self.publish_upstream(&pub_ch, &m).await {
+                    Some(m) => if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
                         held.push_front(m);
                         return Err(e);
                     },
@@ -357,7 +377,56 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn publish_upstream(&mut self, ch: &Channel, m: &Upstream) -> Result<(), lapin::Error> {
+    /// Publish a guest message; what the broker could not route is retried
+    /// (casts), answered (calls) or reported (replies).
+    async fn upstream(
+        &mut self,
+        ch: &Channel,
+        m: Upstream,
+        first: Instant,
+    ) -> Result<(), lapin::Error> {
+        if self.publish_upstream(ch, &m).await? {
+            return Ok(());
+        }
+        match m {
+            Upstream::Cast(r) => {
+                if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
+                    error!(target: "audit", topic = %r.target.topic, method = %r.method, unique_id = %r.unique_id,
+                           "guest cast dropped: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
+                } else {
+                    if first.elapsed().is_zero() || self.retry.is_empty() {
+                        debug!(topic = %r.target.topic, "guest cast unroutable for now; retrying");
+                    }
+                    self.retry
+                        .push_back((first, Instant::now() + RETRY_EVERY, Upstream::Cast(r)));
+                }
+            }
+            Upstream::Call { instance, request } => {
+                if let Some(msg_id) = &request.msg_id {
+                    self.calls.remove(msg_id);
+                }
+                if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
+                {
+                    let f = Failure::tether(
+                        "NoRoute",
+                        format!(
+                            "nothing on the control plane serves topic '{}'",
+                            request.target.topic
+                        ),
+                    );
+                    let rep = LinkMsg::Rep(Reply::new(msg_id, request.reply_to, Err(f)));
+                    let _ = inst.tx.send(rep.to_bytes()).await;
+                }
+            }
+            Upstream::Reply(r) => {
+                warn!(msg_id = %r.msg_id, "reply unroutable: its caller's reply queue is gone")
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish; `Ok(false)` when the broker returned it as unroutable.
+    async fn publish_upstream(&mut self, ch: &Channel, m: &Upstream) -> Result<bool, lapin::Error> {
         let (exchange, key, body, props, mandatory) = match m {
             Upstream::Cast(r) => (
                 r.target
@@ -367,7 +436,7 @@ impl<'a> Session<'a> {
                 routing_key(r),
                 wire::encode_request(r, None),
                 props(),
-                false,
+                true,
             ),
             Upstream::Call {
                 instance,
@@ -391,7 +460,7 @@ impl<'a> Session<'a> {
                     routing_key(r),
                     wire::encode_request(r, Some(&self.names.reply_q)),
                     props().with_expiration(t.to_string().into()),
-                    false,
+                    true,
                 )
             }
             Upstream::Reply(r) => match &r.reply_to {
@@ -402,22 +471,27 @@ impl<'a> Session<'a> {
                     props(),
                     true,
                 ),
-                None => return Ok(()),
+                None => return Ok(true),
             },
         };
-        ch.basic_publish(
-            short(&exchange)?,
-            short(&key)?,
-            BasicPublishOptions {
-                mandatory,
-                ..Default::default()
-            },
-            &body,
-            props,
-        )
-        .await?
-        .await?;
-        Ok(())
+        let c = ch
+            .basic_publish(
+                short(&exchange)?,
+                short(&key)?,
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                &body,
+                props,
+            )
+            .await?
+            .await?;
+        Ok(match c {
+            lapin::Confirmation::Ack(returned) => returned.is_none(),
+            lapin::Confirmation::Nack(_) => false,
+            lapin::Confirmation::NotRequested => true,
+        })
     }
 
     /// Make the consumers match the established links and their topics.
