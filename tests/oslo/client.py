@@ -4,6 +4,7 @@ Reads one JSON op per line on stdin, prints one JSON result per line:
   {"op": "call"|"cast", "topic", "server", "fanout", "method", "args",
    "timeout", "monitor"}     one request
   {"op": "casts", ..., "n": N, "start": K}   N casts, args + {"i": K..K+N-1}
+  {"op": "bench", ..., "n": N}               N sequential calls: mean/p50/p99 µs
 argv: transport_url control_exchange
 """
 import json
@@ -37,6 +38,17 @@ for line in sys.stdin:
         elif op["op"] == "cast":
             c.cast(ctxt, op["method"], **args)
             out = {"ok": True}
+        elif op["op"] == "bench":
+            import time
+            durations = []
+            for _ in range(op["n"]):
+                t = time.perf_counter()
+                c.call(ctxt, op["method"], **args)
+                durations.append((time.perf_counter() - t) * 1e6)
+            durations.sort()
+            out = {"ok": True, "mean_us": sum(durations) / len(durations),
+                   "p50_us": durations[len(durations) // 2],
+                   "p99_us": durations[len(durations) * 99 // 100]}
         elif op["op"] == "casts":
             start = op.get("start", 0)
             for i in range(start, start + op["n"]):

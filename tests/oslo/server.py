@@ -1,7 +1,8 @@
 """A real oslo.messaging RPC server on the control side, for the test suite.
 
-Serves `told(**kw)` (cast: prints it) and `answer(**kw)` (call: returns kw
-plus the caller's context). Prints one JSON line per request received, and
+Serves `told(**kw)` (cast: prints it), `answer(**kw)` (call: returns kw
+plus the caller's context) and `echo(**kw)` (returns kw, quietly: the
+benchmark's baseline). Prints one JSON line per request received, and
 "ready" once consuming.
 argv: transport_url control_exchange topic server
 """
@@ -26,6 +27,9 @@ def emit(d):
 
 
 class Endpoint:
+    def echo(self, ctxt, **kw):
+        return kw
+
     def told(self, ctxt, **kw):
         emit({"method": "told", "ctx": ctxt, "args": kw})
 
