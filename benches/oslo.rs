@@ -9,7 +9,6 @@
 //! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use serde_json::json;
