@@ -3,9 +3,14 @@
 //!
 //! Topics from `$SUBAGENT_TOPICS` (comma-separated, default `demo`). Methods:
 //! `echo` (returns its args), `add` (a + b), `record` (cast: counts it, once
-//! per delivery), `count` (how many `record` casts were handled), `fail`
+//! per delivery, and notes its `i` argument), `count` (how many `record`
+//! casts were handled), `tally` (`{handled, distinct}`: handled `record`s and
+//! distinct `i`s among them; both equal to N for ids 0..N means each
+//! exactly once), `fail`
 //! (raises `ValueError`), `sleep` (waits `ms` milliseconds, then returns its
 //! args: a call still running while a VM migrates).
+
+use std::collections::HashSet;
 
 use serde_json::{Value, json};
 use tether::client::SubAgent;
@@ -17,7 +22,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let topics: Vec<&str> = topics.split(',').filter(|t| !t.is_empty()).collect();
     let name = std::env::var("TETHER_SUBAGENT_NAME").unwrap_or_else(|_| "echo".into());
     let mut sa = SubAgent::connect_default(&name, &topics).await?;
+    /// Distinct `i`s remembered, at most (a test streams far fewer; the
+    /// bound keeps a long-running demo's memory flat).
+    const MAX_DISTINCT: usize = 1 << 20;
     let mut recorded = 0u64;
+    let mut distinct: HashSet<u64> = HashSet::new();
     while let Some(r) = sa.next_request().await? {
         let res = match r.method.as_str() {
             "echo" => Ok(r.args.clone()),
@@ -27,9 +36,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "record" => {
                 recorded += 1;
+                if let Some(i) = r.args.get("i").and_then(Value::as_u64)
+                    && distinct.len() < MAX_DISTINCT
+                {
+                    distinct.insert(i);
+                }
                 Ok(Value::Null)
             }
             "count" => Ok(json!(recorded)),
+            "tally" => Ok(json!({"handled": recorded, "distinct": distinct.len()})),
             "sleep" => {
                 let ms = r.args.get("ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;

@@ -50,6 +50,14 @@ pub fn random_u64() -> u64 {
     h.finish()
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
+/// it), for status fields an operator compares across hosts.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A fresh random session id for this process run (never 0).
 pub fn random_session_id() -> link::SessionId {
     random_u64().max(1)

@@ -7,16 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::vm::{Qmp, Vm};
+use support::vm::{Vm, free_port, migrate_after};
 use support::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A host: its proxy and a control connection to it.
 struct Host {
@@ -71,36 +63,6 @@ impl Host {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// Migrate the VM whose QMP socket is `qmp` to `port`; returns how long the
-/// migration took once started. Quits the source when done.
-fn migrate_after(delay: Duration, qmp: PathBuf, port: u16) -> tokio::task::JoinHandle<Duration> {
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        let mut q = Qmp::connect(&qmp).await;
-        let v = q
-            .cmd(json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}))
-            .await;
-        assert!(v.get("return").is_some(), "{v}");
-        let t = Instant::now();
-        loop {
-            let v = q.cmd(json!({"execute": "query-migrate"})).await;
-            match v["return"]["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => panic!("migration {v}"),
-                _ => {}
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(120),
-                "migration did not complete"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let took = t.elapsed();
-        let _ = q.cmd(json!({"execute": "quit"})).await;
-        took
-    })
 }
 
 /// What one hop's stream saw.

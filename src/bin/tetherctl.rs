@@ -34,6 +34,8 @@ struct Args {
 enum Cmd {
     /// List instance links and their state.
     Links,
+    /// The broker bridge: connected or not, why not, what it consumes.
+    Broker,
     /// Call a method in an instance and print the result.
     Call {
         /// Instance uuid.
@@ -123,6 +125,7 @@ fn json_arg(s: &str) -> Result<Value, String> {
 fn request(args: &Args) -> Result<Value, String> {
     let mut r = match &args.cmd {
         Cmd::Links => json!({"op": "links"}),
+        Cmd::Broker => json!({"op": "broker"}),
         Cmd::Call {
             instance,
             topic,
@@ -181,7 +184,10 @@ fn request(args: &Args) -> Result<Value, String> {
         }
         Cmd::Watch => json!({"op": "watch"}),
     };
-    if let (Some(t), false) = (args.timeout_ms, matches!(args.cmd, Cmd::Links | Cmd::Watch)) {
+    if let (Some(t), false) = (
+        args.timeout_ms,
+        matches!(args.cmd, Cmd::Links | Cmd::Broker | Cmd::Watch),
+    ) {
         r["timeout_ms"] = json!(t);
     }
     Ok(r)
@@ -189,6 +195,33 @@ fn request(args: &Args) -> Result<Value, String> {
 
 fn human(cmd: &Cmd, result: &Value) -> String {
     match cmd {
+        Cmd::Broker if result["configured"] != true => {
+            "no broker configured ([broker] transport_url is empty)".into()
+        }
+        Cmd::Broker => {
+            let state = if result["connected"] == true {
+                "connected"
+            } else {
+                "NOT connected"
+            };
+            let mut out = format!(
+                "{state} to {}; {} connects; consuming for {} instances, {} fanout topics\n\
+                 delivered {}, requeued {}, published {}, refused {}, held {}",
+                result["broker"].as_str().unwrap_or("?"),
+                result["connects"],
+                result["instances_consumed"],
+                result["fanout_topics"],
+                result["delivered"],
+                result["requeued"],
+                result["published"],
+                result["refused"],
+                result["held"],
+            );
+            if let Some(e) = result["last_error"].as_str() {
+                out += &format!("\nlast error: {e}");
+            }
+            out
+        }
         Cmd::Links => {
             let mut out = String::from(
                 "INSTANCE                              STATE        UNACKED RESENT TOPICS\n",

@@ -93,6 +93,7 @@ enum CtlRequest {
         timeout_ms: Option<u64>,
     },
     Links,
+    Broker,
     Agents {
         instance: String,
         timeout_ms: Option<u64>,
@@ -299,6 +300,13 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
         CtlRequest::Links => Ok(Value::Array(
             p.instances().iter().map(|i| i.status_json()).collect(),
         )),
+        CtlRequest::Broker => {
+            let mut v = serde_json::to_value(p.bridge.get()).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("configured".into(), json!(p.cfg.broker.enabled()));
+            }
+            Ok(v)
+        }
         CtlRequest::Agents {
             instance,
             timeout_ms,

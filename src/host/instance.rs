@@ -28,6 +28,9 @@ pub struct Instance {
     topics: Mutex<Vec<String>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
     denied: AtomicU64,
+    /// Replies to calls not pending here (they entered through another
+    /// host's proxy before a migration), forwarded by their `reply_to`.
+    rerouted: AtomicU64,
     task: Mutex<Option<LinkTask>>,
 }
 
@@ -61,6 +64,7 @@ impl Instance {
             topics: Mutex::new(vec![]),
             pending: Mutex::new(HashMap::new()),
             denied: AtomicU64::new(0),
+            rerouted: AtomicU64::new(0),
             task: Mutex::new(Some(task)),
         });
         let out = Outlets { watch, upstream };
@@ -105,6 +109,7 @@ impl Instance {
             "peer_changes": s.stats.peer_changes,
             "delivered": s.stats.delivered,
             "denied": self.denied.load(Ordering::Relaxed),
+            "replies_rerouted": self.rerouted.load(Ordering::Relaxed),
             "garbage_bytes": s.decode.skipped_bytes,
             "last_frame_unix_ms": s.last_frame_unix_ms,
             "up_since_unix_ms": s.up_since_unix_ms,
@@ -215,10 +220,12 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
                         "instance": inst.id,
                         "reply": r,
                     }));
-                    if let (Some(up), Some(_)) = (&out.upstream, &r.reply_to)
-                        && up.try_send(Upstream::Reply(r)).is_err()
-                    {
-                        warn!(instance = %inst.id, "reply for the broker refused: the bridge's queue is full");
+                    if let (Some(up), Some(_)) = (&out.upstream, &r.reply_to) {
+                        if up.try_send(Upstream::Reply(r)).is_ok() {
+                            inst.rerouted.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            warn!(instance = %inst.id, "reply for the broker refused: the bridge's queue is full");
+                        }
                     }
                 }
             }

@@ -49,6 +49,8 @@ pub struct Proxy {
     watch: broadcast::Sender<WatchEvent>,
     /// To the broker bridge, when a broker is configured.
     upstream: Option<mpsc::Sender<broker::Upstream>>,
+    /// The broker bridge's state (`broker` on the control socket).
+    pub bridge: broker::StatusCell,
 }
 
 impl Proxy {
@@ -66,6 +68,7 @@ impl Proxy {
             instances: Mutex::new(BTreeMap::new()),
             watch: broadcast::channel(WATCH_BUFFER).0,
             upstream,
+            bridge: broker::StatusCell::default(),
         })
     }
 

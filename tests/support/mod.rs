@@ -318,3 +318,17 @@ pub mod vm;
 pub fn uuid(n: u32) -> String {
     format!("{n:08x}-0000-4000-8000-000000000000")
 }
+
+/// A fresh random (version 4 shaped) instance uuid: tests that share the
+/// broker never share an instance's queues, also across runs.
+pub fn random_uuid() -> String {
+    let (a, b) = (tether::random_u64(), tether::random_u64());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
 
 pub struct Vm {
     child: Child,
@@ -188,4 +191,47 @@ impl Qmp {
             }
         }
     }
+}
+
+/// A free TCP port on loopback for a migration destination's `-incoming`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Migrate the VM whose QMP socket is `qmp` to `port`; returns how long the
+/// migration took once started. Quits the source when done.
+pub fn migrate_after(
+    delay: Duration,
+    qmp: PathBuf,
+    port: u16,
+) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let mut q = Qmp::connect(&qmp).await;
+        let v = q
+            .cmd(json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}))
+            .await;
+        assert!(v.get("return").is_some(), "{v}");
+        let t = Instant::now();
+        loop {
+            let v = q.cmd(json!({"execute": "query-migrate"})).await;
+            match v["return"]["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => panic!("migration {v}"),
+                _ => {}
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "migration did not complete"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = t.elapsed();
+        let _ = q.cmd(json!({"execute": "quit"})).await;
+        took
+    })
 }

@@ -12,13 +12,24 @@ pub struct BrokerConfig {
     pub transport_url: String,
     /// oslo's `control_exchange`.
     pub control_exchange: String,
-    /// Declare the control exchange and the per-server queues durable
-    /// (`amqp_durable_queues` / quorum deployments). Must match what the
-    /// deployment's own services declared, or the broker refuses with 406.
+    /// oslo's `amqp_durable_queues`: the control exchange and the
+    /// `<topic>.<server>` queues are durable. The declaration flags below
+    /// must match what the deployment's own services declared, or the broker
+    /// refuses with 406 PRECONDITION_FAILED (reported by `tetherctl broker`).
     pub durable: bool,
-    /// Declare per-server queues as quorum queues (`rabbit_quorum_queue`).
+    /// oslo's `rabbit_quorum_queue`: `<topic>.<server>` queues are quorum
+    /// queues (and, as in oslo, the control exchange and they are durable).
     pub quorum_queues: bool,
-    /// `x-expires` of the proxy's fanout and reply queues (oslo: 1800 s), ms.
+    /// oslo's `rabbit_transient_quorum_queue`: the reply and fanout queues
+    /// are durable quorum queues and the `<topic>_fanout` exchanges durable.
+    pub transient_quorum_queues: bool,
+    /// oslo's `rabbit_stream_fanout`: fanout goes through one shared stream
+    /// queue `<topic>_fanout` per topic (needs `transient_quorum_queues`, as
+    /// in oslo), read from this proxy's last offset after a reconnect.
+    pub stream_fanout: bool,
+    /// oslo's `rabbit_transient_queues_ttl`, in ms (oslo: 1800 s): `x-expires`
+    /// of the proxy's reply and fanout queues, or the stream's `x-max-age`
+    /// (whole seconds). 0: none.
     pub queue_expires_ms: u64,
     /// Deliveries in flight per instance (AMQP prefetch): unacknowledged
     /// messages the broker hands this proxy for one VM.
@@ -46,6 +57,8 @@ impl Default for BrokerConfig {
             control_exchange: "openstack".into(),
             durable: false,
             quorum_queues: false,
+            transient_quorum_queues: false,
+            stream_fanout: false,
             queue_expires_ms: 1_800_000,
             prefetch: 64,
             requeue_grace_ms: 2_000,
@@ -86,7 +99,31 @@ impl BrokerConfig {
         if self.upstream_hold == 0 {
             return Err("broker.upstream_hold must be at least 1".into());
         }
+        if self.stream_fanout && !self.transient_quorum_queues {
+            return Err(
+                "broker.stream_fanout needs broker.transient_quorum_queues = true (as oslo.messaging's rabbit_stream_fanout needs rabbit_transient_quorum_queue)"
+                    .into(),
+            );
+        }
+        if self.stream_fanout && !self.queue_expires_ms.is_multiple_of(1000) {
+            return Err(
+                "broker.queue_expires_ms must be whole seconds with stream_fanout (it becomes the stream's x-max-age)"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// Whether the control exchange and the `<topic>.<server>` queues are
+    /// durable (oslo: `amqp_durable_queues or rabbit_quorum_queue`).
+    pub fn server_durable(&self) -> bool {
+        self.durable || self.quorum_queues
+    }
+
+    /// Whether the fanout exchanges and the reply and fanout queues are
+    /// durable (oslo: `rabbit_transient_quorum_queue`, or a stream).
+    pub fn transient_durable(&self) -> bool {
+        self.transient_quorum_queues || self.stream_fanout
     }
 }
 
@@ -159,5 +196,21 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().contains("prefetch"));
+        let c = BrokerConfig {
+            transport_url: "rabbit://h/".into(),
+            stream_fanout: true,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("transient_quorum_queues")
+        );
+        let c = BrokerConfig {
+            transient_quorum_queues: true,
+            queue_expires_ms: 1500,
+            ..c
+        };
+        assert!(c.validate().unwrap_err().contains("whole seconds"));
     }
 }

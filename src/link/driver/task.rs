@@ -78,12 +78,6 @@ struct Driver {
     up_since_unix_ms: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Run a link until `stop` fires.
 pub(crate) async fn run<C: Connector>(
     mut connector: C,
@@ -139,7 +133,7 @@ pub(crate) async fn run<C: Connector>(
             },
             step = io_step(&mut phase, reading) => match step {
                 IoStep::Frames(frames) => {
-                    d.last_frame_unix_ms = unix_ms();
+                    d.last_frame_unix_ms = crate::unix_ms();
                     let now = now();
                     let mut s = d.shared.lock();
                     for f in frames {
@@ -373,7 +367,7 @@ impl Driver {
                     if let Phase::Connected(c) = phase {
                         c.established = true;
                     }
-                    self.up_since_unix_ms = unix_ms();
+                    self.up_since_unix_ms = crate::unix_ms();
                     info!(link = %name, peer = format_args!("{peer:016x}"), "link up");
                     self.pending.push_back(LinkEvent::Up { peer });
                 }

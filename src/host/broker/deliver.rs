@@ -1,0 +1,266 @@
+//! Deliveries from RabbitMQ into guests: acknowledged to the broker only
+//! once the guest's link acknowledged them; replies and heartbeats back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
+use tracing::{debug, warn};
+
+use super::{DEFAULT_CALL_TIMEOUT, GUEST_ACK_BOUND, StreamOffsets, lock, props, short, wire};
+use crate::host::Proxy;
+use crate::host::instance::Instance;
+use crate::link::driver::SendReceipt;
+use crate::rpc::{Kind, LinkMsg, Request};
+
+/// Who a consumer's deliveries go to.
+#[derive(Clone)]
+pub(super) enum Target {
+    /// One instance (its `<topic>.<instance>` queue).
+    One(Arc<Instance>),
+    /// Every local instance serving the topic, at delivery time.
+    Fanout {
+        /// Where the instances are.
+        proxy: Arc<Proxy>,
+        /// A stream fanout: where to record the offset of what was handled.
+        stream: Option<StreamOffsets>,
+    },
+}
+
+/// What every delivery of one consumer needs.
+#[derive(Clone)]
+struct Route {
+    proxy: Arc<Proxy>,
+    target: Target,
+    topic: String,
+    pub_ch: Channel,
+    grace: Duration,
+}
+
+/// Hand each delivery of `consumer` to its own task (calls run
+/// concurrently; prefetch bounds how many).
+pub(super) async fn consume(
+    mut consumer: lapin::Consumer,
+    proxy: Arc<Proxy>,
+    target: Target,
+    topic: String,
+    pub_ch: Channel,
+    grace_ms: u64,
+) {
+    let route = Route {
+        proxy,
+        target,
+        topic,
+        pub_ch,
+        grace: Duration::from_millis(grace_ms),
+    };
+    while let Some(d) = consumer.next().await {
+        match d {
+            Ok(d) => {
+                tokio::spawn(deliver(d, route.clone()));
+            }
+            Err(e) => {
+                debug!(topic = %route.topic, error = %e, "consumer ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Wait until the guest acknowledged `r`, or decide it will not: `false`
+/// when the link stayed down for `grace` or the guest never acknowledged.
+async fn guest_acked(inst: &Instance, r: SendReceipt, grace: Duration) -> bool {
+    let down_too_long = async {
+        let mut st = inst.tx.watch_status();
+        loop {
+            if st.borrow_and_update().established {
+                if st.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if tokio::time::timeout(grace, async {
+                while !st.borrow_and_update().established {
+                    if st.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .await
+            .is_err()
+            {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = inst.tx.wait_acked(r) => r.is_ok(),
+        _ = down_too_long => false,
+        _ = tokio::time::sleep(GUEST_ACK_BOUND) => false,
+    }
+}
+
+async fn send_to(inst: &Instance, req: &Request, grace: Duration) -> bool {
+    match inst.tx.send(LinkMsg::Req(req.clone()).to_bytes()).await {
+        Ok(r) => guest_acked(inst, r, grace).await,
+        Err(e) => {
+            warn!(instance = %inst.id, error = %e, "cannot queue a delivery for the guest");
+            false
+        }
+    }
+}
+
+/// Give `d` back to the broker for another try (another proxy, later).
+async fn requeue(d: &lapin::message::Delivery, proxy: &Proxy) {
+    proxy.bridge.update(|s| s.requeued += 1);
+    let opts = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    let _ = d.acker.nack(opts).await;
+}
+
+/// Acknowledge `d` to the broker: the guest has it.
+async fn ack(d: &lapin::message::Delivery, proxy: &Proxy) {
+    proxy.bridge.update(|s| s.delivered += 1);
+    let _ = d.acker.ack(BasicAckOptions::default()).await;
+}
+
+async fn deliver(d: lapin::message::Delivery, route: Route) {
+    let Route {
+        proxy,
+        target,
+        topic,
+        pub_ch,
+        grace,
+    } = route;
+    let expiration = d
+        .properties
+        .expiration()
+        .as_ref()
+        .and_then(|s| s.as_str().parse::<u64>().ok());
+    let (server, fanout) = match &target {
+        Target::One(i) => (Some(i.id.as_str()), false),
+        Target::Fanout { .. } => (None, true),
+    };
+    let inc = match wire::decode_request(&d.data, &topic, server, expiration, fanout) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(topic = %topic, error = %e, "malformed oslo message rejected");
+            let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+            return;
+        }
+    };
+    let inst = match target {
+        Target::Fanout { proxy: p, stream } => {
+            let targets: Vec<_> = p
+                .instances()
+                .into_iter()
+                .filter(|i| i.tx.status().established && i.topics().contains(&topic))
+                .collect();
+            let sends = targets.iter().map(|i| send_to(i, &inc.request, grace));
+            let ok = futures_util::future::join_all(sends).await;
+            if let Some(offsets) = stream {
+                // A stream keeps every message for every reader: nothing
+                // to requeue. Go on after this offset on a reconnect.
+                if let Some(AMQPValue::LongLongInt(o)) = d
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("x-stream-offset"))
+                {
+                    let mut m = lock(&offsets);
+                    let next = m.entry(topic.clone()).or_insert(0);
+                    *next = (*next).max(o.saturating_add(1));
+                }
+                if !ok.iter().all(|x| *x) {
+                    warn!(topic = %topic, unique_id = %inc.request.unique_id, "a fanout from the stream did not reach every guest serving its topic");
+                }
+                ack(&d, &proxy).await;
+            } else if ok.iter().all(|x| *x) {
+                ack(&d, &proxy).await;
+            } else {
+                // Some guests did not take it: those that did drop the
+                // redelivery by its unique id.
+                requeue(&d, &proxy).await;
+            }
+            return;
+        }
+        Target::One(i) => i,
+    };
+    let req = inc.request;
+    let call = req.kind == Kind::Call;
+    let waiter = match (&req.msg_id, call) {
+        (Some(m), true) => Some((m.clone(), inst.expect_reply(m))),
+        _ => None,
+    };
+    if !send_to(&inst, &req, grace).await {
+        if let Some((m, _)) = &waiter {
+            inst.forget(m);
+        }
+        debug!(instance = %inst.id, topic = %topic, "delivery requeued: the guest did not take it");
+        requeue(&d, &proxy).await;
+        return;
+    }
+    ack(&d, &proxy).await;
+    let (Some((msg_id, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
+        return;
+    };
+    let limit = expiration.map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
+    let beat = inc
+        .monitor_secs
+        .filter(|s| *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s / 2.0));
+    let reply = tokio::time::timeout(limit, async {
+        tokio::pin!(rx);
+        let mut hb = beat.map(|b| tokio::time::interval_at(tokio::time::Instant::now() + b, b));
+        loop {
+            tokio::select! {
+                r = &mut rx => return r.ok(),
+                _ = async { match &mut hb { Some(h) => { h.tick().await; } None => std::future::pending().await } } => {
+                    publish_reply(&pub_ch, &reply_q, wire::encode_heartbeat(&msg_id)).await;
+                }
+            }
+        }
+    })
+    .await;
+    match reply {
+        Ok(Some(r)) => publish_reply(&pub_ch, &reply_q, wire::encode_reply(&r)).await,
+        // The caller times out by itself; if the guest answers later (or
+        // through another proxy after a migration), that reply is routed
+        // by its reply_to.
+        _ => inst.forget(&msg_id),
+    }
+}
+
+pub(super) async fn publish_reply(ch: &Channel, reply_q: &str, body: Vec<u8>) {
+    let Ok(key) = short(reply_q) else {
+        return warn!(reply_q, "reply queue name too long; reply dropped");
+    };
+    let res = async {
+        ch.basic_publish(
+            "".into(),
+            key,
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            props(),
+        )
+        .await?
+        .await
+    }
+    .await;
+    match res {
+        Ok(c) if c.is_ack() => {}
+        Ok(_) => warn!(
+            reply_q,
+            "the broker did not take a reply (its caller's queue is gone?)"
+        ),
+        Err(e) => warn!(reply_q, error = %e, "publishing a reply failed"),
+    }
+}

@@ -1,0 +1,618 @@
+//! One broker connection: declarations, consumers that follow the links,
+//! guest messages published upstream, replies routed back into guests.
+//!
+//! Declarations follow oslo.messaging's exactly (its `impl_rabbit`), so
+//! that they match what the deployment's own services declared:
+//!
+//! | object | kind | durable | arguments |
+//! |---|---|---|---|
+//! | control exchange | topic | `durable or quorum_queues` | |
+//! | `<topic>.<instance>` | queue | `durable or quorum_queues` | quorum: `x-queue-type` |
+//! | `<topic>_fanout` | fanout exchange, auto-delete | `transient_quorum_queues` | |
+//! | `<topic>_fanout_<proxy id>` (classic) | queue | `transient_quorum_queues` | quorum, `x-expires` |
+//! | `<topic>_fanout` (stream) | queue, shared | yes | `x-queue-type: stream`, `x-max-age` |
+//! | `reply_tether_<proxy id>` | queue | `transient_quorum_queues` | quorum, `x-expires` |
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ExchangeKind};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::deliver::{Target, consume};
+use super::{
+    BridgeError, BrokerConfig, Names, RECONCILE_EVERY, RETRY_EVERY, RETRY_FOR, StreamOffsets,
+    Upstream, props, short, wire,
+};
+use crate::host::Proxy;
+use crate::host::instance::Instance;
+use crate::rpc::{Failure, LinkMsg, Reply, Request};
+
+/// One instance's consumers: a channel of its own (prefetch per instance).
+struct InstConsumers {
+    ch: Channel,
+    tags: HashMap<String, ShortString>,
+}
+
+/// One broker connection's worth of state.
+pub(super) struct Session<'a> {
+    proxy: &'a Arc<Proxy>,
+    cfg: &'a BrokerConfig,
+    names: &'a Names,
+    offsets: &'a StreamOffsets,
+    conn: Connection,
+    instances: HashMap<String, InstConsumers>,
+    fanout: HashMap<String, (Channel, ShortString)>,
+    /// Guest calls waiting for their reply: msg_id → (instance, deadline).
+    calls: HashMap<String, (String, Instant)>,
+    /// Unroutable guest casts: (first try, next try, the cast).
+    retry: VecDeque<(Instant, Instant, Upstream)>,
+}
+
+impl<'a> Session<'a> {
+    pub(super) fn new(
+        proxy: &'a Arc<Proxy>,
+        cfg: &'a BrokerConfig,
+        names: &'a Names,
+        offsets: &'a StreamOffsets,
+        conn: Connection,
+    ) -> Self {
+        Self {
+            proxy,
+            cfg,
+            names,
+            offsets,
+            conn,
+            instances: HashMap::new(),
+            fanout: HashMap::new(),
+            calls: HashMap::new(),
+            retry: VecDeque::new(),
+        }
+    }
+
+    pub(super) async fn shutdown(self) {
+        let _ = self
+            .conn
+            .close(200, "tether-proxy reconnecting".into())
+            .await;
+    }
+
+    /// Arguments of a transient queue (reply, classic fanout), as oslo's
+    /// `_get_queue_arguments` makes them.
+    fn transient_args(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        if self.cfg.transient_quorum_queues {
+            t.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        if self.cfg.queue_expires_ms > 0 {
+            t.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(self.cfg.queue_expires_ms as i64),
+            );
+        }
+        t
+    }
+
+    /// Declare a queue; a refusal says which queue and what to check.
+    async fn declare_queue(
+        ch: &Channel,
+        what: &'static str,
+        name: &ShortString,
+        durable: bool,
+        args: FieldTable,
+    ) -> Result<(), BridgeError> {
+        let opts = QueueDeclareOptions {
+            durable,
+            ..Default::default()
+        };
+        ch.queue_declare(name.clone(), opts, args)
+            .await
+            .map(drop)
+            .map_err(|source| BridgeError::Declare {
+                what,
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// Declare an exchange; a refusal says which and what to check.
+    async fn declare_exchange(
+        ch: &Channel,
+        what: &'static str,
+        name: &ShortString,
+        kind: ExchangeKind,
+        durable: bool,
+        auto_delete: bool,
+    ) -> Result<(), BridgeError> {
+        let opts = ExchangeDeclareOptions {
+            durable,
+            auto_delete,
+            ..Default::default()
+        };
+        ch.exchange_declare(name.clone(), kind, opts, FieldTable::default())
+            .await
+            .map_err(|source| BridgeError::Declare {
+                what,
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// Serve until the connection fails; why it ended.
+    pub(super) async fn serve(
+        &mut self,
+        up_rx: &mut mpsc::Receiver<Upstream>,
+        held: &mut VecDeque<Upstream>,
+    ) -> BridgeError {
+        let e = match self.serve_inner(up_rx, held).await {
+            Ok(()) => BridgeError::Stopped,
+            Err(e) => e,
+        };
+        // Casts waiting for a route wait for the next connection.
+        held.extend(self.retry.drain(..).map(|(_, _, m)| m));
+        e
+    }
+
+    async fn serve_inner(
+        &mut self,
+        up_rx: &mut mpsc::Receiver<Upstream>,
+        held: &mut VecDeque<Upstream>,
+    ) -> Result<(), BridgeError> {
+        let pub_ch = self.conn.create_channel().await?;
+        pub_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Self::declare_exchange(
+            &pub_ch,
+            "control exchange",
+            &short(&self.cfg.control_exchange)?,
+            ExchangeKind::Topic,
+            self.cfg.server_durable(),
+            false,
+        )
+        .await?;
+        let reply_ch = self.conn.create_channel().await?;
+        Self::declare_queue(
+            &reply_ch,
+            "reply queue",
+            &short(&self.names.reply_q)?,
+            self.cfg.transient_durable(),
+            self.transient_args(),
+        )
+        .await?;
+        let mut replies = reply_ch
+            .basic_consume(
+                short(&self.names.reply_q)?,
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        // What waited while the broker was away goes first.
+        while let Some(m) = held.pop_front() {
+            if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
+                held.push_front(m);
+                return Err(e.into());
+            }
+        }
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if !self.conn.status().connected() {
+                        return Err(lapin::Error::from(std::io::Error::other("connection closed")).into());
+                    }
+                    self.reconcile(&pub_ch).await?;
+                    let now = Instant::now();
+                    self.calls.retain(|_, (_, d)| *d > now);
+                    while self.retry.front().is_some_and(|(_, next, _)| *next <= now) {
+                        let Some((first, _, m)) = self.retry.pop_front() else { break };
+                        if let Err(e) = self.upstream(&pub_ch, m.clone(), first).await {
+                            self.retry.push_front((first, now, m));
+                            return Err(e.into());
+                        }
+                    }
+                }
+                d = replies.next() => match d {
+                    Some(Ok(d)) => self.route_reply(&d.data).await,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(lapin::Error::from(std::io::Error::other("reply consumer cancelled")).into()),
+                },
+                m = up_rx.recv() => match m {
+                    Some(m) => if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
+                        held.push_front(m);
+                        return Err(e.into());
+                    },
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    /// A reply on our reply queue: back into the guest that called.
+    async fn route_reply(&mut self, body: &[u8]) {
+        let r = match wire::decode_reply(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return warn!(error = %e, "malformed reply on the proxy's reply queue dropped");
+            }
+        };
+        if !r.ending {
+            return; // a heartbeat: the guest's own timeout applies
+        }
+        let Some((instance, _)) = self.calls.remove(&r.msg_id) else {
+            return debug!(msg_id = %r.msg_id, "reply to an unknown or expired guest call dropped");
+        };
+        if let Some(inst) = self.proxy.instance(&instance) {
+            let _ = inst.tx.send(LinkMsg::Rep(r).to_bytes()).await;
+        }
+    }
+
+    /// Publish a guest message; what the broker could not route is retried
+    /// (casts), answered (calls) or reported (replies).
+    async fn upstream(
+        &mut self,
+        ch: &Channel,
+        m: Upstream,
+        first: Instant,
+    ) -> Result<(), lapin::Error> {
+        if self.publish_upstream(ch, &m).await? {
+            self.proxy.bridge.update(|s| s.published += 1);
+            return Ok(());
+        }
+        match m {
+            Upstream::Cast(r) => {
+                if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
+                    self.proxy.bridge.update(|s| s.refused += 1);
+                    error!(target: "audit", topic = %r.target.topic, method = %r.method, unique_id = %r.unique_id,
+                           "guest cast dropped: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
+                } else {
+                    if first.elapsed().is_zero() || self.retry.is_empty() {
+                        debug!(topic = %r.target.topic, "guest cast unroutable for now; retrying");
+                    }
+                    self.retry
+                        .push_back((first, Instant::now() + RETRY_EVERY, Upstream::Cast(r)));
+                }
+            }
+            Upstream::Call { instance, request } => {
+                self.proxy.bridge.update(|s| s.refused += 1);
+                if let Some(msg_id) = &request.msg_id {
+                    self.calls.remove(msg_id);
+                }
+                if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
+                {
+                    let f = Failure::tether(
+                        "NoRoute",
+                        format!(
+                            "nothing on the control plane serves topic '{}'",
+                            request.target.topic
+                        ),
+                    );
+                    let rep = LinkMsg::Rep(Reply::new(msg_id, request.reply_to, Err(f)));
+                    let _ = inst.tx.send(rep.to_bytes()).await;
+                }
+            }
+            Upstream::Reply(r) => {
+                self.proxy.bridge.update(|s| s.refused += 1);
+                warn!(msg_id = %r.msg_id, "reply unroutable: its caller's reply queue is gone")
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish; `Ok(false)` when the broker returned it as unroutable.
+    async fn publish_upstream(&mut self, ch: &Channel, m: &Upstream) -> Result<bool, lapin::Error> {
+        let (exchange, key, body, props, mandatory) = match m {
+            Upstream::Cast(r) => (
+                r.target
+                    .exchange
+                    .clone()
+                    .unwrap_or_else(|| self.cfg.control_exchange.clone()),
+                routing_key(r),
+                wire::encode_request(r, None),
+                props(),
+                true,
+            ),
+            Upstream::Call {
+                instance,
+                request: r,
+            } => {
+                let t = r
+                    .timeout_ms
+                    .unwrap_or(self.cfg.upstream_call_timeout_ms)
+                    .min(self.cfg.upstream_call_timeout_ms);
+                if let Some(msg_id) = &r.msg_id {
+                    self.calls.insert(
+                        msg_id.clone(),
+                        (instance.clone(), Instant::now() + Duration::from_millis(t)),
+                    );
+                }
+                (
+                    r.target
+                        .exchange
+                        .clone()
+                        .unwrap_or_else(|| self.cfg.control_exchange.clone()),
+                    routing_key(r),
+                    wire::encode_request(r, Some(&self.names.reply_q)),
+                    props().with_expiration(t.to_string().into()),
+                    true,
+                )
+            }
+            Upstream::Reply(r) => match &r.reply_to {
+                Some(q) => (
+                    String::new(),
+                    q.clone(),
+                    wire::encode_reply(r),
+                    props(),
+                    true,
+                ),
+                None => return Ok(true),
+            },
+        };
+        let c = ch
+            .basic_publish(
+                short(&exchange)?,
+                short(&key)?,
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                &body,
+                props,
+            )
+            .await?
+            .await?;
+        Ok(match c {
+            lapin::Confirmation::Ack(returned) => returned.is_none(),
+            lapin::Confirmation::Nack(_) => false,
+            lapin::Confirmation::NotRequested => true,
+        })
+    }
+
+    /// Make the consumers match the established links and their topics.
+    async fn reconcile(&mut self, pub_ch: &Channel) -> Result<(), BridgeError> {
+        let mut want: HashMap<String, (Arc<Instance>, Vec<String>)> = HashMap::new();
+        for inst in self.proxy.instances() {
+            if inst.tx.status().established {
+                let topics = inst.topics();
+                want.insert(inst.id.clone(), (inst, topics));
+            }
+        }
+        // Links that went down: stop consuming at once.
+        let gone: Vec<String> = self
+            .instances
+            .keys()
+            .filter(|id| !want.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(c) = self.instances.remove(&id) {
+                info!(instance = %id, "link down: consumers cancelled");
+                for tag in c.tags.values() {
+                    let _ =
+                        c.ch.basic_cancel(tag.clone(), BasicCancelOptions::default())
+                            .await;
+                }
+                // Deliveries still waiting for the guest finish or are
+                // nacked by their handlers within the grace; then the
+                // channel goes, requeueing anything left.
+                let grace =
+                    Duration::from_millis(self.cfg.requeue_grace_ms) + Duration::from_secs(1);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ = c.ch.close(200, "instance link down".into()).await;
+                });
+            }
+        }
+        for (id, (inst, topics)) in &want {
+            self.consume_instance(id, inst, topics, pub_ch).await?;
+        }
+        // Fanout: one queue per proxy and topic served by any local instance.
+        let served: HashSet<String> = want.values().flat_map(|(_, t)| t.iter().cloned()).collect();
+        let stale: Vec<String> = self
+            .fanout
+            .keys()
+            .filter(|t| !served.contains(*t))
+            .cloned()
+            .collect();
+        for t in stale {
+            if let Some((ch, tag)) = self.fanout.remove(&t) {
+                let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+                let _ = ch.close(200, "topic no longer served here".into()).await;
+            }
+        }
+        for t in served {
+            if !self.fanout.contains_key(&t) {
+                self.consume_fanout(t, pub_ch).await?;
+            }
+        }
+        let (n, f) = (self.instances.len(), self.fanout.len());
+        self.proxy.bridge.update(|s| {
+            s.instances_consumed = n;
+            s.fanout_topics = f;
+        });
+        Ok(())
+    }
+
+    /// Consume `<topic>.<instance>` for each of the instance's topics.
+    async fn consume_instance(
+        &mut self,
+        id: &str,
+        inst: &Arc<Instance>,
+        topics: &[String],
+        pub_ch: &Channel,
+    ) -> Result<(), BridgeError> {
+        if !self.instances.contains_key(id) {
+            let ch = self.conn.create_channel().await?;
+            ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
+                .await?;
+            self.instances.insert(
+                id.to_string(),
+                InstConsumers {
+                    ch,
+                    tags: HashMap::new(),
+                },
+            );
+        }
+        let Some(c) = self.instances.get_mut(id) else {
+            return Ok(());
+        };
+        let have: Vec<String> = c.tags.keys().cloned().collect();
+        for t in have.iter().filter(|t| !topics.contains(t)) {
+            if let Some(tag) = c.tags.remove(t) {
+                let _ = c.ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+            }
+        }
+        let missing: Vec<&String> = topics.iter().filter(|t| !c.tags.contains_key(*t)).collect();
+        for t in missing {
+            let queue = format!("{t}.{id}");
+            let Ok(q) = short(&queue) else {
+                warn!(instance = %id, topic = %t, "queue name too long for AMQP; topic not served over the broker");
+                continue;
+            };
+            let mut args = FieldTable::default();
+            if self.cfg.quorum_queues {
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+            }
+            Self::declare_queue(&c.ch, "server queue", &q, self.cfg.server_durable(), args).await?;
+            c.ch.queue_bind(
+                q.clone(),
+                short(&self.cfg.control_exchange)?,
+                q.clone(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            let consumer =
+                c.ch.basic_consume(
+                    q,
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            info!(instance = %id, queue = %queue, "consuming");
+            c.tags.insert(t.clone(), consumer.tag());
+            tokio::spawn(consume(
+                consumer,
+                self.proxy.clone(),
+                Target::One(inst.clone()),
+                t.clone(),
+                pub_ch.clone(),
+                self.cfg.requeue_grace_ms,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Consume the fanout of `topic`: this proxy's own classic queue, or
+    /// the topic's shared stream from where this proxy left off.
+    async fn consume_fanout(&mut self, t: String, pub_ch: &Channel) -> Result<(), BridgeError> {
+        let exchange = format!("{t}_fanout");
+        let queue = if self.cfg.stream_fanout {
+            exchange.clone()
+        } else {
+            format!("{exchange}_{}", self.names.proxy_id)
+        };
+        let (Ok(ex), Ok(q)) = (short(&exchange), short(&queue)) else {
+            warn!(topic = %t, "fanout name too long for AMQP; fanout not served over the broker");
+            return Ok(());
+        };
+        let ch = self.conn.create_channel().await?;
+        // Streams need a prefetch too (the broker refuses a consumer without).
+        ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
+            .await?;
+        Self::declare_exchange(
+            &ch,
+            "fanout exchange",
+            &ex,
+            ExchangeKind::Fanout,
+            self.cfg.transient_durable(),
+            true,
+        )
+        .await?;
+        let mut consume_args = FieldTable::default();
+        let stream = if self.cfg.stream_fanout {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("stream".into()),
+            );
+            if self.cfg.queue_expires_ms > 0 {
+                let age = format!("{}s", self.cfg.queue_expires_ms / 1000);
+                args.insert("x-max-age".into(), AMQPValue::LongString(age.into()));
+            }
+            Self::declare_queue(&ch, "fanout stream", &q, true, args).await?;
+            // A fresh start reads only what comes next (oslo starts at
+            // "last", which replays the last chunk: stale fanouts into
+            // guests); a reconnect goes on after the last offset seen.
+            let next = super::lock(self.offsets).get(&t).copied();
+            let offset = match next {
+                Some(n) => AMQPValue::LongLongInt(n),
+                None => AMQPValue::LongString("next".into()),
+            };
+            consume_args.insert("x-stream-offset".into(), offset);
+            Some(self.offsets.clone())
+        } else {
+            Self::declare_queue(
+                &ch,
+                "fanout queue",
+                &q,
+                self.cfg.transient_durable(),
+                self.transient_args(),
+            )
+            .await?;
+            None
+        };
+        ch.queue_bind(
+            q.clone(),
+            ex,
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let consumer = ch
+            .basic_consume(q, "".into(), BasicConsumeOptions::default(), consume_args)
+            .await?;
+        info!(queue = %queue, stream = self.cfg.stream_fanout, "consuming fanout");
+        let tag = consumer.tag();
+        tokio::spawn(consume(
+            consumer,
+            self.proxy.clone(),
+            Target::Fanout {
+                proxy: self.proxy.clone(),
+                stream,
+            },
+            t.clone(),
+            pub_ch.clone(),
+            self.cfg.requeue_grace_ms,
+        ));
+        self.fanout.insert(t, (ch, tag));
+        Ok(())
+    }
+}
+
+fn routing_key(r: &Request) -> String {
+    match &r.target.server {
+        Some(s) => format!("{}.{s}", r.target.topic),
+        None => r.target.topic.clone(),
+    }
+}

@@ -1,0 +1,162 @@
+//! oslo.messaging through a real QEMU live migration: the Python oslo
+//! client calls and casts to the sub-agent inside a TCG guest whose VM moves
+//! from host A (its proxy and channels directory) to host B while the
+//! traffic flows. RabbitMQ carries the requests to whichever proxy links the
+//! instance; nothing is re-sent by the client.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::oslo::*;
+use support::vm::{Vm, free_port, migrate_after};
+use support::*;
+
+/// This proxy's view of the instance.
+async fn link(ctl: &mut Ctl, uuid: &str) -> Value {
+    let v = ctl.req(json!({"op": "links"})).await;
+    v["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["instance"] == uuid)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_nothing_twice() {
+    /// Casts per round; each round ends with a call.
+    const PER: u64 = 100;
+    /// At least this many rounds, and on until the migration is over.
+    const MIN_ROUNDS: u64 = 12;
+    /// Bound on the rounds (the migration normally ends within a few).
+    const MAX_ROUNDS: u64 = 200;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let u = random_uuid();
+    let section = broker_section(&url, &ex);
+    let (wa, wb) = (World::new(), World::new());
+    let (_pa, _pb) = (wa.proxy(&section), wb.proxy(&section));
+    let src = Vm::boot(
+        wa.dir.path(),
+        "src",
+        &wa.channels().join(format!("{u}.sock")),
+    );
+    let port = free_port();
+    let dst = Vm::incoming(
+        wb.dir.path(),
+        "dst",
+        &wb.channels().join(format!("{u}.sock")),
+        port,
+    );
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, "demo", &u).await;
+    let (mut ca, mut cb) = (wa.ctl().await, wb.ctl().await);
+
+    // A call that enters through the source and is still running in the
+    // guest when the VM moves: its reply must come out through B.
+    let across = {
+        let mut c2 = OsloClient::start(&url, &ex);
+        let u = u.clone();
+        tokio::spawn(async move {
+            c2.op(
+                json!({"op": "call", "topic": "demo", "server": u, "method": "sleep",
+                         "args": {"ms": 4000, "tag": "across"}, "timeout": 60}),
+            )
+            .await
+        })
+    };
+    let t = Instant::now();
+    while link(&mut ca, &u).await["calls_in_flight"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            t.elapsed() < BOUND,
+            "the call never reached the guest through A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let migrate = migrate_after(
+        Duration::from_millis(300),
+        Vm::qmp_path(wa.dir.path(), "src"),
+        port,
+    );
+
+    let (mut ok, mut timed_out, mut round) = (0u64, 0u64, 0u64);
+    while round < MIN_ROUNDS || !migrate.is_finished() {
+        assert!(round < MAX_ROUNDS, "the migration never finished");
+        let v = c
+            .op(
+                json!({"op": "casts", "topic": "demo", "server": u, "method": "record",
+                       "n": PER, "start": round * PER}),
+            )
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        let v = c
+            .op(
+                json!({"op": "call", "topic": "demo", "server": u, "method": "add",
+                       "args": {"a": round, "b": 1}, "timeout": 20}),
+            )
+            .await;
+        if v["ok"] == true {
+            assert_eq!(v["result"], json!(round + 1), "{v}");
+            ok += 1;
+        } else {
+            assert_eq!(v["class"], "MessagingTimeout", "{v}");
+            timed_out += 1;
+        }
+        round += 1;
+    }
+    let took = migrate.await.unwrap();
+    drop(src);
+    let n = round * PER;
+
+    // The reply to the call that entered through A came out through B.
+    let v = across.await.unwrap();
+    assert_eq!(
+        v,
+        json!({"ok": true, "result": {"ms": 4000, "tag": "across"}}),
+        "the call that entered through the source gets its reply\n{}",
+        dst.console()
+    );
+    let b = link(&mut cb, &u).await;
+    assert!(
+        b["replies_rerouted"].as_u64().unwrap_or(0) >= 1,
+        "B forwarded the reply to a call it never delivered: {b}"
+    );
+    assert_eq!(link(&mut ca, &u).await["established"], false);
+
+    // Every cast handled exactly once: `tally` counts handled casts and
+    // distinct `i`s; with every i in 0..n, both equal to n means each once.
+    let t = Instant::now();
+    let tally = loop {
+        let v = c
+            .op(json!({"op": "call", "topic": "demo", "server": u, "method": "tally", "timeout": 20}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        if v["result"]["handled"].as_u64().unwrap_or(0) >= n
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            break v["result"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        tally,
+        json!({"handled": n, "distinct": n}),
+        "every oslo cast handled exactly once across the migration\n{}",
+        dst.console()
+    );
+    assert!(
+        ok + timed_out == round && ok >= round - 2,
+        "calls answered {ok}, timed out {timed_out} of {round}"
+    );
+    eprintln!(
+        "migration {took:?}; {n} casts, {round} calls ({ok} answered, {timed_out} timed out); B: resent {}, duplicates {}, replies rerouted {}",
+        b["resent"], b["duplicates"], b["replies_rerouted"]
+    );
+}
