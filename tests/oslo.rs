@@ -270,3 +270,124 @@ async fn an_instance_moving_between_two_proxies_under_oslo_traffic_loses_nothing
         "most calls are answered: {ok} of {ROUNDS}"
     );
 }
+
+/// oslo's quorum and stream options, in the transport_url query where the
+/// Python side reads them (the proxy takes them from `[broker]`).
+const QUORUM_AND_STREAMS: &str = "rabbit_quorum_queue=true&rabbit_transient_quorum_queue=true&rabbit_stream_fanout=true&rabbit_qos_prefetch_count=10";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_and_stream_fanout_as_a_modern_deployment_declares_them() {
+    let url = amqp_url();
+    let py_url = format!("{url}?{QUORUM_AND_STREAMS}");
+    let ex = unique("ex");
+    let topic = unique("q");
+    let w = World::new();
+    let _proxy = w.proxy(&format!(
+        "{}quorum_queues = true\ntransient_quorum_queues = true\nstream_fanout = true\n",
+        broker_section(&url, &ex)
+    ));
+    let (u1, u2) = (random_uuid(), random_uuid());
+    let _a1 = w.agent(&u1, &w.channels().join(format!("{u1}.sock")), &topic, "");
+    let _a2 = w.agent(&u2, &w.channels().join(format!("{u2}.sock")), &topic, "");
+    // A Python oslo server on the same topic: it shares the topic's fanout
+    // stream with the proxy (one stream, every reader gets everything).
+    let mut server = OsloServer::start(&py_url, &ex, &topic, "pyserver").await;
+    let mut c = OsloClient::start(&py_url, &ex);
+    served(&mut c, &topic, &u1).await;
+    served(&mut c, &topic, &u2).await;
+
+    let v = c
+        .op(json!({"op": "call", "topic": topic, "server": u1, "method": "add", "args": {"a": 2, "b": 3}}))
+        .await;
+    assert_eq!(
+        v,
+        json!({"ok": true, "result": 5}),
+        "a call over a quorum queue"
+    );
+    let v = c
+        .op(json!({"op": "cast", "topic": topic, "server": u2, "method": "record", "args": {"k": "one"}}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    for k in ["fan-1", "fan-2"] {
+        let v = c
+            .op(json!({"op": "cast", "topic": topic, "fanout": true, "method": "record", "args": {"k": k}}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    // Every reader of the stream got both fanouts, each once.
+    let t = Instant::now();
+    loop {
+        let (r1, r2) = (w.recorded(&u1), w.recorded(&u2));
+        if r1.len() >= 2 && r2.len() >= 3 {
+            assert_eq!(r1, vec![json!({"k": "fan-1"}), json!({"k": "fan-2"})]);
+            assert_eq!(
+                r2,
+                vec![
+                    json!({"k": "one"}),
+                    json!({"k": "fan-1"}),
+                    json!({"k": "fan-2"})
+                ]
+            );
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "fanouts not handled: {r1:?} {r2:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for k in ["fan-1", "fan-2"] {
+        let got = server.next(Duration::from_secs(30)).await;
+        assert_eq!(got["args"], json!({"k": k}), "{got}");
+    }
+    let b = w.ctl().await.req(json!({"op": "broker"})).await;
+    assert_eq!(b["result"]["connected"], true, "{b}");
+    assert_eq!(b["result"]["fanout_topics"], 1, "{b}");
+    assert_eq!(b["result"]["last_error"], Value::Null, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declaration_that_does_not_match_the_deployment_is_reported_clearly() {
+    let url = amqp_url();
+    let ex = unique("ex");
+    let (wa, wb) = (World::new(), World::new());
+    // The deployment declared its control exchange non-durable (oslo's
+    // default); a proxy configured durable is refused by the broker.
+    let _pa = wa.proxy(&broker_section(&url, &ex));
+    let mut ca = wa.ctl().await;
+    let t = Instant::now();
+    while ca.req(json!({"op": "broker"})).await["result"]["connected"] != true {
+        assert!(t.elapsed() < BOUND, "proxy A never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _pb = wb.proxy(&format!("{}durable = true\n", broker_section(&url, &ex)));
+    let mut cb = wb.ctl().await;
+    let t = Instant::now();
+    let status = loop {
+        let v = cb.req(json!({"op": "broker"})).await;
+        if v["result"]["last_error"].is_string() {
+            break v["result"].clone();
+        }
+        assert!(t.elapsed() < BOUND, "no error reported: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let e = status["last_error"].as_str().unwrap();
+    for part in [
+        "declaring the control exchange",
+        &ex,
+        "PRECONDITION_FAILED",
+        "durable",
+        "broker.durable",
+    ] {
+        assert!(e.contains(part), "{part:?} not in {e:?}");
+    }
+    assert_eq!(status["connected"], false, "{status}");
+    let out = std::process::Command::new(CTL)
+        .args(["-s", wb.ctl_sock().to_str().unwrap(), "broker"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("NOT connected") && text.contains("PRECONDITION_FAILED"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(wb.path("proxy.log")).unwrap();
+    assert!(log.contains("PRECONDITION_FAILED"), "the log says why too");
+}

@@ -1,10 +1,12 @@
 """A real oslo.messaging RPC server on the control side, for the test suite.
 
-Serves `told(**kw)` (cast: prints it), `answer(**kw)` (call: returns kw
+Serves `told(**kw)` and `record(**kw)` (casts: print them), `answer(**kw)` (call: returns kw
 plus the caller's context) and `echo(**kw)` (returns kw, quietly: the
 benchmark's baseline). Prints one JSON line per request received, and
 "ready" once consuming.
 argv: transport_url control_exchange topic server
+(oslo_messaging_rabbit options ride in the transport_url's query, e.g.
+`?rabbit_quorum_queue=true`, as oslo.messaging reads them from there.)
 """
 import json
 import sys
@@ -32,6 +34,9 @@ class Endpoint:
 
     def told(self, ctxt, **kw):
         emit({"method": "told", "ctx": ctxt, "args": kw})
+
+    def record(self, ctxt, **kw):
+        emit({"method": "record", "ctx": ctxt, "args": kw})
 
     def answer(self, ctxt, **kw):
         emit({"method": "answer", "ctx": ctxt, "args": kw})

@@ -134,7 +134,16 @@ pub fn parse_transport_url(url: &str) -> Result<Vec<String>, String> {
         .strip_prefix("rabbit://")
         .or_else(|| url.strip_prefix("amqp://"))
         .ok_or_else(|| bad("must start with rabbit:// or amqp://"))?;
-    let rest = rest.split('?').next().unwrap_or_default();
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // oslo reads driver options from the query; this proxy takes its
+    // declaration flags from [broker]. TLS it cannot do yet: refusing is
+    // better than connecting in clear text to a broker meant for TLS.
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if k == "ssl" && matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on") {
+            return Err(bad("TLS (ssl=...) is not supported by tether-proxy yet"));
+        }
+    }
     let (hosts, vhost) = match rest.split_once('/') {
         Some((h, v)) => (h, v),
         None => (rest, ""),
@@ -179,7 +188,13 @@ mod tests {
             parse_transport_url("rabbit://h/nova?ssl=0").unwrap(),
             vec!["amqp://guest:guest@h:5672/nova"]
         );
-        for bad in ["http://h/", "rabbit://", "rabbit://a,,b/", "rabbit://u:p@/"] {
+        for bad in [
+            "http://h/",
+            "rabbit://",
+            "rabbit://a,,b/",
+            "rabbit://u:p@/",
+            "rabbit://h/?ssl=true",
+        ] {
             assert!(parse_transport_url(bad).is_err(), "{bad}");
         }
     }
