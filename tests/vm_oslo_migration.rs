@@ -155,8 +155,16 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         ok + timed_out == round && ok >= round - 2,
         "calls answered {ok}, timed out {timed_out} of {round}"
     );
+    // The guest's own counters: redeliveries (A requeued what the guest
+    // had not acknowledged when the link dropped) that it dropped.
+    let g = cb
+        .req(json!({"op": "call", "instance": u, "topic": "tether.agent", "method": "stats", "timeout_ms": 20_000}))
+        .await;
     eprintln!(
-        "migration {took:?}; {n} casts, {round} calls ({ok} answered, {timed_out} timed out); B: resent {}, duplicates {}, replies rerouted {}",
-        b["resent"], b["duplicates"], b["replies_rerouted"]
+        "migration {took:?}; {n} casts, {round} calls ({ok} answered, {timed_out} timed out); B: resent {}, duplicates {}, replies rerouted {}; guest dropped {} duplicate requests",
+        b["resent"],
+        b["duplicates"],
+        b["replies_rerouted"],
+        g["result"]["router"]["duplicates_dropped"]
     );
 }
