@@ -35,14 +35,7 @@ impl Host {
 
     /// This proxy's view of the instance.
     async fn link(&mut self, uuid: &str) -> Value {
-        let v = self.ctl.req(json!({"op": "links"})).await;
-        v["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["instance"] == uuid)
-            .cloned()
-            .unwrap_or(Value::Null)
+        self.ctl.link(uuid).await
     }
 
     /// Wait (bounded) until the instance is linked here with exactly the

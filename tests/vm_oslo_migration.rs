@@ -8,22 +8,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::oslo::*;
 use support::vm::{Vm, free_port, migrate_after};
 use support::*;
-
-/// This proxy's view of the instance.
-async fn link(ctl: &mut Ctl, uuid: &str) -> Value {
-    let v = ctl.req(json!({"op": "links"})).await;
-    v["result"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|l| l["instance"] == uuid)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_nothing_twice() {
@@ -69,11 +57,7 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         })
     };
     let t = Instant::now();
-    while link(&mut ca, &u).await["calls_in_flight"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
+    while ca.link(&u).await["calls_in_flight"].as_u64().unwrap_or(0) == 0 {
         assert!(
             t.elapsed() < BOUND,
             "the call never reached the guest through A"
@@ -123,12 +107,12 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         "the call that entered through the source gets its reply\n{}",
         dst.console()
     );
-    let b = link(&mut cb, &u).await;
+    let b = cb.link(&u).await;
     assert!(
         b["replies_rerouted"].as_u64().unwrap_or(0) >= 1,
         "B forwarded the reply to a call it never delivered: {b}"
     );
-    assert_eq!(link(&mut ca, &u).await["established"], false);
+    assert_eq!(ca.link(&u).await["established"], false);
 
     // Every cast handled exactly once: `tally` counts handled casts and
     // distinct `i`s; with every i in 0..n, both equal to n means each once.

@@ -275,6 +275,18 @@ impl Ctl {
         self.send_line(&v.to_string()).await;
         self.read().await
     }
+
+    /// The proxy's `links` entry for `uuid` (null if it has none).
+    pub async fn link(&mut self, uuid: &str) -> Value {
+        let v = self.req(json!({"op": "links"})).await;
+        v["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["instance"] == uuid)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
 }
 
 /// Wait (bounded) until the instance is linked with `topic` registered.
