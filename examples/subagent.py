@@ -148,5 +148,8 @@ while True:
                 slot[0].set()
         elif msg.get("op") == "registered":
             print(f"{name}: serving {msg['topics']}", flush=True)
+        elif msg.get("op") == "cast_refused":
+            print(f"{name}: host refused cast {msg['method']} to {msg['target'].get('topic')}: {msg['reason']}",
+                  file=sys.stderr, flush=True)
         elif msg.get("op") == "error":
             print(f"{name}: agent says: {msg['message']}", file=sys.stderr, flush=True)

@@ -27,6 +27,20 @@ use crate::rpc::{Failure, Kind, Target};
 
 /// Longest line the client accepts from the agent.
 pub const MAX_LINE: usize = 1024 * 1024;
+/// Cast refusals kept until [`SubAgent::next_refusal`] takes them; older
+/// ones are dropped (they are in the agent's log too).
+pub const MAX_REFUSALS_KEPT: usize = 1024;
+
+/// A cast of ours that the host did not pass on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CastRefused {
+    /// Where it was going.
+    pub target: Target,
+    /// Its method.
+    pub method: String,
+    /// Why (`Denied: ...`, `BrokerUnavailable: ...`, `NoRoute: ...`).
+    pub reason: String,
+}
 
 /// What can go wrong in a sub-agent client.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +98,8 @@ pub struct SubAgent {
     results: HashMap<u64, Result<Value, Failure>>,
     /// Requests that arrived while waiting for a call result.
     queued: std::collections::VecDeque<Incoming>,
+    /// Cast refusals not taken yet (at most [`MAX_REFUSALS_KEPT`]).
+    refused: std::collections::VecDeque<CastRefused>,
     next_call: u64,
 }
 
@@ -108,6 +124,7 @@ impl SubAgent {
             framed: Framed::new(s, LinesCodec::new_with_max_length(MAX_LINE)),
             results: HashMap::new(),
             queued: Default::default(),
+            refused: Default::default(),
             next_call: 1,
         };
         me.send(&FromSub::Register {
@@ -168,8 +185,36 @@ impl SubAgent {
                     .insert(id, crate::rpc::join_result(result, error));
                 Ok(())
             }
+            ToSub::CastRefused {
+                target,
+                method,
+                reason,
+            } => {
+                tracing::warn!(topic = %target.topic, method = %method, reason = %reason, "a cast was refused by the host");
+                if self.refused.len() >= MAX_REFUSALS_KEPT {
+                    self.refused.pop_front();
+                }
+                self.refused.push_back(CastRefused {
+                    target,
+                    method,
+                    reason,
+                });
+                Ok(())
+            }
             ToSub::Error { message } => Err(ClientError::Refused(message)),
             ToSub::Registered { .. } => Ok(()),
+        }
+    }
+
+    /// The next refusal of one of our casts (requests that arrive meanwhile
+    /// are kept for [`Self::next_request`]).
+    pub async fn next_refusal(&mut self) -> Result<CastRefused, ClientError> {
+        loop {
+            if let Some(r) = self.refused.pop_front() {
+                return Ok(r);
+            }
+            let m = self.read().await?;
+            self.stash(m)?;
         }
     }
 

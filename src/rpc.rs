@@ -5,7 +5,10 @@
 //!   calls a sub-agent sends upstream);
 //! - `rep`: the reply to a call, carrying everything needed to route it (so a
 //!   reply can leave through another host's proxy after a migration);
-//! - `topics`: the topics the guest's sub-agents serve (guest → host).
+//! - `topics`: the topics the guest's sub-agents serve (guest → host);
+//! - `refused`: a guest cast the host did not pass on — its policy denied
+//!   it, or the broker is away and the hold is full, or nothing consumed its
+//!   topic in time (host → guest, so the sub-agent that cast learns why).
 //!
 //! The format is documented in `docs/subagent.md` (what sub-agents see) and
 //! here (what crosses the link).
@@ -169,6 +172,13 @@ pub enum LinkMsg {
     Topics {
         /// Sorted topic names.
         topics: Vec<String>,
+    },
+    /// A guest cast the host refused (host → guest).
+    Refused {
+        /// The cast's unique id.
+        unique_id: String,
+        /// Why, for the sub-agent and the guest's log.
+        reason: String,
     },
 }
 

@@ -123,3 +123,42 @@ async fn guest_identity_comes_from_the_host_and_guest_calls_are_refused() {
     let v = ctl.req(json!({"op": "links"})).await;
     assert_eq!(v["result"][0]["denied"], 1, "{v}");
 }
+
+#[tokio::test]
+async fn a_cast_the_policy_denies_is_refused_back_to_the_sub_agent_that_sent_it() {
+    let w = World::new();
+    let _proxy = w.proxy("[policy]\nallow_guest_casts = false\n");
+    let (_a, sock) = w.bare_agent(&uuid(2));
+    wait_for_path(&sock);
+    let mut sa = SubAgent::connect(&sock, "caster", &["y"]).await.unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &uuid(2), "y").await;
+    let target = Target {
+        topic: "events".into(),
+        ..Default::default()
+    };
+    sa.cast(target.clone(), "pool_down", json!({"pool": "p1"}))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(BOUND, sa.next_refusal())
+        .await
+        .expect("no refusal came back")
+        .unwrap();
+    assert_eq!(r.target, target);
+    assert_eq!(r.method, "pool_down");
+    assert!(
+        r.reason.starts_with("Denied: guest casts are not allowed"),
+        "{r:?}"
+    );
+    // The sub-agent keeps serving after the refusal.
+    let v = ctl
+        .req(json!({"op": "cast", "instance": uuid(2), "topic": "y", "method": "m"}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let req = tokio::time::timeout(BOUND, sa.next_request())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.method, "m");
+}

@@ -391,3 +391,99 @@ async fn a_declaration_that_does_not_match_the_deployment_is_reported_clearly() 
     let log = std::fs::read_to_string(wb.path("proxy.log")).unwrap();
     assert!(log.contains("PRECONDITION_FAILED"), "the log says why too");
 }
+
+/// A loopback port nothing listens on (bound, then released).
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_the_next_host_of_the_transport_url() {
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("fo");
+    // The first host is down; the second is the test broker.
+    let both = url.replacen(
+        "rabbit://",
+        &format!("rabbit://guest:guest@127.0.0.1:{},", dead_port()),
+        1,
+    );
+    let w = World::new();
+    let _proxy = w.proxy(&broker_section(&both, &ex));
+    let u = random_uuid();
+    let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, &topic, &u).await;
+    let v = c
+        .op(json!({"op": "call", "topic": topic, "server": u, "method": "add", "args": {"a": 1, "b": 1}}))
+        .await;
+    assert_eq!(v, json!({"ok": true, "result": 2}));
+    let b = w.ctl().await.req(json!({"op": "broker"})).await;
+    let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
+    assert!(
+        b["result"]["broker"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{port}/%2f")),
+        "{b}"
+    );
+    assert_eq!(b["result"]["connected"], true, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_away_guest_casts_beyond_the_hold_are_refused_to_the_sub_agent() {
+    const HOLD: usize = 2;
+    const CASTS: usize = 12;
+    let w = World::new();
+    let _proxy = w.proxy(&format!(
+        "[broker]\ntransport_url = \"rabbit://guest:guest@127.0.0.1:{}/\"\nreconnect_min_ms = 100\nreconnect_max_ms = 200\nupstream_hold = {HOLD}\n",
+        dead_port()
+    ));
+    let u = random_uuid();
+    let (_a, sock) = w.bare_agent(&u);
+    wait_for_path(&sock);
+    let mut sa = tether::client::SubAgent::connect(&sock, "caster", &["z"])
+        .await
+        .unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &u, "z").await;
+    let target = tether::rpc::Target {
+        topic: "events".into(),
+        ..Default::default()
+    };
+    for i in 0..CASTS {
+        sa.cast(target.clone(), "tick", json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    // Each cast is either held (up to the hold, plus what sits in the
+    // bridge's queue) or refused back: at least the excess comes back.
+    let mut refused = 0;
+    while refused < CASTS - 2 * HOLD - 1 {
+        let r = tokio::time::timeout(BOUND, sa.next_refusal())
+            .await
+            .expect("too few refusals came back")
+            .unwrap();
+        assert!(r.reason.starts_with("BrokerUnavailable"), "{r:?}");
+        assert_eq!(r.method, "tick");
+        refused += 1;
+    }
+    let b = ctl.req(json!({"op": "broker"})).await;
+    assert_eq!(b["result"]["connected"], false, "{b}");
+    assert!(
+        b["result"]["refused"].as_u64().unwrap() >= refused as u64,
+        "{b}"
+    );
+    assert!(b["result"]["held"].as_u64().unwrap() <= HOLD as u64, "{b}");
+    assert!(
+        b["result"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{b}"
+    );
+}

@@ -3,7 +3,7 @@
 //! go into each sub-agent's bounded queue and replies come back as events, so
 //! a slow handler delays nobody else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -23,6 +23,11 @@ use crate::rpc::{
 pub const MAX_INFLIGHT: usize = 4096;
 /// Calls a sub-agent sent upstream and that wait for an answer.
 pub const MAX_UPSTREAM: usize = 1024;
+/// Upstream casts remembered (unique id → the sub-agent that cast), so a
+/// host's refusal reaches the right sub-agent: more than a send window's
+/// worth of casts (1024 frames by default) is ample; older refusals are
+/// only logged.
+pub const RECENT_CASTS: usize = 4096;
 /// Upstream calls without a timeout wait this long.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls without a deadline are forgotten after this long (the caller gave up).
@@ -56,6 +61,10 @@ pub struct Router {
     topics: BTreeMap<String, ConnId>,
     inflight: HashMap<(ConnId, u64), InFlight>,
     upstream: HashMap<String, Upstream>,
+    /// Recent upstream casts: unique id → (sub-agent, topic, method), and
+    /// their order for the bound [`RECENT_CASTS`].
+    casts: HashMap<String, (ConnId, Target, String)>,
+    cast_order: VecDeque<String>,
     next_req: u64,
     dedup: DedupWindow,
     /// Requests dropped because their unique id was seen before.
@@ -76,6 +85,8 @@ impl Router {
             topics: BTreeMap::new(),
             inflight: HashMap::new(),
             upstream: HashMap::new(),
+            casts: HashMap::new(),
+            cast_order: VecDeque::new(),
             next_req: 1,
             dedup: DedupWindow::new(DEDUP_WINDOW),
             duplicates_dropped: 0,
@@ -125,6 +136,7 @@ impl Router {
                 Ok(LinkMsg::Req(r)) => self.on_request(r).await,
                 Ok(LinkMsg::Rep(r)) => self.on_upstream_reply(r).await,
                 Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
+                Ok(LinkMsg::Refused { unique_id, reason }) => self.on_refused(unique_id, reason),
                 Err(e) => warn!(error = %e, "malformed message from the host dropped"),
             },
             // A new connection, or a new host proxy on the same connection (a
@@ -412,6 +424,16 @@ impl Router {
                 ctx,
             } => {
                 let r = upstream_request(Kind::Cast, target, method, args, ctx, None, None);
+                if self.cast_order.len() >= RECENT_CASTS
+                    && let Some(old) = self.cast_order.pop_front()
+                {
+                    self.casts.remove(&old);
+                }
+                self.cast_order.push_back(r.unique_id.clone());
+                self.casts.insert(
+                    r.unique_id.clone(),
+                    (conn, r.target.clone(), r.method.clone()),
+                );
                 self.send(&LinkMsg::Req(r)).await;
             }
             FromSub::Call {
@@ -457,6 +479,24 @@ impl Router {
                     Some(ms),
                 );
                 self.send(&LinkMsg::Req(r)).await;
+            }
+        }
+    }
+
+    /// The host did not pass a cast on: tell the sub-agent that sent it.
+    fn on_refused(&mut self, unique_id: String, reason: String) {
+        let Some((conn, target, method)) = self.casts.remove(&unique_id) else {
+            return warn!(unique_id = %unique_id, reason = %reason, "the host refused a cast this agent no longer remembers");
+        };
+        warn!(topic = %target.topic, method = %method, reason = %reason, "the host refused a sub-agent's cast");
+        if let Some(s) = self.subs.get(&conn) {
+            let m = ToSub::CastRefused {
+                target,
+                method,
+                reason,
+            };
+            if s.tx.try_send(m).is_err() {
+                warn!(sub = %s.name, "sub-agent queue full: a cast refusal was only logged");
             }
         }
     }

@@ -111,6 +111,17 @@ pub enum ToSub {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<Failure>,
     },
+    /// A cast this sub-agent sent went no further than the host: its policy
+    /// denied it, or the control plane could not be reached in time.
+    CastRefused {
+        /// Where the cast was going.
+        target: Target,
+        /// Its method.
+        method: String,
+        /// Why (starts with a class-like word: `Denied`, `BrokerUnavailable`,
+        /// `NoRoute`).
+        reason: String,
+    },
     /// Something the sub-agent sent was refused.
     Error {
         /// What and why.

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
-use super::broker::Upstream;
+use super::broker::{Outlet, Upstream};
 use super::policy::{Decision, Enforcer, PolicyConfig};
 use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
 use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
@@ -46,7 +46,7 @@ impl Instance {
         session: SessionConfig,
         policy: PolicyConfig,
         watch: broadcast::Sender<WatchEvent>,
-        upstream: Option<mpsc::Sender<Upstream>>,
+        upstream: Option<Outlet>,
     ) -> Arc<Self> {
         let link = Link::spawn(
             UnixConnector { path: socket },
@@ -142,7 +142,7 @@ impl Instance {
 /// bridge when one is configured.
 struct Outlets {
     watch: broadcast::Sender<WatchEvent>,
-    upstream: Option<mpsc::Sender<Upstream>>,
+    upstream: Option<Outlet>,
 }
 
 async fn read_loop(
@@ -188,18 +188,16 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
     if let Decision::Deny(reason) = enforcer.check(&msg, b.len(), answers_call) {
         inst.denied.fetch_add(1, Ordering::Relaxed);
         warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %reason, "guest message refused");
-        // A refused call still gets its one answer.
-        if let LinkMsg::Req(r) = &msg
-            && r.kind == Kind::Call
-            && let Some(msg_id) = &r.msg_id
-        {
-            answer(
-                inst,
-                msg_id.clone(),
-                r.reply_to.clone(),
-                Failure::tether("Denied", reason),
-            )
-            .await;
+        // A refused call still gets its one answer; a refused cast a
+        // notice, so the sub-agent that cast learns why.
+        if let LinkMsg::Req(r) = &msg {
+            match &r.msg_id {
+                Some(msg_id) if r.kind == Kind::Call => {
+                    let f = Failure::tether("Denied", reason);
+                    answer(inst, msg_id.clone(), r.reply_to.clone(), f).await;
+                }
+                _ => refuse_cast(inst, r.unique_id.clone(), format!("Denied: {reason}")).await,
+            }
         }
         return;
     }
@@ -221,7 +219,7 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
                         "reply": r,
                     }));
                     if let (Some(up), Some(_)) = (&out.upstream, &r.reply_to) {
-                        if up.try_send(Upstream::Reply(r)).is_ok() {
+                        if up.offer(Upstream::Reply(r)) {
                             inst.rerouted.fetch_add(1, Ordering::Relaxed);
                         } else {
                             warn!(instance = %inst.id, "reply for the broker refused: the bridge's queue is full");
@@ -233,6 +231,9 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
         LinkMsg::Topics { topics } => {
             info!(instance = %inst.id, ?topics, "guest topics");
             *lock(&inst.topics) = topics;
+        }
+        LinkMsg::Refused { .. } => {
+            debug!(instance = %inst.id, "a 'refused' notice from the guest ignored (host → guest only)");
         }
         LinkMsg::Req(mut r) => {
             // Identity is stamped here, whatever the guest claims.
@@ -264,28 +265,44 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
                 }
                 return;
             };
-            let (msg_id, reply_to, method) =
-                (r.msg_id.clone(), r.reply_to.clone(), r.method.clone());
+            let (msg_id, reply_to, method, unique_id) = (
+                r.msg_id.clone(),
+                r.reply_to.clone(),
+                r.method.clone(),
+                r.unique_id.clone(),
+            );
             let m = if r.kind == Kind::Call {
                 Upstream::Call {
                     instance: inst.id.clone(),
                     request: r,
                 }
             } else {
-                Upstream::Cast(r)
+                Upstream::Cast {
+                    instance: inst.id.clone(),
+                    request: r,
+                }
             };
-            if up.try_send(m).is_err() {
+            if !up.offer(m) {
                 warn!(target: "audit", instance = %inst.id, method = %method, "guest request refused: the broker bridge's queue is full");
-                if let Some(msg_id) = msg_id {
-                    let f = Failure::tether(
-                        "BrokerUnavailable",
-                        "too many guest messages wait for the broker",
-                    );
-                    answer(inst, msg_id, reply_to, f).await;
+                const WHY: &str = "BrokerUnavailable: too many guest messages wait for the broker";
+                match msg_id {
+                    Some(msg_id) => {
+                        let f = Failure::tether("BrokerUnavailable", WHY);
+                        answer(inst, msg_id, reply_to, f).await;
+                    }
+                    None => refuse_cast(inst, unique_id, WHY.into()).await,
                 }
             }
         }
     }
+}
+
+/// Tell the guest that its cast `unique_id` went no further, and why.
+pub(crate) async fn refuse_cast(inst: &Instance, unique_id: String, reason: String) {
+    let _ = inst
+        .tx
+        .send(LinkMsg::Refused { unique_id, reason }.to_bytes())
+        .await;
 }
 
 /// Answer a guest's call with a failure.

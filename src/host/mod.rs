@@ -48,9 +48,9 @@ pub struct Proxy {
     instances: Mutex<BTreeMap<String, Arc<Instance>>>,
     watch: broadcast::Sender<WatchEvent>,
     /// To the broker bridge, when a broker is configured.
-    upstream: Option<mpsc::Sender<broker::Upstream>>,
+    upstream: Option<broker::Outlet>,
     /// The broker bridge's state (`broker` on the control socket).
-    pub bridge: broker::StatusCell,
+    pub bridge: Arc<broker::StatusCell>,
 }
 
 impl Proxy {
@@ -63,12 +63,13 @@ impl Proxy {
         cfg: ProxyConfig,
         upstream: Option<mpsc::Sender<broker::Upstream>>,
     ) -> Arc<Self> {
+        let bridge = Arc::new(broker::StatusCell::default());
         Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
             watch: broadcast::channel(WATCH_BUFFER).0,
-            upstream,
-            bridge: broker::StatusCell::default(),
+            upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone())),
+            bridge,
         })
     }
 

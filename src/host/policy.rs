@@ -151,6 +151,7 @@ impl Enforcer {
                 Decision::Deny(format!("more than {} topics", self.cfg.max_topics))
             }
             LinkMsg::Topics { .. } => Decision::Allow,
+            LinkMsg::Refused { .. } => Decision::Deny("'refused' goes host → guest only".into()),
             LinkMsg::Req(r) => match r.kind {
                 Kind::Cast if self.cfg.allow_guest_casts => Decision::Allow,
                 Kind::Call if self.cfg.allow_guest_calls => Decision::Allow,

@@ -138,11 +138,40 @@ impl StatusCell {
     }
 }
 
+/// Where instances hand guest messages to the bridge (a bounded queue of
+/// `upstream_hold`); what does not fit is counted as refused.
+#[derive(Clone)]
+pub struct Outlet {
+    tx: mpsc::Sender<Upstream>,
+    status: Arc<StatusCell>,
+}
+
+impl Outlet {
+    /// An outlet into `tx`, counting refusals in `status`.
+    pub fn new(tx: mpsc::Sender<Upstream>, status: Arc<StatusCell>) -> Self {
+        Self { tx, status }
+    }
+
+    /// Queue `m` for the bridge; `false` (and counted) when the queue is full.
+    pub fn offer(&self, m: Upstream) -> bool {
+        let ok = self.tx.try_send(m).is_ok();
+        if !ok {
+            self.status.update(|s| s.refused += 1);
+        }
+        ok
+    }
+}
+
 /// A guest message for the control plane, past the enforcement point.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// A cast (identity already stamped into its context).
-    Cast(Request),
+    /// A cast from `instance` (identity already stamped into its context).
+    Cast {
+        /// Who cast.
+        instance: String,
+        /// The cast.
+        request: Request,
+    },
     /// A call from `instance`; its reply goes back into that guest.
     Call {
         /// Who asked.
@@ -277,9 +306,19 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
                 let _ = inst.tx.send(rep.to_bytes()).await;
             }
         }
-        Upstream::Cast(r) => {
+        Upstream::Cast {
+            instance,
+            request: r,
+        } => {
             proxy.bridge.update(|s| s.refused += 1);
-            error!(target: "audit", method = %r.method, topic = %r.target.topic, unique_id = %r.unique_id, "guest cast refused: broker unreachable and the hold is full")
+            error!(target: "audit", instance = %instance, method = %r.method, topic = %r.target.topic, unique_id = %r.unique_id, "guest cast refused: broker unreachable and the hold is full");
+            if let Some(inst) = proxy.instance(&instance) {
+                let why = format!(
+                    "BrokerUnavailable: the control plane's broker is unreachable and {} messages already wait",
+                    cfg.upstream_hold
+                );
+                super::instance::refuse_cast(&inst, r.unique_id, why).await;
+            }
         }
         Upstream::Reply(r) => {
             proxy.bridge.update(|s| s.refused += 1);

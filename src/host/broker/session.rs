@@ -33,7 +33,7 @@ use super::{
     Upstream, props, short, wire,
 };
 use crate::host::Proxy;
-use crate::host::instance::Instance;
+use crate::host::instance::{Instance, refuse_cast};
 use crate::rpc::{Failure, LinkMsg, Reply, Request};
 
 /// One instance's consumers: a channel of its own (prefetch per instance).
@@ -275,17 +275,32 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         match m {
-            Upstream::Cast(r) => {
+            Upstream::Cast {
+                instance,
+                request: r,
+            } => {
                 if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
                     self.proxy.bridge.update(|s| s.refused += 1);
-                    error!(target: "audit", topic = %r.target.topic, method = %r.method, unique_id = %r.unique_id,
-                           "guest cast dropped: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
+                    error!(target: "audit", instance = %instance, topic = %r.target.topic, method = %r.method, unique_id = %r.unique_id,
+                           "guest cast refused: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
+                    if let Some(inst) = self.proxy.instance(&instance) {
+                        let why = format!(
+                            "NoRoute: nothing on the control plane consumed topic '{}' for {} s",
+                            r.target.topic,
+                            RETRY_FOR.as_secs()
+                        );
+                        refuse_cast(&inst, r.unique_id, why).await;
+                    }
                 } else {
                     if first.elapsed().is_zero() || self.retry.is_empty() {
                         debug!(topic = %r.target.topic, "guest cast unroutable for now; retrying");
                     }
+                    let m = Upstream::Cast {
+                        instance,
+                        request: r,
+                    };
                     self.retry
-                        .push_back((first, Instant::now() + RETRY_EVERY, Upstream::Cast(r)));
+                        .push_back((first, Instant::now() + RETRY_EVERY, m));
                 }
             }
             Upstream::Call { instance, request } => {
@@ -317,7 +332,7 @@ impl<'a> Session<'a> {
     /// Publish; `Ok(false)` when the broker returned it as unroutable.
     async fn publish_upstream(&mut self, ch: &Channel, m: &Upstream) -> Result<bool, lapin::Error> {
         let (exchange, key, body, props, mandatory) = match m {
-            Upstream::Cast(r) => (
+            Upstream::Cast { request: r, .. } => (
                 r.target
                     .exchange
                     .clone()
