@@ -3,7 +3,10 @@
 //! - tether: oslo client → RabbitMQ → tether-proxy → link (emulated port) →
 //!   tether-agent → sub-agent (Rust client API, echo) → and back;
 //! - baseline: oslo client → RabbitMQ → a Python oslo.messaging RPC server
-//!   (what an agent inside the VM would run if it spoke AMQP itself).
+//!   (what an agent inside the VM would run if it spoke AMQP itself);
+//! - floor: oslo client → RabbitMQ → a bare lapin responder in this process
+//!   (decode, answer at once, publish the reply): what the client and the
+//!   broker cost any responder, however fast.
 //!
 //! Needs the test broker and venv (`scripts/test` provides both; or
 //! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI.
@@ -11,10 +14,93 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
 use support::oslo::*;
 use support::*;
 use tether::client::SubAgent;
+use tether::host::broker::{BrokerConfig, wire};
+use tether::rpc::Reply;
+
+/// The floor: a responder that does nothing but decode and answer, on the
+/// same lapin client, on the same runtime.
+async fn lapin_responder(url: &str, exchange: &str, topic: &str, server: &str) {
+    let cfg = BrokerConfig {
+        transport_url: url.into(),
+        ..Default::default()
+    };
+    let uri = cfg.amqp_uris().expect("url").remove(0);
+    let conn = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    let q = format!("{topic}.{server}");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    ch.queue_bind(
+        q.as_str().into(),
+        exchange.into(),
+        q.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let (topic, server) = (topic.to_string(), server.to_string());
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(Ok(d)) = consumer.next().await {
+            let Ok(inc) = wire::decode_request(&d.data, &topic, Some(&server), None, false) else {
+                continue;
+            };
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            let (Some(msg_id), Some(rq)) = (inc.request.msg_id, inc.reply_q) else {
+                continue;
+            };
+            let body = wire::encode_reply(&Reply::new(msg_id, None, Ok(inc.request.args)));
+            let props = BasicProperties::default()
+                .with_content_type(wire::CONTENT_TYPE.into())
+                .with_content_encoding("utf-8".into());
+            let _ = ch
+                .basic_publish(
+                    "".into(),
+                    rq.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await;
+        }
+    });
+}
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -43,33 +129,51 @@ fn main() {
         });
         let py_topic = unique("pybench");
         let _server = OsloServer::start(&url, &ex, &py_topic, "pyserver").await;
+        let floor_topic = unique("floor");
+        lapin_responder(&url, &ex, &floor_topic, "floor").await;
         let mut c = OsloClient::start(&url, &ex);
         served(&mut c, &topic, &u).await;
         let bench = |topic: &str, server: &str, n: usize| {
             json!({"op": "bench", "topic": topic, "server": server, "method": "echo",
                    "args": {"x": 1}, "n": n, "timeout": 30})
         };
-        // Warm up both paths, then measure them alternately, twice each.
-        c.op(bench(&topic, &u, n / 10 + 1)).await;
-        c.op(bench(&py_topic, "pyserver", n / 10 + 1)).await;
+        // Warm up every path, then measure them in turn, twice each.
+        let paths = [
+            (topic.as_str(), u.as_str()),
+            (py_topic.as_str(), "pyserver"),
+            (floor_topic.as_str(), "floor"),
+        ];
+        for (t, s) in paths {
+            let v = c.op(bench(t, s, n / 10 + 1)).await;
+            assert_eq!(v["ok"], true, "{v}");
+        }
         let mut rows = vec![];
         for _ in 0..2 {
-            let t = c.op(bench(&topic, &u, n)).await;
-            let p = c.op(bench(&py_topic, "pyserver", n)).await;
-            assert_eq!(t["ok"], true, "{t}");
-            assert_eq!(p["ok"], true, "{p}");
-            rows.push((t, p));
+            let mut row = vec![];
+            for (t, s) in paths {
+                let v = c.op(bench(t, s, n)).await;
+                assert_eq!(v["ok"], true, "{v}");
+                row.push(v);
+            }
+            rows.push(row);
         }
-        println!("| oslo call RTT, {n} sequential calls | Python oslo server | tether → sub-agent | tether / Python |");
-        println!("|---|---|---|---|");
-        for (t, p) in rows {
-            let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0) / 1000.0;
+        println!("| oslo call RTT, {n} sequential calls, mean / p50 / p99 | Python oslo server | tether → sub-agent | bare lapin responder (floor) | tether / Python | tether − floor vs Python − floor (p50) |");
+        println!("|---|---|---|---|---|---|");
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0) / 1000.0;
+        let cell = |v: &serde_json::Value| {
+            format!("{:.2} / {:.2} / {:.2} ms", f(v, "mean_us"), f(v, "p50_us"), f(v, "p99_us"))
+        };
+        for row in rows {
+            let (t, p, fl) = (&row[0], &row[1], &row[2]);
             println!(
-                "| mean / p50 / p99 | {:.2} / {:.2} / {:.2} ms | {:.2} / {:.2} / {:.2} ms | {:.2} (mean), {:.2} (p50) |",
-                f(&p, "mean_us"), f(&p, "p50_us"), f(&p, "p99_us"),
-                f(&t, "mean_us"), f(&t, "p50_us"), f(&t, "p99_us"),
-                f(&t, "mean_us") / f(&p, "mean_us"),
-                f(&t, "p50_us") / f(&p, "p50_us"),
+                "| | {} | {} | {} | {:.2} (mean), {:.2} (p50) | {:.2} vs {:.2} ms |",
+                cell(p),
+                cell(t),
+                cell(fl),
+                f(t, "mean_us") / f(p, "mean_us"),
+                f(t, "p50_us") / f(p, "p50_us"),
+                f(t, "p50_us") - f(fl, "p50_us"),
+                f(p, "p50_us") - f(fl, "p50_us"),
             );
         }
     });
