@@ -23,8 +23,6 @@ pub(super) enum Target {
     One(Arc<Instance>),
     /// Every local instance serving the topic, at delivery time.
     Fanout {
-        /// Where the instances are.
-        proxy: Arc<Proxy>,
         /// A stream fanout: where to record the offset of what was handled.
         stream: Option<StreamOffsets>,
     },
@@ -155,8 +153,8 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
         }
     };
     let inst = match target {
-        Target::Fanout { proxy: p, stream } => {
-            let targets: Vec<_> = p
+        Target::Fanout { stream } => {
+            let targets: Vec<_> = proxy
                 .instances()
                 .into_iter()
                 .filter(|i| i.tx.status().established && i.topics().contains(&topic))

@@ -612,10 +612,7 @@ impl<'a> Session<'a> {
         tokio::spawn(consume(
             consumer,
             self.proxy.clone(),
-            Target::Fanout {
-                proxy: self.proxy.clone(),
-                stream,
-            },
+            Target::Fanout { stream },
             t.clone(),
             pub_ch.clone(),
             self.cfg.requeue_grace_ms,
