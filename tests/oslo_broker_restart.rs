@@ -1,6 +1,8 @@
-//! RabbitMQ stopped and started under traffic. In a test binary of its own:
-//! it restarts the suite's shared broker, and cargo runs test binaries one
-//! after another, so no other broker test is running meanwhile.
+//! RabbitMQ stopped and started under traffic, and the proxy's connection
+//! cut while the broker stays up. In a test binary of its own: these disturb
+//! the suite's shared broker, and cargo runs test binaries one after
+//! another, so no other broker test runs meanwhile; within this binary the
+//! tests take turns ([`SERIAL`]).
 
 mod support;
 
@@ -11,16 +13,24 @@ use serde_json::json;
 use support::oslo::*;
 use support::*;
 
+/// One disturbance of the shared broker at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn broker(cmd: &str) {
+    broker_args(&[cmd]);
+}
+
+fn broker_args(args: &[&str]) {
     let st = Command::new(format!("{}/scripts/broker", env!("CARGO_MANIFEST_DIR")))
-        .arg(cmd)
+        .args(args)
         .status()
         .expect("scripts/broker");
-    assert!(st.success(), "scripts/broker {cmd} failed");
+    assert!(st.success(), "scripts/broker {args:?} failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_and_started_under_traffic_nothing_lost_everything_resumes() {
+    let _turn = SERIAL.lock().await;
     const N: u64 = 200;
     const TOLD: u64 = 20;
     let url = amqp_url();
@@ -72,4 +82,52 @@ async fn broker_stopped_and_started_under_traffic_nothing_lost_everything_resume
         );
         assert!(t.elapsed() < Duration::from_secs(90));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_it_reconnects() {
+    let _turn = SERIAL.lock().await;
+    let url = amqp_url();
+    // oslo's options for the Python side, in the URL query where it reads them.
+    let py_url = format!(
+        "{url}?rabbit_transient_quorum_queue=true&rabbit_stream_fanout=true&rabbit_qos_prefetch_count=10"
+    );
+    let ex = unique("ex");
+    let topic = unique("sf");
+    let w = World::new();
+    // A long reconnect backoff: the proxy stays away while fanouts come.
+    let _proxy = w.proxy(&format!(
+        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {ex:?}\ntransient_quorum_queues = true\nstream_fanout = true\nreconnect_min_ms = 4000\nreconnect_max_ms = 4000\n"
+    ));
+    let u = random_uuid();
+    let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
+    let mut ctl = w.ctl().await;
+    let mut c = OsloClient::start(&py_url, &ex);
+    served(&mut c, &topic, &u).await;
+    let fanout = |i: u64| json!({"op": "cast", "topic": topic, "fanout": true, "method": "record", "args": {"i": i}});
+    assert_eq!(c.op(fanout(0)).await["ok"], true);
+    recorded_exactly_once(&w, &u, 1, Duration::from_secs(30)).await;
+
+    // Cut every connection (the proxy's and the Python client's; the
+    // client reconnects by itself on its next publish).
+    broker_args(&["ctl", "close_all_connections", "test: cut the proxy off"]);
+    let t = Instant::now();
+    while ctl.req(json!({"op": "broker"})).await["result"]["connected"] == true {
+        assert!(t.elapsed() < BOUND, "the proxy never noticed the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Published into the stream while the proxy is away.
+    for i in 1..4 {
+        assert_eq!(c.op(fanout(i)).await["ok"], true);
+    }
+    let b = ctl.req(json!({"op": "broker"})).await;
+    assert_eq!(
+        b["result"]["connected"], false,
+        "the fanouts must go out while the proxy is away: {b}"
+    );
+    // It reconnects and reads on from after the last offset it handled:
+    // the three missed fanouts arrive, and the first is not replayed.
+    recorded_exactly_once(&w, &u, 4, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.recorded(&u).len(), 4, "nothing replayed later either");
 }
