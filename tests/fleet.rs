@@ -162,3 +162,38 @@ async fn a_cast_the_policy_denies_is_refused_back_to_the_sub_agent_that_sent_it(
         .unwrap();
     assert_eq!(req.method, "m");
 }
+
+#[tokio::test]
+async fn topics_outside_the_allow_list_are_not_served_and_do_not_take_the_others_away() {
+    let w = World::new();
+    let _proxy = w.proxy("[policy]\nallowed_topics = [\"lbaas*\"]\n");
+    let (_a, sock) = w.bare_agent(&uuid(3));
+    wait_for_path(&sock);
+    let _good = SubAgent::connect(&sock, "good", &["lbaas-agent"])
+        .await
+        .unwrap();
+    let _bad = SubAgent::connect(&sock, "greedy", &["nova-compute"])
+        .await
+        .unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &uuid(3), "lbaas-agent").await;
+    // The guest registered both; the proxy serves only the allowed one.
+    let t = std::time::Instant::now();
+    loop {
+        let l = ctl.link(&uuid(3)).await;
+        if l["denied"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(l["topics"], json!(["lbaas-agent"]), "{l}");
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the refused topic was never counted: {l}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = std::fs::read_to_string(w.path("proxy.log")).unwrap();
+    assert!(
+        log.contains("nova-compute") && log.contains("allowed_topics"),
+        "the audit log names it"
+    );
+}

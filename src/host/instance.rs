@@ -229,6 +229,11 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
             }
         }
         LinkMsg::Topics { topics } => {
+            let (topics, refused) = enforcer.allowed_topics(topics);
+            if !refused.is_empty() {
+                inst.denied.fetch_add(1, Ordering::Relaxed);
+                warn!(target: "audit", instance = %inst.id, decision = "deny", ?refused, "guest topics not in policy.allowed_topics refused");
+            }
             info!(instance = %inst.id, ?topics, "guest topics");
             *lock(&inst.topics) = topics;
         }

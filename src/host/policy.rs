@@ -27,6 +27,11 @@ pub struct PolicyConfig {
     pub byte_burst: f64,
     /// Most topics one instance may register.
     pub max_topics: usize,
+    /// Topics a guest's sub-agents may register (and so have the proxy
+    /// consume for over the broker): exact names, or prefixes ending in
+    /// `*`. Empty: any topic. A guest that registers others is refused
+    /// (its earlier registration stays).
+    pub allowed_topics: Vec<String>,
 }
 
 impl Default for PolicyConfig {
@@ -39,6 +44,7 @@ impl Default for PolicyConfig {
             bytes_per_sec: 1_000_000.0,
             byte_burst: 4_000_000.0,
             max_topics: 64,
+            allowed_topics: vec![],
         }
     }
 }
@@ -56,7 +62,27 @@ impl PolicyConfig {
                 return Err(format!("policy.{k} must be a positive number"));
             }
         }
+        for p in &self.allowed_topics {
+            let stem = p.strip_suffix('*').unwrap_or(p);
+            if p.is_empty() || stem.contains('*') {
+                return Err(format!(
+                    "policy.allowed_topics: {p:?} must be a topic name, or a prefix followed by one '*' at the end"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a guest may register `topic`.
+    pub fn topic_allowed(&self, topic: &str) -> bool {
+        self.allowed_topics.is_empty()
+            || self
+                .allowed_topics
+                .iter()
+                .any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => topic.starts_with(prefix),
+                    None => topic == p,
+                })
     }
 }
 
@@ -137,6 +163,13 @@ impl Enforcer {
         d
     }
 
+    /// The topics of a guest's registration that it may serve, and those
+    /// it may not (`policy.allowed_topics`): one sub-agent asking for a
+    /// topic it may not have does not take the others' away.
+    pub fn allowed_topics(&self, topics: Vec<String>) -> (Vec<String>, Vec<String>) {
+        topics.into_iter().partition(|t| self.cfg.topic_allowed(t))
+    }
+
     fn decide(&mut self, msg: &LinkMsg, size: usize) -> Decision {
         let now = Instant::now();
         if !self.msgs.take(1.0, now) {
@@ -150,6 +183,7 @@ impl Enforcer {
             LinkMsg::Topics { topics } if topics.len() > self.cfg.max_topics => {
                 Decision::Deny(format!("more than {} topics", self.cfg.max_topics))
             }
+            // Which of them may be served: [`Enforcer::allowed_topics`].
             LinkMsg::Topics { .. } => Decision::Allow,
             LinkMsg::Refused { .. } => Decision::Deny("'refused' goes host → guest only".into()),
             LinkMsg::Req(r) => match r.kind {
@@ -195,6 +229,30 @@ mod tests {
             Decision::Deny(_)
         ));
         assert_eq!(e.denied, 2);
+    }
+
+    #[test]
+    fn only_allowed_topics_may_be_registered() {
+        let cfg = PolicyConfig {
+            allowed_topics: vec!["lbaas*".into(), "octavia".into()],
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_ok());
+        let e = Enforcer::new(cfg);
+        let v = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            e.allowed_topics(v(&["lbaas-agent", "nova", "octavia", "octavia-x"])),
+            (v(&["lbaas-agent", "octavia"]), v(&["nova", "octavia-x"]))
+        );
+        let any = Enforcer::new(PolicyConfig::default());
+        assert_eq!(any.allowed_topics(v(&["x"])), (v(&["x"]), vec![]));
+        for bad in ["", "a*b*", "*x"] {
+            let cfg = PolicyConfig {
+                allowed_topics: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(cfg.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

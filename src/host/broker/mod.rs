@@ -206,6 +206,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Stream offsets kept for topics no local guest serves at the moment
+/// (beyond this, such a topic's offset is forgotten and it restarts at
+/// `next`): guests choose topic names, so the map needs a bound; a proxy's
+/// guests serve far fewer topics.
+const MAX_IDLE_STREAM_OFFSETS: usize = 4096;
+
 /// Where each stream fanout consumer goes on after a reconnect: the
 /// offset after the last delivery it saw, per topic (as oslo.messaging
 /// keeps it), so a broker blip neither replays nor skips fanouts.

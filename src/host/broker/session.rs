@@ -445,6 +445,15 @@ impl<'a> Session<'a> {
             .cloned()
             .collect();
         for t in stale {
+            // A topic no guest serves now keeps its stream offset (a guest's
+            // link blip should not skip fanouts), unless too many are kept:
+            // topics come from guests.
+            {
+                let mut offsets = super::lock(self.offsets);
+                if offsets.len() > super::MAX_IDLE_STREAM_OFFSETS {
+                    offsets.remove(&t);
+                }
+            }
             if let Some((ch, tag)) = self.fanout.remove(&t) {
                 let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
                 let _ = ch.close(200, "topic no longer served here".into()).await;
