@@ -97,7 +97,7 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
     let w = World::new();
     // A long reconnect backoff: the proxy stays away while fanouts come.
     let _proxy = w.proxy(&format!(
-        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {ex:?}\ntransient_quorum_queues = true\nstream_fanout = true\nreconnect_min_ms = 4000\nreconnect_max_ms = 4000\n"
+        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {ex:?}\ntransient_quorum_queues = true\nstream_fanout = true\nreconnect_min_ms = 8000\nreconnect_max_ms = 8000\n"
     ));
     let u = random_uuid();
     let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");

@@ -247,14 +247,14 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
         {
             Ok(Ok(conn)) => {
                 info!(broker = %shown, "connected to the broker");
-                backoff = Duration::from_millis(cfg.reconnect_min_ms);
-                status.update(|s| {
-                    s.connected = true;
-                    s.connects += 1;
-                    s.up_since_unix_ms = crate::unix_ms();
-                });
+                status.update(|s| s.connects += 1);
                 let mut s = Session::new(&proxy, &cfg, &names, &offsets, conn);
                 let why = chain(&s.serve(&mut up_rx, &mut held).await);
+                // A connection that never got to serve (a refused
+                // declaration) keeps backing off rather than hammering.
+                if s.served {
+                    backoff = Duration::from_millis(cfg.reconnect_min_ms);
+                }
                 warn!(broker = %shown, error = %why, held = held.len(), "broker connection lost; links stay up, reconnecting");
                 s.shutdown().await;
                 status.update(|s| {

@@ -49,6 +49,8 @@ pub(super) struct Session<'a> {
     names: &'a Names,
     offsets: &'a StreamOffsets,
     conn: Connection,
+    /// Whether this connection got as far as serving (declarations done).
+    pub(super) served: bool,
     instances: HashMap<String, InstConsumers>,
     fanout: HashMap<String, (Channel, ShortString)>,
     /// Guest calls waiting for their reply: msg_id → (instance, deadline).
@@ -71,6 +73,7 @@ impl<'a> Session<'a> {
             names,
             offsets,
             conn,
+            served: false,
             instances: HashMap::new(),
             fanout: HashMap::new(),
             calls: HashMap::new(),
@@ -202,6 +205,13 @@ impl<'a> Session<'a> {
                 FieldTable::default(),
             )
             .await?;
+        // Declared and consuming: this is what `connected` means to an
+        // operator (and to whoever waits for our declarations).
+        self.served = true;
+        self.proxy.bridge.update(|s| {
+            s.connected = true;
+            s.up_since_unix_ms = crate::unix_ms();
+        });
         // What waited while the broker was away goes first.
         while let Some(m) = held.pop_front() {
             if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
