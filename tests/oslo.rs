@@ -54,6 +54,7 @@ async fn oslo_call_cast_fanout_errors_timeouts_and_heartbeats() {
         .await;
     assert_eq!(v["ok"], true, "{v}");
     // fanout: every local instance serving the topic.
+    fanout_consumed(&mut w.ctl().await, 1).await;
     let v = c
         .op(json!({"op": "cast", "topic": topic, "fanout": true, "method": "record", "args": {"k": "fan-1"}}))
         .await;
@@ -308,6 +309,7 @@ async fn quorum_queues_and_stream_fanout_as_a_modern_deployment_declares_them() 
         .op(json!({"op": "cast", "topic": topic, "server": u2, "method": "record", "args": {"k": "one"}}))
         .await;
     assert_eq!(v["ok"], true, "{v}");
+    fanout_consumed(&mut w.ctl().await, 1).await;
     for k in ["fan-1", "fan-2"] {
         let v = c
             .op(json!({"op": "cast", "topic": topic, "fanout": true, "method": "record", "args": {"k": k}}))

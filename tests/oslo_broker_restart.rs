@@ -105,6 +105,7 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
     let mut c = OsloClient::start(&py_url, &ex);
     served(&mut c, &topic, &u).await;
     let fanout = |i: u64| json!({"op": "cast", "topic": topic, "fanout": true, "method": "record", "args": {"i": i}});
+    fanout_consumed(&mut ctl, 1).await;
     assert_eq!(c.op(fanout(0)).await["ok"], true);
     recorded_exactly_once(&w, &u, 1, Duration::from_secs(30)).await;
 

@@ -175,3 +175,21 @@ pub async fn recorded_exactly_once(w: &World, u: &str, n: u64, bound: Duration) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Wait (bounded) until the proxy consumes the fanout of `n` topics: a
+/// fanout published before its queue is bound (or, for a stream, before
+/// the consumer attached at `next`) reaches nobody — oslo's semantics too.
+pub async fn fanout_consumed(ctl: &mut super::Ctl, n: u64) {
+    let t = Instant::now();
+    loop {
+        let v = ctl.req(json!({"op": "broker"})).await;
+        if v["result"]["fanout_topics"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(
+            t.elapsed() < super::BOUND,
+            "the proxy never consumed the fanout: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
