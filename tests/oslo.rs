@@ -489,3 +489,79 @@ async fn with_the_broker_away_guest_casts_beyond_the_hold_are_refused_to_the_sub
         "{b}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_served() {
+    let url = amqp_url();
+    let topic = unique("mix");
+    let (u_bad, u_ok) = (random_uuid(), random_uuid());
+    // The deployment already has `<topic>.<u_bad>` as a classic queue (a
+    // proxy with oslo's defaults declared it, then went away).
+    {
+        let w0 = World::new();
+        let _p0 = w0.proxy(&broker_section(&url, &unique("ex")));
+        let _a0 = w0.agent(
+            &u_bad,
+            &w0.channels().join(format!("{u_bad}.sock")),
+            &topic,
+            "",
+        );
+        let mut ctl0 = w0.ctl().await;
+        let t = Instant::now();
+        while ctl0.req(json!({"op": "broker"})).await["result"]["instances_consumed"] != 1 {
+            assert!(t.elapsed() < BOUND, "the first proxy never consumed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A proxy configured for quorum queues meets it.
+    let ex = unique("ex");
+    let w = World::new();
+    let _p = w.proxy(&format!(
+        "{}quorum_queues = true\n",
+        broker_section(&url, &ex)
+    ));
+    let _bad = w.agent(
+        &u_bad,
+        &w.channels().join(format!("{u_bad}.sock")),
+        &topic,
+        "",
+    );
+    let _ok = w.agent(
+        &u_ok,
+        &w.channels().join(format!("{u_ok}.sock")),
+        &topic,
+        "",
+    );
+    let mut c = OsloClient::start(&format!("{url}?rabbit_quorum_queue=true"), &ex);
+    // The other instance is served all the same.
+    served(&mut c, &topic, &u_ok).await;
+    let mut ctl = w.ctl().await;
+    let t = Instant::now();
+    let status = loop {
+        let v = ctl.req(json!({"op": "broker"})).await;
+        if v["result"]["last_error"].is_string() {
+            break v["result"].clone();
+        }
+        assert!(t.elapsed() < BOUND, "no error reported: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let e = status["last_error"].as_str().unwrap();
+    let queue = format!("{topic}.{u_bad}");
+    for part in [
+        "server queue",
+        queue.as_str(),
+        "PRECONDITION_FAILED",
+        "quorum_queues",
+    ] {
+        assert!(e.contains(part), "{part:?} not in {e:?}");
+    }
+    assert_eq!(
+        status["connected"], true,
+        "the connection stays up: {status}"
+    );
+    assert_eq!(status["instances_consumed"], 1, "{status}");
+    let v = c
+        .op(json!({"op": "call", "topic": topic, "server": u_ok, "method": "add", "args": {"a": 1, "b": 2}}))
+        .await;
+    assert_eq!(v, json!({"ok": true, "result": 3}));
+}

@@ -41,6 +41,10 @@ use session::Session;
 
 /// How often consumers are reconciled with the instances' links and topics.
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
+/// An instance's or fanout topic's declaration the broker refused is tried
+/// again after this long (a deployment fixing its queues is an operator's
+/// action: seconds are soon enough, and the broker is not hammered).
+const DECLARE_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// A connect attempt that takes longer than this is abandoned.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A delivery whose guest acknowledgement takes longer than this while the

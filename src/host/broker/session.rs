@@ -29,8 +29,8 @@ use tracing::{debug, error, info, warn};
 
 use super::deliver::{Target, consume};
 use super::{
-    BridgeError, BrokerConfig, Names, RECONCILE_EVERY, RETRY_EVERY, RETRY_FOR, StreamOffsets,
-    Upstream, props, short, wire,
+    BridgeError, BrokerConfig, DECLARE_RETRY_AFTER, Names, RECONCILE_EVERY, RETRY_EVERY, RETRY_FOR,
+    StreamOffsets, Upstream, props, short, wire,
 };
 use crate::host::Proxy;
 use crate::host::instance::{Instance, refuse_cast};
@@ -51,6 +51,9 @@ pub(super) struct Session<'a> {
     conn: Connection,
     /// Whether this connection got as far as serving (declarations done).
     pub(super) served: bool,
+    /// Instances and fanout topics whose declaration the broker refused,
+    /// and when: tried again after [`DECLARE_RETRY_AFTER`].
+    refused: HashMap<String, Instant>,
     instances: HashMap<String, InstConsumers>,
     fanout: HashMap<String, (Channel, ShortString)>,
     /// Guest calls waiting for their reply: msg_id → (instance, deadline).
@@ -74,6 +77,7 @@ impl<'a> Session<'a> {
             offsets,
             conn,
             served: false,
+            refused: HashMap::new(),
             instances: HashMap::new(),
             fanout: HashMap::new(),
             calls: HashMap::new(),
@@ -219,6 +223,7 @@ impl<'a> Session<'a> {
                 return Err(e.into());
             }
         }
+        self.proxy.bridge.update(|s| s.held = 0);
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         loop {
             tokio::select! {
@@ -443,8 +448,18 @@ impl<'a> Session<'a> {
                 });
             }
         }
+        self.refused
+            .retain(|_, at| at.elapsed() < DECLARE_RETRY_AFTER);
         for (id, (inst, topics)) in &want {
-            self.consume_instance(id, inst, topics, pub_ch).await?;
+            if self.refused.contains_key(id) {
+                continue;
+            }
+            if let Err(e) = self.consume_instance(id, inst, topics, pub_ch).await {
+                // A refused declaration closed the instance's channel (and
+                // its other consumers): start it afresh on the next try.
+                self.instances.remove(id);
+                self.declaration_refused(id.clone(), e)?;
+            }
         }
         // Fanout: one queue per proxy and topic served by any local instance.
         let served: HashSet<String> = want.values().flat_map(|(_, t)| t.iter().cloned()).collect();
@@ -470,8 +485,12 @@ impl<'a> Session<'a> {
             }
         }
         for t in served {
-            if !self.fanout.contains_key(&t) {
-                self.consume_fanout(t, pub_ch).await?;
+            let key = format!("fanout {t}");
+            if self.fanout.contains_key(&t) || self.refused.contains_key(&key) {
+                continue;
+            }
+            if let Err(e) = self.consume_fanout(t, pub_ch).await {
+                self.declaration_refused(key, e)?;
             }
         }
         let (n, f) = (self.instances.len(), self.fanout.len());
@@ -479,6 +498,21 @@ impl<'a> Session<'a> {
             s.instances_consumed = n;
             s.fanout_topics = f;
         });
+        Ok(())
+    }
+
+    /// The broker refused a declaration for one instance or fanout topic
+    /// (most often 406: the deployment declared that queue with other
+    /// flags): report it and leave that one alone for a while; the other
+    /// instances keep being served. Any other error ends the connection.
+    fn declaration_refused(&mut self, key: String, e: BridgeError) -> Result<(), BridgeError> {
+        if !matches!(e, BridgeError::Declare { .. }) {
+            return Err(e);
+        }
+        let why = super::chain(&e);
+        error!(what = %key, error = %why, retry_in_s = DECLARE_RETRY_AFTER.as_secs(), "the broker refused a declaration; the rest is served");
+        self.proxy.bridge.update(|s| s.last_error = Some(why));
+        self.refused.insert(key, Instant::now());
         Ok(())
     }
 
