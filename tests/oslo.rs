@@ -339,10 +339,10 @@ async fn quorum_queues_and_stream_fanout_as_a_modern_deployment_declares_them() 
         let got = server.next(Duration::from_secs(30)).await;
         assert_eq!(got["args"], json!({"k": k}), "{got}");
     }
-    let b = w.ctl().await.req(json!({"op": "broker"})).await;
-    assert_eq!(b["result"]["connected"], true, "{b}");
-    assert_eq!(b["result"]["fanout_topics"], 1, "{b}");
-    assert_eq!(b["result"]["last_error"], Value::Null, "{b}");
+    let b = broker_status(&mut w.ctl().await).await;
+    assert_eq!(b["connected"], true, "{b}");
+    assert_eq!(b["fanout_topics"], 1, "{b}");
+    assert_eq!(b["last_error"], Value::Null, "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,22 +354,10 @@ async fn a_declaration_that_does_not_match_the_deployment_is_reported_clearly() 
     // default); a proxy configured durable is refused by the broker.
     let _pa = wa.proxy(&broker_section(&url, &ex));
     let mut ca = wa.ctl().await;
-    let t = Instant::now();
-    while ca.req(json!({"op": "broker"})).await["result"]["connected"] != true {
-        assert!(t.elapsed() < BOUND, "proxy A never connected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker_status_until(&mut ca, "proxy A connected", |v| v["connected"] == true).await;
     let _pb = wb.proxy(&format!("{}durable = true\n", broker_section(&url, &ex)));
     let mut cb = wb.ctl().await;
-    let t = Instant::now();
-    let status = loop {
-        let v = cb.req(json!({"op": "broker"})).await;
-        if v["result"]["last_error"].is_string() {
-            break v["result"].clone();
-        }
-        assert!(t.elapsed() < BOUND, "no error reported: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = broker_status_until(&mut cb, "an error", |v| v["last_error"].is_string()).await;
     let e = status["last_error"].as_str().unwrap();
     for part in [
         "declaring the control exchange",
@@ -424,16 +412,16 @@ async fn failover_to_the_next_host_of_the_transport_url() {
         .op(json!({"op": "call", "topic": topic, "server": u, "method": "add", "args": {"a": 1, "b": 1}}))
         .await;
     assert_eq!(v, json!({"ok": true, "result": 2}));
-    let b = w.ctl().await.req(json!({"op": "broker"})).await;
+    let b = broker_status(&mut w.ctl().await).await;
     let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
     assert!(
-        b["result"]["broker"]
+        b["broker"]
             .as_str()
             .unwrap()
             .ends_with(&format!(":{port}/%2f")),
         "{b}"
     );
-    assert_eq!(b["result"]["connected"], true, "{b}");
+    assert_eq!(b["connected"], true, "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,18 +462,12 @@ async fn with_the_broker_away_guest_casts_beyond_the_hold_are_refused_to_the_sub
         assert_eq!(r.method, "tick");
         refused += 1;
     }
-    let b = ctl.req(json!({"op": "broker"})).await;
-    assert_eq!(b["result"]["connected"], false, "{b}");
+    let b = broker_status(&mut ctl).await;
+    assert_eq!(b["connected"], false, "{b}");
+    assert!(b["refused"].as_u64().unwrap() >= refused as u64, "{b}");
+    assert!(b["held"].as_u64().unwrap() <= HOLD as u64, "{b}");
     assert!(
-        b["result"]["refused"].as_u64().unwrap() >= refused as u64,
-        "{b}"
-    );
-    assert!(b["result"]["held"].as_u64().unwrap() <= HOLD as u64, "{b}");
-    assert!(
-        b["result"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("cannot connect"),
+        b["last_error"].as_str().unwrap().contains("cannot connect"),
         "{b}"
     );
 }
@@ -507,11 +489,10 @@ async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_ser
             "",
         );
         let mut ctl0 = w0.ctl().await;
-        let t = Instant::now();
-        while ctl0.req(json!({"op": "broker"})).await["result"]["instances_consumed"] != 1 {
-            assert!(t.elapsed() < BOUND, "the first proxy never consumed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        broker_status_until(&mut ctl0, "the first proxy consuming", |v| {
+            v["instances_consumed"] == 1
+        })
+        .await;
     }
     // A proxy configured for quorum queues meets it.
     let ex = unique("ex");
@@ -536,15 +517,7 @@ async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_ser
     // The other instance is served all the same.
     served(&mut c, &topic, &u_ok).await;
     let mut ctl = w.ctl().await;
-    let t = Instant::now();
-    let status = loop {
-        let v = ctl.req(json!({"op": "broker"})).await;
-        if v["result"]["last_error"].is_string() {
-            break v["result"].clone();
-        }
-        assert!(t.elapsed() < BOUND, "no error reported: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = broker_status_until(&mut ctl, "an error", |v| v["last_error"].is_string()).await;
     let e = status["last_error"].as_str().unwrap();
     let queue = format!("{topic}.{u_bad}");
     for part in [

@@ -176,20 +176,35 @@ pub async fn recorded_exactly_once(w: &World, u: &str, n: u64, bound: Duration) 
     }
 }
 
+/// The proxy's broker status (the control socket's `broker` op).
+pub async fn broker_status(ctl: &mut super::Ctl) -> Value {
+    ctl.req(json!({"op": "broker"})).await["result"].clone()
+}
+
+/// Wait (bounded) until the proxy's broker status satisfies `ok`, which
+/// `what` describes for the failure; the status that satisfied it.
+pub async fn broker_status_until(
+    ctl: &mut super::Ctl,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = broker_status(ctl).await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < super::BOUND, "{what} never came: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Wait (bounded) until the proxy consumes the fanout of `n` topics: a
 /// fanout published before its queue is bound (or, for a stream, before
 /// the consumer attached at `next`) reaches nobody — oslo's semantics too.
 pub async fn fanout_consumed(ctl: &mut super::Ctl, n: u64) {
-    let t = Instant::now();
-    loop {
-        let v = ctl.req(json!({"op": "broker"})).await;
-        if v["result"]["fanout_topics"].as_u64().unwrap_or(0) >= n {
-            return;
-        }
-        assert!(
-            t.elapsed() < super::BOUND,
-            "the proxy never consumed the fanout: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    broker_status_until(ctl, "consuming the fanout", |v| {
+        v["fanout_topics"].as_u64().unwrap_or(0) >= n
+    })
+    .await;
 }
