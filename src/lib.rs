@@ -50,6 +50,13 @@ pub fn random_u64() -> u64 {
     h.finish()
 }
 
+/// Lock `m`, taking over a poisoned lock: a panic elsewhere while it was
+/// held leaves plain bookkeeping, which is better served than a daemon that
+/// panics on every later use.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
 /// it), for status fields an operator compares across hosts.
 pub fn unix_ms() -> u64 {

@@ -137,9 +137,7 @@ fn bad(message: impl Into<String>) -> Failure {
     Failure::tether("SupervisorError", message)
 }
 
-fn lock(s: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Supervisor {
     /// A supervisor with no children.

@@ -14,6 +14,7 @@ use super::broker::{Outlet, Upstream};
 use super::policy::{Decision, Enforcer, PolicyConfig};
 use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
 use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
+use crate::lock;
 use crate::rpc::{Failure, Kind, LinkMsg, Reply};
 
 /// A guest-originated cast, as shown to `watch` clients.
@@ -32,10 +33,6 @@ pub struct Instance {
     /// host's proxy before a migration), forwarded by their `reply_to`.
     rerouted: AtomicU64,
     task: Mutex<Option<LinkTask>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Instance {
@@ -237,9 +234,8 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
             info!(instance = %inst.id, ?topics, "guest topics");
             *lock(&inst.topics) = topics;
         }
-        LinkMsg::Refused { .. } => {
-            debug!(instance = %inst.id, "a 'refused' notice from the guest ignored (host → guest only)");
-        }
+        // Host → guest only: the enforcement point above denied it.
+        LinkMsg::Refused { .. } => {}
         LinkMsg::Req(mut r) => {
             // Identity is stamped here, whatever the guest claims.
             if let Value::Object(m) = &mut r.ctx {
@@ -311,7 +307,7 @@ pub(crate) async fn refuse_cast(inst: &Instance, unique_id: String, reason: Stri
 }
 
 /// Answer a guest's call with a failure.
-async fn answer(inst: &Instance, msg_id: String, reply_to: Option<String>, f: Failure) {
+pub(crate) async fn answer(inst: &Instance, msg_id: String, reply_to: Option<String>, f: Failure) {
     let rep = LinkMsg::Rep(Reply::new(msg_id, reply_to, Err(f)));
     let _ = inst.tx.send(rep.to_bytes()).await;
 }

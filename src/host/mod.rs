@@ -74,7 +74,7 @@ impl Proxy {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Instance>>> {
-        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.instances)
     }
 
     /// The instance with this id, if linked.

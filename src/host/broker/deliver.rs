@@ -10,10 +10,11 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, Bas
 use lapin::types::AMQPValue;
 use tracing::{debug, warn};
 
-use super::{DEFAULT_CALL_TIMEOUT, GUEST_ACK_BOUND, StreamOffsets, lock, props, short, wire};
+use super::{DEFAULT_CALL_TIMEOUT, GUEST_ACK_BOUND, StreamOffsets, props, short, wire};
 use crate::host::Proxy;
 use crate::host::instance::Instance;
 use crate::link::driver::SendReceipt;
+use crate::lock;
 use crate::rpc::{Kind, LinkMsg, Request};
 
 /// Who a consumer's deliveries go to.

@@ -36,7 +36,9 @@ use tracing::{error, info, warn};
 pub use config::BrokerConfig;
 
 use super::Proxy;
-use crate::rpc::{Failure, LinkMsg, Reply, Request};
+use super::instance::{answer, refuse_cast};
+use crate::lock;
+use crate::rpc::{Failure, Reply, Request};
 use session::Session;
 
 /// How often consumers are reconciled with the instances' links and topics.
@@ -100,15 +102,18 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The bridge's state, for the control socket's `broker` op.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BridgeStatus {
-    /// Connected to a broker now.
+    /// Connected and serving: the declarations were accepted and the reply
+    /// queue is consumed.
     pub connected: bool,
     /// The broker connected to, or last tried (credentials redacted).
     pub broker: String,
     /// When the current connection came up (Unix ms), or 0.
     pub up_since_unix_ms: u64,
-    /// Connections made since start.
+    /// AMQP connections opened since start (also those whose declarations
+    /// were then refused).
     pub connects: u64,
-    /// Why the last connection attempt or connection ended.
+    /// Why the last connection attempt or connection ended, or the last
+    /// declaration the broker refused.
     pub last_error: Option<String>,
     /// Guest messages waiting for the broker.
     pub held: usize,
@@ -206,10 +211,6 @@ fn short(s: &str) -> Result<ShortString, lapin::Error> {
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Stream offsets kept for topics no local guest serves at the moment
 /// (beyond this, such a topic's offset is forgotten and it restarts at
 /// `next`): guests choose topic names, so the map needs a bound; a proxy's
@@ -300,9 +301,9 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
         held.push_back(m);
         return;
     }
+    proxy.bridge.update(|s| s.refused += 1);
     match m {
         Upstream::Call { instance, request } => {
-            proxy.bridge.update(|s| s.refused += 1);
             warn!(target: "audit", instance = %instance, method = %request.method, "guest call refused: broker unreachable and the hold is full");
             if let (Some(inst), Some(msg_id)) = (proxy.instance(&instance), request.msg_id) {
                 let f = Failure::tether(
@@ -312,26 +313,23 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
                         cfg.upstream_hold
                     ),
                 );
-                let rep = LinkMsg::Rep(Reply::new(msg_id, request.reply_to, Err(f)));
-                let _ = inst.tx.send(rep.to_bytes()).await;
+                answer(&inst, msg_id, request.reply_to, f).await;
             }
         }
         Upstream::Cast {
             instance,
             request: r,
         } => {
-            proxy.bridge.update(|s| s.refused += 1);
             error!(target: "audit", instance = %instance, method = %r.method, topic = %r.target.topic, unique_id = %r.unique_id, "guest cast refused: broker unreachable and the hold is full");
             if let Some(inst) = proxy.instance(&instance) {
                 let why = format!(
                     "BrokerUnavailable: the control plane's broker is unreachable and {} messages already wait",
                     cfg.upstream_hold
                 );
-                super::instance::refuse_cast(&inst, r.unique_id, why).await;
+                refuse_cast(&inst, r.unique_id, why).await;
             }
         }
         Upstream::Reply(r) => {
-            proxy.bridge.update(|s| s.refused += 1);
             error!(msg_id = %r.msg_id, "reply refused: broker unreachable and the hold is full")
         }
     }

@@ -33,8 +33,8 @@ use super::{
     StreamOffsets, Upstream, props, short, wire,
 };
 use crate::host::Proxy;
-use crate::host::instance::{Instance, refuse_cast};
-use crate::rpc::{Failure, LinkMsg, Reply, Request};
+use crate::host::instance::{Instance, answer, refuse_cast};
+use crate::rpc::{Failure, LinkMsg, Request};
 
 /// One instance's consumers: a channel of its own (prefetch per instance).
 struct InstConsumers {
@@ -332,8 +332,7 @@ impl<'a> Session<'a> {
                             request.target.topic
                         ),
                     );
-                    let rep = LinkMsg::Rep(Reply::new(msg_id, request.reply_to, Err(f)));
-                    let _ = inst.tx.send(rep.to_bytes()).await;
+                    answer(&inst, msg_id, request.reply_to, f).await;
                 }
             }
             Upstream::Reply(r) => {
@@ -474,7 +473,7 @@ impl<'a> Session<'a> {
             // link blip should not skip fanouts), unless too many are kept:
             // topics come from guests.
             {
-                let mut offsets = super::lock(self.offsets);
+                let mut offsets = crate::lock(self.offsets);
                 if offsets.len() > super::MAX_IDLE_STREAM_OFFSETS {
                     offsets.remove(&t);
                 }
@@ -631,7 +630,7 @@ impl<'a> Session<'a> {
             // A fresh start reads only what comes next (oslo starts at
             // "last", which replays the last chunk: stale fanouts into
             // guests); a reconnect goes on after the last offset seen.
-            let next = super::lock(self.offsets).get(&t).copied();
+            let next = crate::lock(self.offsets).get(&t).copied();
             let offset = match next {
                 Some(n) => AMQPValue::LongLongInt(n),
                 None => AMQPValue::LongString("next".into()),

@@ -164,7 +164,7 @@ impl Shared {
     /// session half-updated in a way that matters more than losing the link,
     /// so a poisoned lock is simply taken over.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.session)
     }
 }
 
