@@ -28,6 +28,25 @@ pub async fn terminated() {
     }
 }
 
+/// One item per SIGHUP (a reload request); none if the handler cannot be
+/// installed (logged). Bursts coalesce: one pending reload covers them.
+pub fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading");
+                    let _ = tx.try_send(());
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP; reload by restarting"),
+    }
+    rx
+}
+
 /// Listen on a UNIX socket at `path` with `mode`, replacing a stale socket
 /// file. The socket is bound under a temporary name, given its mode, and then
 /// renamed into place: a client never finds the path before it listens, nor

@@ -57,6 +57,19 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An error and its causes on one line, for logs and status fields
+/// (messages never repeat their source, so this prints each once).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
 /// it), for status fields an operator compares across hosts.
 pub fn unix_ms() -> u64 {

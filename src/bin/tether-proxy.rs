@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use tether::host::config::ProxyConfig;
+use tether::host::policy::PolicyStore;
 
 /// The tether host proxy: links every VM whose chardev socket is in the
 /// channels directory and serves the control socket.
@@ -39,10 +40,24 @@ fn main() -> anyhow::Result<()> {
         cfg.control_socket = s;
     }
     if args.check_config {
-        println!("config ok");
+        // Profiles were validated with the file; keys and assignments too.
+        let store = PolicyStore::load(&cfg.policy, &cfg.broker.control_exchange)?;
+        let n = store.check_all()?;
+        println!(
+            "config ok: {} profiles, {n} instance assignments, reply handles {}",
+            cfg.policy.profiles().len(),
+            if store.sealer.enabled() {
+                "sealed"
+            } else {
+                "off (no reply_keys)"
+            }
+        );
         return Ok(());
     }
     let rt = tether::daemon::runtime().context("cannot start the runtime")?;
-    rt.block_on(tether::host::run(cfg, tether::daemon::terminated()))?;
+    rt.block_on(async {
+        let reload = tether::daemon::hangups();
+        tether::host::run(cfg, args.config, tether::daemon::terminated(), reload).await
+    })?;
     Ok(())
 }

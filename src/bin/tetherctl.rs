@@ -36,6 +36,12 @@ enum Cmd {
     Links,
     /// The broker bridge: connected or not, why not, what it consumes.
     Broker,
+    /// The policy an instance is held to: profile, mode, topics, targets,
+    /// context rules (the running one if linked, else what it would get).
+    Policy {
+        /// Instance uuid.
+        instance: String,
+    },
     /// Call a method in an instance and print the result.
     Call {
         /// Instance uuid.
@@ -126,6 +132,7 @@ fn request(args: &Args) -> Result<Value, String> {
     let mut r = match &args.cmd {
         Cmd::Links => json!({"op": "links"}),
         Cmd::Broker => json!({"op": "broker"}),
+        Cmd::Policy { instance } => json!({"op": "policy", "instance": instance}),
         Cmd::Call {
             instance,
             topic,
@@ -186,7 +193,10 @@ fn request(args: &Args) -> Result<Value, String> {
     };
     if let (Some(t), false) = (
         args.timeout_ms,
-        matches!(args.cmd, Cmd::Links | Cmd::Broker | Cmd::Watch),
+        matches!(
+            args.cmd,
+            Cmd::Links | Cmd::Broker | Cmd::Policy { .. } | Cmd::Watch
+        ),
     ) {
         r["timeout_ms"] = json!(t);
     }
@@ -195,6 +205,68 @@ fn request(args: &Args) -> Result<Value, String> {
 
 fn human(cmd: &Cmd, result: &Value) -> String {
     match cmd {
+        Cmd::Policy { .. } => {
+            let p = &result["policy"];
+            let list = |v: &Value| {
+                let items: Vec<String> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| x.as_str().map_or(x.to_string(), String::from))
+                    .collect();
+                if items.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    items.join(", ")
+                }
+            };
+            let mut out = format!(
+                "instance {} ({})
+profile {} from {}
+mode {}
+topics {}
+context keys passed {}
+static context {}
+reply handles {}",
+                p["instance"].as_str().unwrap_or("?"),
+                if result["linked"] == true {
+                    "linked"
+                } else {
+                    "not linked here"
+                },
+                p["profile_name"],
+                match p["source"]["from"].as_str() {
+                    Some("file") => p["source"]["path"].to_string(),
+                    Some("failed_closed") =>
+                        format!("NOTHING (fail-closed: {})", p["source"]["error"]),
+                    _ => "the default profile".into(),
+                },
+                p["profile"]["mode"].as_str().unwrap_or("?"),
+                list(&p["profile"]["topics"]),
+                list(&p["profile"]["context_keys"]),
+                p["profile"]["static_context"],
+                if p["reply_handles"] == true {
+                    "sealed"
+                } else {
+                    "off (replies only to calls pending on this proxy)"
+                },
+            );
+            for t in p["profile"]["targets"].as_array().into_iter().flatten() {
+                out += &format!(
+                    "
+target exchanges {} topics {} servers {} methods {}",
+                    if t["exchanges"].as_array().is_some_and(|a| a.is_empty()) {
+                        format!("{} (control)", p["control_exchange"])
+                    } else {
+                        list(&t["exchanges"])
+                    },
+                    list(&t["topics"]),
+                    list(&t["servers"]),
+                    list(&t["methods"]),
+                );
+            }
+            out
+        }
         Cmd::Broker if result["configured"] != true => {
             "no broker configured ([broker] transport_url is empty)".into()
         }

@@ -21,16 +21,19 @@ pub struct Channel {
 
 /// The instance id of a channel file name, if it is `<uuid>.sock`.
 pub fn instance_id(name: &OsStr) -> Option<String> {
-    let name = name.to_str()?;
-    let stem = name.strip_suffix(".sock")?;
-    let groups: Vec<&str> = stem.split('-').collect();
+    let stem = name.to_str()?.strip_suffix(".sock")?;
+    is_uuid(stem).then(|| stem.to_ascii_lowercase())
+}
+
+/// Whether `s` is shaped like a uuid (`8-4-4-4-12` hex digits).
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
     let lens = [8, 4, 4, 4, 12];
-    let ok = groups.len() == 5
+    groups.len() == 5
         && groups
             .iter()
             .zip(lens)
-            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
-    ok.then(|| stem.to_ascii_lowercase())
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn consider(dir: &Path, name: &OsStr) -> Option<Channel> {

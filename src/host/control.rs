@@ -94,6 +94,9 @@ enum CtlRequest {
     },
     Links,
     Broker,
+    Policy {
+        instance: String,
+    },
     Agents {
         instance: String,
         timeout_ms: Option<u64>,
@@ -307,6 +310,13 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
             }
             Ok(v)
         }
+        CtlRequest::Policy { instance } => {
+            if !super::channels::is_uuid(&instance) {
+                return Err(err("bad_request", "instance must be a uuid"));
+            }
+            let (linked, e) = p.policy_of(&instance);
+            Ok(json!({"linked": linked, "policy": *e}))
+        }
         CtlRequest::Agents {
             instance,
             timeout_ms,
@@ -374,7 +384,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     let t = timeout(p, inv.timeout_ms);
     let inst = lookup(p, &inv.instance)?;
     let msg_id = new_unique_id();
-    let rx = inst.expect_reply(&msg_id);
+    let rx = inst.expect_reply(&msg_id, false);
     let req = inv.into_request(
         &inst.id,
         Kind::Call,

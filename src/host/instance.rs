@@ -1,6 +1,7 @@
 //! One VM instance on the host: its link, what its guest serves, its calls
 //! in flight. Every message from the guest passes the enforcement point
-//! first; the instance id comes from the channel's file name.
+//! ([`super::policy`]) first, and each decision is audited; the instance id
+//! comes from the channel's file name.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,14 +12,25 @@ use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::broker::{Outlet, Upstream};
-use super::policy::{Decision, Enforcer, PolicyConfig};
+use super::policy::audit::{Record, clip};
+use super::policy::enforcer::{TopicsDecision, topics_for};
+use super::policy::store::PolicyHub;
+use super::policy::{Decision, Effective, Enforcer, Mode};
 use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
 use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
 use crate::lock;
-use crate::rpc::{Failure, Kind, LinkMsg, Reply};
+use crate::rpc::{Failure, Kind, LinkMsg, Reply, Request};
 
 /// A guest-originated cast, as shown to `watch` clients.
 pub type WatchEvent = Value;
+
+/// A call delivered into the guest, waiting for its reply.
+struct Pending {
+    tx: oneshot::Sender<Reply>,
+    /// It came from the broker (its reply is published) rather than from
+    /// the control socket (its reply stays on this host).
+    to_broker: bool,
+}
 
 /// One instance.
 pub struct Instance {
@@ -27,10 +39,15 @@ pub struct Instance {
     /// Sends to the guest.
     pub tx: LinkSender,
     topics: Mutex<Vec<String>>,
-    pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    /// The guest's last topic announcement, kept to re-apply a changed
+    /// policy without waiting for the guest to announce again.
+    announced: Mutex<Vec<String>>,
+    policy: Mutex<Arc<Effective>>,
+    hub: Arc<PolicyHub>,
+    pending: Mutex<HashMap<String, Pending>>,
     denied: AtomicU64,
     /// Replies to calls not pending here (they entered through another
-    /// host's proxy before a migration), forwarded by their `reply_to`.
+    /// host's proxy before a migration), forwarded by their sealed handle.
     rerouted: AtomicU64,
     task: Mutex<Option<LinkTask>>,
 }
@@ -41,7 +58,7 @@ impl Instance {
         id: String,
         socket: std::path::PathBuf,
         session: SessionConfig,
-        policy: PolicyConfig,
+        hub: Arc<PolicyHub>,
         watch: broadcast::Sender<WatchEvent>,
         upstream: Option<Outlet>,
     ) -> Arc<Self> {
@@ -55,29 +72,57 @@ impl Instance {
             crate::random_session_id(),
         );
         let Link { tx, rx, task } = link;
+        let policy = hub.for_new(&id);
         let inst = Arc::new(Self {
             id,
             tx,
             topics: Mutex::new(vec![]),
+            announced: Mutex::new(vec![]),
+            policy: Mutex::new(policy.clone()),
+            hub,
             pending: Mutex::new(HashMap::new()),
             denied: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
             task: Mutex::new(Some(task)),
         });
+        inst.apply_topics(&policy);
         let out = Outlets { watch, upstream };
         tokio::spawn(read_loop(inst.clone(), rx, Enforcer::new(policy), out));
         inst
     }
 
-    /// Topics the guest's sub-agents serve.
+    /// Topics the guest's sub-agents serve (as the policy allows).
     pub fn topics(&self) -> Vec<String> {
         lock(&self.topics).clone()
     }
 
+    /// The policy enforced for this instance.
+    pub fn policy(&self) -> Arc<Effective> {
+        lock(&self.policy).clone()
+    }
+
+    /// Enforce `p` from now on (a reload): the served topics follow at once.
+    pub fn set_policy(&self, p: Arc<Effective>) {
+        *lock(&self.policy) = p.clone();
+        self.apply_topics(&p);
+    }
+
+    /// The topics served under `p`: its own in `one-way` mode, else those of
+    /// the guest's last announcement that `p` allows.
+    fn apply_topics(&self, p: &Effective) {
+        let topics = if p.profile.mode == Mode::OneWay {
+            p.profile.topics.clone()
+        } else {
+            topics_for(p, lock(&self.announced).clone()).0
+        };
+        *lock(&self.topics) = topics;
+    }
+
     /// Register a call; its reply will come through the returned receiver.
-    pub fn expect_reply(&self, msg_id: &str) -> oneshot::Receiver<Reply> {
+    /// `to_broker`: the call came from the broker (see [`Mode::OneWay`]).
+    pub fn expect_reply(&self, msg_id: &str, to_broker: bool) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(msg_id.to_string(), tx);
+        lock(&self.pending).insert(msg_id.to_string(), Pending { tx, to_broker });
         rx
     }
 
@@ -89,6 +134,7 @@ impl Instance {
     /// Status for `links`.
     pub fn status_json(&self) -> Value {
         let s = self.tx.status();
+        let p = self.policy();
         json!({
             "instance": self.id,
             "connected": s.connected,
@@ -111,6 +157,8 @@ impl Instance {
             "last_frame_unix_ms": s.last_frame_unix_ms,
             "up_since_unix_ms": s.up_since_unix_ms,
             "topics": self.topics(),
+            "profile": p.profile_name,
+            "mode": p.profile.mode.name(),
             "calls_in_flight": lock(&self.pending).len(),
         })
     }
@@ -125,13 +173,50 @@ impl Instance {
 
     fn fail_pending(&self, why: &str) {
         let pending: Vec<_> = lock(&self.pending).drain().collect();
-        for (msg_id, tx) in pending {
-            let _ = tx.send(Reply::new(
+        for (msg_id, p) in pending {
+            let _ = p.tx.send(Reply::new(
                 msg_id,
                 None,
                 Err(Failure::tether("GuestRestarted", why)),
             ));
         }
+    }
+
+    /// Audit one decision about a guest message of `bytes` bytes.
+    fn audit(&self, mut r: Record, bytes: usize) {
+        if r.decision == "deny" {
+            self.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        r.instance = self.id.clone();
+        r.profile = self.policy().profile_name.clone();
+        self.hub.audit.record(r, bytes);
+    }
+}
+
+/// An audit record for a guest request.
+fn request_record(r: &Request, decision: &'static str, reason: Option<String>) -> Record {
+    Record {
+        kind: match r.kind {
+            Kind::Call => "call",
+            Kind::Cast => "cast",
+            Kind::Fanout => "fanout",
+        },
+        exchange: r.target.exchange.as_deref().map(clip),
+        topic: Some(clip(&r.target.topic)),
+        server: r.target.server.as_deref().map(clip),
+        method: Some(clip(&r.method)),
+        decision,
+        reason,
+        ..Default::default()
+    }
+}
+
+fn record(kind: &'static str, decision: &'static str, reason: Option<String>) -> Record {
+    Record {
+        kind,
+        decision,
+        reason,
+        ..Default::default()
     }
 }
 
@@ -150,7 +235,10 @@ async fn read_loop(
 ) {
     while let Some(ev) = rx.recv().await {
         match ev {
-            LinkEvent::Message(b) => on_message(&inst, &b, &mut enforcer, &out).await,
+            LinkEvent::Message(b) => {
+                enforcer.refresh(inst.policy());
+                on_message(&inst, &b, &mut enforcer, &out).await
+            }
             LinkEvent::Up { peer } => {
                 info!(instance = %inst.id, peer = format_args!("{peer:016x}"), "guest linked")
             }
@@ -172,128 +260,175 @@ async fn read_loop(
 
 /// The enforcement point: every guest message passes here first.
 async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Outlets) {
+    let size = b.len();
     let msg = match LinkMsg::from_bytes(b) {
         Ok(m) => m,
         Err(e) => {
-            inst.denied.fetch_add(1, Ordering::Relaxed);
-            warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %e, "malformed guest message");
-            return;
+            enforcer.charge_only(size);
+            debug!(instance = %inst.id, error = ?e.to_string(), "malformed guest message");
+            return inst.audit(
+                record("malformed", "deny", Some(clip(&e.to_string()))),
+                size,
+            );
         }
     };
-    let answers_call =
-        matches!(&msg, LinkMsg::Rep(r) if lock(&inst.pending).contains_key(&r.msg_id));
-    if let Decision::Deny(reason) = enforcer.check(&msg, b.len(), answers_call) {
-        inst.denied.fetch_add(1, Ordering::Relaxed);
-        warn!(target: "audit", instance = %inst.id, decision = "deny", reason = %reason, "guest message refused");
-        // A refused call still gets its one answer; a refused cast a
-        // notice, so the sub-agent that cast learns why.
-        if let LinkMsg::Req(r) = &msg {
-            match &r.msg_id {
-                Some(msg_id) if r.kind == Kind::Call => {
-                    let f = Failure::tether("Denied", reason);
-                    answer(inst, msg_id.clone(), r.reply_to.clone(), f).await;
+    match msg {
+        LinkMsg::Rep(r) => on_reply(inst, r, size, enforcer, out),
+        LinkMsg::Topics { topics } => on_topics(inst, topics, size, enforcer),
+        LinkMsg::Refused { .. } => {
+            enforcer.charge_only(size);
+            let why = "'refused' goes host → guest only".to_string();
+            inst.audit(record("refused", "deny", Some(why)), size);
+        }
+        LinkMsg::Req(r) => on_request(inst, r, size, enforcer, out).await,
+    }
+}
+
+fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer, out: &Outlets) {
+    let pending = lock(&inst.pending).get(&r.msg_id).map(|p| p.to_broker);
+    if let Some(to_broker) = pending {
+        if !r.ending {
+            // The proxy sends the caller its own heartbeats.
+            return inst.audit(record("heartbeat", "ignore", None), size);
+        }
+        match enforcer.pending_reply(to_broker) {
+            Decision::Allow => {
+                if let Some(p) = lock(&inst.pending).remove(&r.msg_id) {
+                    let _ = p.tx.send(r);
                 }
-                _ => refuse_cast(inst, r.unique_id.clone(), format!("Denied: {reason}")).await,
+                inst.audit(record("reply", "allow", None), size);
             }
+            Decision::Deny(why) => inst.audit(record("reply", "deny", Some(why)), size),
         }
         return;
     }
-    match msg {
-        LinkMsg::Rep(r) => {
-            let waiter = lock(&inst.pending).remove(&r.msg_id);
-            match waiter {
-                Some(tx) => {
-                    let _ = tx.send(r);
+    // Not pending here: the call entered through another host's proxy
+    // before a migration (its sealed handle says where it goes), or the
+    // reply is forged, replayed, expired or late.
+    if !r.ending {
+        enforcer.charge_only(size);
+        return inst.audit(record("heartbeat", "ignore", None), size);
+    }
+    let sealer = &inst.hub.store().sealer;
+    match enforcer.unsolicited_reply(&r, size, sealer, crate::unix_ms()) {
+        Ok(o) => {
+            r.msg_id = o.msg_id;
+            r.reply_to = Some(o.reply_q);
+            let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));
+            match &out.upstream {
+                Some(up) if up.offer(Upstream::Reply(r)) => {
+                    inst.rerouted.fetch_add(1, Ordering::Relaxed);
+                    inst.audit(record("reply", "allow", Some("sealed handle".into())), size);
+                }
+                Some(_) => {
+                    let why = "the broker bridge's queue is full".to_string();
+                    inst.audit(record("reply", "deny", Some(why)), size);
                 }
                 None => {
-                    // A call this proxy did not send (it entered through
-                    // another host's proxy before a migration) or one whose
-                    // caller gave up: routed by its reply_to when a broker is
-                    // there, and shown to watchers rather than dropped.
-                    debug!(instance = %inst.id, msg_id = %r.msg_id, "reply to a call not pending here");
-                    let _ = out.watch.send(json!({
-                        "instance": inst.id,
-                        "reply": r,
-                    }));
-                    if let (Some(up), Some(_)) = (&out.upstream, &r.reply_to) {
-                        if up.offer(Upstream::Reply(r)) {
-                            inst.rerouted.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            warn!(instance = %inst.id, "reply for the broker refused: the bridge's queue is full");
-                        }
-                    }
+                    let why = "no broker configured".to_string();
+                    inst.audit(record("reply", "deny", Some(why)), size);
                 }
             }
         }
-        LinkMsg::Topics { topics } => {
-            let (topics, refused) = enforcer.allowed_topics(topics);
-            if !refused.is_empty() {
-                inst.denied.fetch_add(1, Ordering::Relaxed);
-                warn!(target: "audit", instance = %inst.id, decision = "deny", ?refused, "guest topics not in policy.allowed_topics refused");
-            }
-            info!(instance = %inst.id, ?topics, "guest topics");
-            *lock(&inst.topics) = topics;
+        Err(why) => {
+            debug!(instance = %inst.id, reason = ?why, "guest reply refused");
+            inst.audit(record("reply", "deny", Some(why)), size);
         }
-        // Host → guest only: the enforcement point above denied it.
-        LinkMsg::Refused { .. } => {}
-        LinkMsg::Req(mut r) => {
-            // Identity is stamped here, whatever the guest claims.
-            if let Value::Object(m) = &mut r.ctx {
-                m.insert("tether_instance".into(), json!(inst.id));
-            } else {
-                r.ctx = json!({"tether_instance": inst.id});
+    }
+}
+
+fn on_topics(inst: &Instance, topics: Vec<String>, size: usize, enforcer: &mut Enforcer) {
+    match enforcer.topics(topics.clone(), size) {
+        TopicsDecision::Ignore => {
+            let why = "one-way: the instance's topics come from its host-side policy".to_string();
+            inst.audit(record("topics", "ignore", Some(why)), size);
+        }
+        TopicsDecision::Deny(why) => inst.audit(record("topics", "deny", Some(why)), size),
+        TopicsDecision::Allow { allowed, refused } => {
+            for (t, why) in refused {
+                let r = Record {
+                    topic: Some(clip(&t)),
+                    ..record("topics", "deny", Some(why))
+                };
+                inst.audit(r, size);
             }
-            debug!(target: "audit", instance = %inst.id, decision = "allow", kind = ?r.kind, method = %r.method, "guest request");
-            if r.kind != Kind::Call {
-                let _ = out.watch.send(json!({
-                    "instance": inst.id,
-                    "target": r.target,
-                    "method": r.method,
-                    "args": r.args,
-                    "ctx": r.ctx,
-                    "unique_id": r.unique_id,
-                }));
-            }
-            let Some(up) = &out.upstream else {
-                // No broker: a call has nowhere to go; answer it rather
-                // than leave it hanging. Casts went to watchers.
-                if let Some(msg_id) = r.msg_id {
-                    let f = Failure::tether(
-                        "NoRoute",
-                        "no control-plane route for guest calls on this proxy (no broker configured)",
-                    );
-                    answer(inst, msg_id, r.reply_to, f).await;
-                }
-                return;
+            info!(instance = %inst.id, topics = ?allowed, "guest topics");
+            let r = Record {
+                topic: Some(clip(&allowed.join(","))),
+                ..record("topics", "allow", None)
             };
-            let (msg_id, reply_to, method, unique_id) = (
-                r.msg_id.clone(),
-                r.reply_to.clone(),
-                r.method.clone(),
-                r.unique_id.clone(),
+            inst.audit(r, size);
+            *lock(&inst.announced) = topics;
+            *lock(&inst.topics) = allowed;
+        }
+    }
+}
+
+async fn on_request(
+    inst: &Instance,
+    mut r: Request,
+    size: usize,
+    enforcer: &mut Enforcer,
+    out: &Outlets,
+) {
+    if let Decision::Deny(reason) = enforcer.request(&r, size) {
+        debug!(instance = %inst.id, reason = ?reason, "guest request refused");
+        inst.audit(request_record(&r, "deny", Some(reason.clone())), size);
+        // A refused call still gets its one answer; a refused cast a
+        // notice, so the sub-agent that cast learns why.
+        return match r.msg_id {
+            Some(msg_id) if r.kind == Kind::Call => {
+                answer(inst, msg_id, r.reply_to, Failure::tether("Denied", reason)).await
+            }
+            _ => refuse_cast(inst, r.unique_id, format!("Denied: {reason}")).await,
+        };
+    }
+    // Context is the host's: allowed guest keys, static context, identity.
+    r.ctx = enforcer.context(&r.ctx);
+    inst.audit(request_record(&r, "allow", None), size);
+    if r.kind != Kind::Call {
+        let _ = out.watch.send(json!({
+            "instance": inst.id,
+            "target": r.target,
+            "method": r.method,
+            "args": r.args,
+            "ctx": r.ctx,
+            "unique_id": r.unique_id,
+        }));
+    }
+    let Some(up) = &out.upstream else {
+        // No broker: a call has nowhere to go; answer it rather
+        // than leave it hanging. Casts went to watchers.
+        if let Some(msg_id) = r.msg_id {
+            let f = Failure::tether(
+                "NoRoute",
+                "no control-plane route for guest calls on this proxy (no broker configured)",
             );
-            let m = if r.kind == Kind::Call {
-                Upstream::Call {
-                    instance: inst.id.clone(),
-                    request: r,
-                }
-            } else {
-                Upstream::Cast {
-                    instance: inst.id.clone(),
-                    request: r,
-                }
-            };
-            if !up.offer(m) {
-                warn!(target: "audit", instance = %inst.id, method = %method, "guest request refused: the broker bridge's queue is full");
-                const WHY: &str = "BrokerUnavailable: too many guest messages wait for the broker";
-                match msg_id {
-                    Some(msg_id) => {
-                        let f = Failure::tether("BrokerUnavailable", WHY);
-                        answer(inst, msg_id, reply_to, f).await;
-                    }
-                    None => refuse_cast(inst, unique_id, WHY.into()).await,
-                }
+            answer(inst, msg_id, r.reply_to, f).await;
+        }
+        return;
+    };
+    let (msg_id, reply_to, unique_id) = (r.msg_id.clone(), r.reply_to.clone(), r.unique_id.clone());
+    let m = if r.kind == Kind::Call {
+        Upstream::Call {
+            instance: inst.id.clone(),
+            request: r,
+        }
+    } else {
+        Upstream::Cast {
+            instance: inst.id.clone(),
+            request: r,
+        }
+    };
+    if !up.offer(m) {
+        debug!(instance = %inst.id, "guest request refused: the broker bridge's queue is full");
+        const WHY: &str = "BrokerUnavailable: too many guest messages wait for the broker";
+        match msg_id {
+            Some(msg_id) => {
+                let f = Failure::tether("BrokerUnavailable", WHY);
+                answer(inst, msg_id, reply_to, f).await;
             }
+            None => refuse_cast(inst, unique_id, WHY.into()).await,
         }
     }
 }

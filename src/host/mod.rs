@@ -3,7 +3,7 @@
 //!
 //! - [`channels`]: finds `<instance-uuid>.sock` files (inotify).
 //! - [`instance`]: one VM's link, topics and calls in flight.
-//! - [`policy`]: the enforcement point.
+//! - [`policy`]: the enforcement point, profiles, reply handles, audit.
 //! - [`control`]: the control socket (JSON lines, `docs/control.md`).
 //! - [`config`]: the proxy's TOML config.
 
@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use config::ProxyConfig;
 use instance::{Instance, WatchEvent};
@@ -30,6 +30,9 @@ pub const WATCH_BUFFER: usize = 4096;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The policy (reply keys, assignments, audit log).
+    #[error("the policy cannot be loaded")]
+    Policy(#[from] policy::store::PolicyError),
     /// The control socket.
     #[error("cannot listen on the control socket {path}")]
     ControlSocket {
@@ -51,26 +54,93 @@ pub struct Proxy {
     upstream: Option<broker::Outlet>,
     /// The broker bridge's state (`broker` on the control socket).
     pub bridge: Arc<broker::StatusCell>,
+    /// The policy every instance is held to.
+    pub policy: Arc<policy::store::PolicyHub>,
+    /// The config file, re-read for the policy on reload.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
-    /// A proxy with no instances yet.
-    pub fn new(cfg: ProxyConfig) -> Arc<Self> {
-        Self::with_upstream(cfg, None)
+    /// A proxy with no instances yet (no broker; the config file, if
+    /// any, is re-read for the policy on [`Proxy::reload`]).
+    pub fn new(
+        cfg: ProxyConfig,
+        config_path: Option<std::path::PathBuf>,
+    ) -> Result<Arc<Self>, ProxyError> {
+        Self::with_upstream(cfg, config_path, None)
     }
 
     fn with_upstream(
         cfg: ProxyConfig,
+        config_path: Option<std::path::PathBuf>,
         upstream: Option<mpsc::Sender<broker::Upstream>>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, ProxyError> {
         let bridge = Arc::new(broker::StatusCell::default());
-        Arc::new(Self {
+        let policy = policy::store::PolicyHub::new(&cfg.policy, &cfg.broker.control_exchange)?;
+        Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
             watch: broadcast::channel(WATCH_BUFFER).0,
             upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone())),
             bridge,
-        })
+            policy: Arc::new(policy),
+            config_path,
+        }))
+    }
+
+    /// Re-read the policy (SIGHUP): the `[policy]` section of the config
+    /// file, the reply keys and every instance's assignment; reopen the
+    /// audit log. Links stay up. A bad config or key file leaves the whole
+    /// running policy in place; a bad assignment leaves that instance's.
+    /// How many instances now run under a changed policy.
+    pub fn reload(&self) -> Result<usize, String> {
+        let pcfg = match &self.config_path {
+            Some(p) => {
+                let c = ProxyConfig::load(p).map_err(|e| crate::error_chain(&e))?;
+                let mut running = (*self.cfg).clone();
+                running.policy = c.policy.clone();
+                if running != c {
+                    warn!("reload: only [policy] changes apply; restart the proxy for the others");
+                }
+                if c.policy.audit_log != self.cfg.policy.audit_log {
+                    warn!("reload: a new policy.audit_log path applies only after a restart");
+                }
+                c.policy
+            }
+            None => self.cfg.policy.clone(),
+        };
+        let store = policy::store::PolicyStore::load(&pcfg, &self.cfg.broker.control_exchange)
+            .map_err(|e| crate::error_chain(&e))?;
+        if let Err(e) = self.policy.audit.reopen() {
+            error!(error = %e, "cannot reopen the audit log; it stays on the old file");
+        }
+        let mut changed = 0;
+        for inst in self.instances() {
+            match store.effective(&inst.id) {
+                Ok(e) => {
+                    if *inst.policy() != e {
+                        changed += 1;
+                        info!(instance = %inst.id, profile = ?e.profile_name, mode = e.profile.mode.name(), "instance policy changed");
+                        inst.set_policy(Arc::new(e));
+                    }
+                }
+                Err(e) => {
+                    error!(instance = %inst.id, error = %crate::error_chain(&e), "bad instance policy refused; the instance keeps its running policy");
+                }
+            }
+        }
+        self.policy.replace(store);
+        Ok(changed)
+    }
+
+    /// The policy of `instance`: the running one if it is linked, else what
+    /// it would get now.
+    pub fn policy_of(&self, instance: &str) -> (bool, Arc<policy::Effective>) {
+        let id = instance.to_ascii_lowercase();
+        match self.instance(&id) {
+            Some(i) => (true, i.policy()),
+            None => (false, self.policy.for_new(&id)),
+        }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Instance>>> {
@@ -111,7 +181,7 @@ impl Proxy {
             c.instance.clone(),
             c.path,
             self.cfg.link.clone(),
-            self.cfg.policy.clone(),
+            self.policy.clone(),
             self.watch.clone(),
             self.upstream.clone(),
         );
@@ -136,10 +206,13 @@ impl Proxy {
     }
 }
 
-/// Run the proxy until `shutdown` resolves.
+/// Run the proxy until `shutdown` resolves; each item of `reload` (SIGHUP)
+/// reloads the policy from `config_path` ([`Proxy::reload`]).
 pub async fn run(
     cfg: ProxyConfig,
+    config_path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
+    mut reload: mpsc::Receiver<()>,
 ) -> Result<(), ProxyError> {
     let listener =
         control::bind(&cfg.control_socket).map_err(|source| ProxyError::ControlSocket {
@@ -152,7 +225,7 @@ pub async fn run(
     } else {
         (None, None)
     };
-    let proxy = Proxy::with_upstream(cfg, up_tx);
+    let proxy = Proxy::with_upstream(cfg, config_path, up_tx)?;
     let bridge =
         up_rx.map(|rx| tokio::spawn(broker::run(proxy.clone(), proxy.cfg.broker.clone(), rx)));
     let (ch_tx, mut ch_rx) = mpsc::channel(1024);
@@ -163,6 +236,15 @@ pub async fn run(
         }
     });
     let server = tokio::spawn(control::serve(listener, proxy.clone()));
+    let audit = proxy.policy.audit.clone();
+    let every = std::time::Duration::from_millis(proxy.cfg.policy.audit_interval_ms);
+    let summaries = tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        loop {
+            t.tick().await;
+            audit.tick();
+        }
+    });
     crate::sd::notify("READY=1");
     if let Some(every) = crate::sd::watchdog_interval() {
         tokio::spawn(crate::sd::watchdog(every));
@@ -173,6 +255,10 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(()) = reload.recv() => match proxy.reload() {
+                Ok(n) => info!(changed = n, "policy reloaded"),
+                Err(e) => error!(error = %e, "reload refused; the running policy stays"),
+            },
             c = ch_rx.recv(), if watching => match c {
                 Some(channels::ChannelEvent::Appeared(c)) => proxy.ensure(c),
                 Some(channels::ChannelEvent::Gone(id)) => proxy.gone(&id),
@@ -185,6 +271,8 @@ pub async fn run(
     crate::sd::notify("STOPPING=1");
     watcher.abort();
     server.abort();
+    summaries.abort();
+    proxy.policy.audit.tick();
     if let Some(b) = bridge {
         b.abort();
     }

@@ -13,9 +13,10 @@ use tracing::{debug, warn};
 use super::{DEFAULT_CALL_TIMEOUT, GUEST_ACK_BOUND, StreamOffsets, props, short, wire};
 use crate::host::Proxy;
 use crate::host::instance::Instance;
+use crate::host::policy::Mode;
 use crate::link::driver::SendReceipt;
 use crate::lock;
-use crate::rpc::{Kind, LinkMsg, Request};
+use crate::rpc::{Failure, Kind, LinkMsg, Reply, Request, new_unique_id};
 
 /// Who a consumer's deliveries go to.
 #[derive(Clone)]
@@ -62,7 +63,7 @@ pub(super) async fn consume(
                 tokio::spawn(deliver(d, route.clone()));
             }
             Err(e) => {
-                debug!(topic = %route.topic, error = %e, "consumer ended");
+                debug!(topic = ?route.topic, error = %e, "consumer ended");
                 break;
             }
         }
@@ -148,7 +149,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
     let inc = match wire::decode_request(&d.data, &topic, server, expiration, fanout) {
         Ok(i) => i,
         Err(e) => {
-            warn!(topic = %topic, error = %e, "malformed oslo message rejected");
+            warn!(topic = ?topic, error = %e, "malformed oslo message rejected");
             let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
             return;
         }
@@ -176,7 +177,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
                     *next = (*next).max(o.saturating_add(1));
                 }
                 if !ok.iter().all(|x| *x) {
-                    warn!(topic = %topic, unique_id = %inc.request.unique_id, "a fanout from the stream did not reach every guest serving its topic");
+                    warn!(topic = ?topic, unique_id = ?inc.request.unique_id, "a fanout from the stream did not reach every guest serving its topic");
                 }
                 ack(&d, &proxy).await;
             } else if ok.iter().all(|x| *x) {
@@ -190,24 +191,54 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
         }
         Target::One(i) => i,
     };
-    let req = inc.request;
-    let call = req.kind == Kind::Call;
-    let waiter = match (&req.msg_id, call) {
-        (Some(m), true) => Some((m.clone(), inst.expect_reply(m))),
+    let mut req = inc.request;
+    let limit = expiration.map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
+    // A call: the guest gets a local id and, with reply keys, a sealed
+    // handle — never the caller's msg_id or reply queue.
+    let waiter = match (req.kind, req.msg_id.take(), &inc.reply_q) {
+        (Kind::Call, Some(oslo_id), Some(reply_q)) => {
+            if inst.policy().profile.mode == Mode::OneWay {
+                // The guest may not answer: refuse here rather than run a
+                // request whose answer cannot come back.
+                let f = Failure::tether(
+                    "Denied",
+                    format!(
+                        "instance {} is one-way: it answers no calls from the broker",
+                        inst.id
+                    ),
+                );
+                let r = Reply::new(oslo_id, None, Err(f));
+                publish_reply(&pub_ch, reply_q, wire::encode_reply(&r)).await;
+                return ack(&d, &proxy).await;
+            }
+            let local = new_unique_id();
+            let expires = crate::unix_ms().saturating_add(limit.as_millis() as u64);
+            req.reply_to = proxy
+                .policy
+                .store()
+                .sealer
+                .seal(&inst.id, reply_q, &oslo_id, expires);
+            req.msg_id = Some(local.clone());
+            Some((oslo_id, local.clone(), inst.expect_reply(&local, true)))
+        }
+        // A call without a reply queue cannot be answered: delivered as a cast.
+        (Kind::Call, _, _) => {
+            req.kind = Kind::Cast;
+            None
+        }
         _ => None,
     };
     if !send_to(&inst, &req, grace).await {
-        if let Some((m, _)) = &waiter {
-            inst.forget(m);
+        if let Some((_, local, _)) = &waiter {
+            inst.forget(local);
         }
-        debug!(instance = %inst.id, topic = %topic, "delivery requeued: the guest did not take it");
+        debug!(instance = %inst.id, topic = ?topic, "delivery requeued: the guest did not take it");
         requeue(&d, &proxy).await;
         return;
     }
-    let (Some((msg_id, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
+    let (Some((msg_id, local, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
         return ack(&d, &proxy).await;
     };
-    let limit = expiration.map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
     let beat = inc
         .monitor_secs
         .filter(|s| *s > 0.0)
@@ -218,6 +249,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
         inst: &inst,
         pub_ch: &pub_ch,
         msg_id,
+        local,
         reply_q,
         limit,
         beat,
@@ -229,7 +261,10 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
 struct Call<'a> {
     inst: &'a Instance,
     pub_ch: &'a Channel,
+    /// The caller's msg_id.
     msg_id: String,
+    /// The id the guest knows the call by.
+    local: String,
     reply_q: String,
     /// The caller's timeout (the AMQP `expiration`).
     limit: Duration,
@@ -243,6 +278,7 @@ impl Call<'_> {
             inst,
             pub_ch,
             msg_id,
+            local,
             reply_q,
             limit,
             beat,
@@ -261,11 +297,14 @@ impl Call<'_> {
         })
         .await;
         match reply {
-            Ok(Some(r)) => publish_reply(pub_ch, &reply_q, wire::encode_reply(&r)).await,
+            Ok(Some(r)) => {
+                let r = Reply { msg_id, ..r };
+                publish_reply(pub_ch, &reply_q, wire::encode_reply(&r)).await
+            }
             // The caller times out by itself; if the guest answers later (or
             // through another proxy after a migration), that reply is routed
-            // by its reply_to.
-            _ => inst.forget(&msg_id),
+            // by its sealed handle.
+            _ => inst.forget(&local),
         }
     }
 }

@@ -87,18 +87,6 @@ pub enum BridgeError {
     Stopped,
 }
 
-/// The error and its causes on one line, for logs and `tetherctl broker`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The bridge's state, for the control socket's `broker` op.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BridgeStatus {
@@ -254,7 +242,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
                 info!(broker = %shown, "connected to the broker");
                 status.update(|s| s.connects += 1);
                 let mut s = Session::new(&proxy, &cfg, &names, &offsets, conn);
-                let why = chain(&s.serve(&mut up_rx, &mut held).await);
+                let why = crate::error_chain(&s.serve(&mut up_rx, &mut held).await);
                 // A connection that never got to serve (a refused
                 // declaration) keeps backing off rather than hammering.
                 if s.served {
@@ -304,7 +292,7 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
     proxy.bridge.update(|s| s.refused += 1);
     match m {
         Upstream::Call { instance, request } => {
-            warn!(target: "audit", instance = %instance, method = %request.method, "guest call refused: broker unreachable and the hold is full");
+            warn!(target: "audit", instance = %instance, method = ?request.method, "guest call refused: broker unreachable and the hold is full");
             if let (Some(inst), Some(msg_id)) = (proxy.instance(&instance), request.msg_id) {
                 let f = Failure::tether(
                     "BrokerUnavailable",
@@ -320,7 +308,7 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
             instance,
             request: r,
         } => {
-            error!(target: "audit", instance = %instance, method = %r.method, topic = %r.target.topic, unique_id = %r.unique_id, "guest cast refused: broker unreachable and the hold is full");
+            error!(target: "audit", instance = %instance, method = ?r.method, topic = ?r.target.topic, unique_id = ?r.unique_id, "guest cast refused: broker unreachable and the hold is full");
             if let Some(inst) = proxy.instance(&instance) {
                 let why = format!(
                     "BrokerUnavailable: the control plane's broker is unreachable and {} messages already wait",
@@ -330,7 +318,7 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
             }
         }
         Upstream::Reply(r) => {
-            error!(msg_id = %r.msg_id, "reply refused: broker unreachable and the hold is full")
+            error!(msg_id = ?r.msg_id, "reply refused: broker unreachable and the hold is full")
         }
     }
 }

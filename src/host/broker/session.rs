@@ -34,7 +34,7 @@ use super::{
 };
 use crate::host::Proxy;
 use crate::host::instance::{Instance, answer, refuse_cast};
-use crate::rpc::{Failure, LinkMsg, Request};
+use crate::rpc::{Failure, LinkMsg, Request, new_unique_id};
 
 /// One instance's consumers: a channel of its own (prefetch per instance).
 struct InstConsumers {
@@ -56,8 +56,11 @@ pub(super) struct Session<'a> {
     refused: HashMap<String, Instant>,
     instances: HashMap<String, InstConsumers>,
     fanout: HashMap<String, (Channel, ShortString)>,
-    /// Guest calls waiting for their reply: msg_id → (instance, deadline).
-    calls: HashMap<String, (String, Instant)>,
+    /// Guest calls waiting for their reply, by the msg_id this proxy gave
+    /// them upstream (a guest's own ids never reach the broker, so no
+    /// guest can collide with another's): (instance, the guest's msg_id,
+    /// deadline).
+    calls: HashMap<String, (String, String, Instant)>,
     /// Unroutable guest casts: (first try, next try, the cast).
     retry: VecDeque<(Instant, Instant, Upstream)>,
 }
@@ -233,7 +236,7 @@ impl<'a> Session<'a> {
                     }
                     self.reconcile(&pub_ch).await?;
                     let now = Instant::now();
-                    self.calls.retain(|_, (_, d)| *d > now);
+                    self.calls.retain(|_, (_, _, d)| *d > now);
                     while self.retry.front().is_some_and(|(_, next, _)| *next <= now) {
                         let Some((first, _, m)) = self.retry.pop_front() else { break };
                         if let Err(e) = self.upstream(&pub_ch, m.clone(), first).await {
@@ -269,8 +272,12 @@ impl<'a> Session<'a> {
         if !r.ending {
             return; // a heartbeat: the guest's own timeout applies
         }
-        let Some((instance, _)) = self.calls.remove(&r.msg_id) else {
-            return debug!(msg_id = %r.msg_id, "reply to an unknown or expired guest call dropped");
+        let Some((instance, guest_id, _)) = self.calls.remove(&r.msg_id) else {
+            return debug!(msg_id = ?r.msg_id, "reply to an unknown or expired guest call dropped");
+        };
+        let r = crate::rpc::Reply {
+            msg_id: guest_id,
+            ..r
         };
         if let Some(inst) = self.proxy.instance(&instance) {
             let _ = inst.tx.send(LinkMsg::Rep(r).to_bytes()).await;
@@ -296,7 +303,7 @@ impl<'a> Session<'a> {
             } => {
                 if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
                     self.proxy.bridge.update(|s| s.refused += 1);
-                    error!(target: "audit", instance = %instance, topic = %r.target.topic, method = %r.method, unique_id = %r.unique_id,
+                    error!(target: "audit", instance = %instance, topic = ?r.target.topic, method = ?r.method, unique_id = ?r.unique_id,
                            "guest cast refused: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
                     if let Some(inst) = self.proxy.instance(&instance) {
                         let why = format!(
@@ -308,7 +315,7 @@ impl<'a> Session<'a> {
                     }
                 } else {
                     if first.elapsed().is_zero() || self.retry.is_empty() {
-                        debug!(topic = %r.target.topic, "guest cast unroutable for now; retrying");
+                        debug!(topic = ?r.target.topic, "guest cast unroutable for now; retrying");
                     }
                     let m = Upstream::Cast {
                         instance,
@@ -321,7 +328,8 @@ impl<'a> Session<'a> {
             Upstream::Call { instance, request } => {
                 self.proxy.bridge.update(|s| s.refused += 1);
                 if let Some(msg_id) = &request.msg_id {
-                    self.calls.remove(msg_id);
+                    self.calls
+                        .retain(|_, (i, g, _)| !(*i == instance && g == msg_id));
                 }
                 if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
                 {
@@ -337,7 +345,7 @@ impl<'a> Session<'a> {
             }
             Upstream::Reply(r) => {
                 self.proxy.bridge.update(|s| s.refused += 1);
-                warn!(msg_id = %r.msg_id, "reply unroutable: its caller's reply queue is gone")
+                warn!(msg_id = ?r.msg_id, "reply unroutable: its caller's reply queue is gone")
             }
         }
         Ok(())
@@ -364,19 +372,28 @@ impl<'a> Session<'a> {
                     .timeout_ms
                     .unwrap_or(self.cfg.upstream_call_timeout_ms)
                     .min(self.cfg.upstream_call_timeout_ms);
+                let up_id = new_unique_id();
                 if let Some(msg_id) = &r.msg_id {
                     self.calls.insert(
-                        msg_id.clone(),
-                        (instance.clone(), Instant::now() + Duration::from_millis(t)),
+                        up_id.clone(),
+                        (
+                            instance.clone(),
+                            msg_id.clone(),
+                            Instant::now() + Duration::from_millis(t),
+                        ),
                     );
                 }
+                let upstream = Request {
+                    msg_id: Some(up_id),
+                    ..r.clone()
+                };
                 (
                     r.target
                         .exchange
                         .clone()
                         .unwrap_or_else(|| self.cfg.control_exchange.clone()),
                     routing_key(r),
-                    wire::encode_request(r, Some(&self.names.reply_q)),
+                    wire::encode_request(&upstream, Some(&self.names.reply_q)),
                     props().with_expiration(t.to_string().into()),
                     true,
                 )
@@ -508,8 +525,8 @@ impl<'a> Session<'a> {
         if !matches!(e, BridgeError::Declare { .. }) {
             return Err(e);
         }
-        let why = super::chain(&e);
-        error!(what = %key, error = %why, retry_in_s = DECLARE_RETRY_AFTER.as_secs(), "the broker refused a declaration; the rest is served");
+        let why = crate::error_chain(&e);
+        error!(what = ?key, error = %why, retry_in_s = DECLARE_RETRY_AFTER.as_secs(), "the broker refused a declaration; the rest is served");
         self.proxy.bridge.update(|s| s.last_error = Some(why));
         self.refused.insert(key, Instant::now());
         Ok(())
@@ -548,7 +565,7 @@ impl<'a> Session<'a> {
         for t in missing {
             let queue = format!("{t}.{id}");
             let Ok(q) = short(&queue) else {
-                warn!(instance = %id, topic = %t, "queue name too long for AMQP; topic not served over the broker");
+                warn!(instance = %id, topic = ?t, "queue name too long for AMQP; topic not served over the broker");
                 continue;
             };
             let mut args = FieldTable::default();
@@ -575,7 +592,7 @@ impl<'a> Session<'a> {
                     FieldTable::default(),
                 )
                 .await?;
-            info!(instance = %id, queue = %queue, "consuming");
+            info!(instance = %id, queue = ?queue, "consuming");
             c.tags.insert(t.clone(), consumer.tag());
             tokio::spawn(consume(
                 consumer,
@@ -599,7 +616,7 @@ impl<'a> Session<'a> {
             format!("{exchange}_{}", self.names.proxy_id)
         };
         let (Ok(ex), Ok(q)) = (short(&exchange), short(&queue)) else {
-            warn!(topic = %t, "fanout name too long for AMQP; fanout not served over the broker");
+            warn!(topic = ?t, "fanout name too long for AMQP; fanout not served over the broker");
             return Ok(());
         };
         let ch = self.conn.create_channel().await?;
@@ -659,7 +676,7 @@ impl<'a> Session<'a> {
         let consumer = ch
             .basic_consume(q, "".into(), BasicConsumeOptions::default(), consume_args)
             .await?;
-        info!(queue = %queue, stream = self.cfg.stream_fanout, "consuming fanout");
+        info!(queue = ?queue, stream = self.cfg.stream_fanout, "consuming fanout");
         let tag = consumer.tag();
         tokio::spawn(consume(
             consumer,

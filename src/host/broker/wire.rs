@@ -102,10 +102,12 @@ pub fn decode_request(
             ctx.insert(key.to_string(), v);
         }
     }
-    let kind = match (&msg_id, fanout) {
-        (Some(_), _) => Kind::Call,
-        (None, true) => Kind::Fanout,
-        (None, false) => Kind::Cast,
+    // Only a call carries a msg_id into the guest (the proxy swaps it for
+    // one of its own); a fanout is never a call.
+    let (kind, msg_id) = match (msg_id, fanout) {
+        (_, true) => (Kind::Fanout, None),
+        (Some(m), false) => (Kind::Call, Some(m)),
+        (None, false) => (Kind::Cast, None),
     };
     Ok(Incoming {
         request: Request {
@@ -122,7 +124,8 @@ pub fn decode_request(
             ctx: Value::Object(ctx),
             msg_id,
             unique_id,
-            reply_to: reply_q.clone(),
+            // The control plane's reply queue never reaches the guest.
+            reply_to: None,
             timeout_ms: if kind == Kind::Call {
                 expiration_ms
             } else {
@@ -255,6 +258,7 @@ mod tests {
             decode_request(CALL.as_bytes(), "agent", Some("vm-1"), Some(10_000), false).unwrap();
         let r = &i.request;
         assert_eq!(r.kind, Kind::Call);
+        assert_eq!(r.reply_to, None, "the reply queue stays on the host");
         assert_eq!(r.method, "echo");
         assert_eq!(r.args, json!({"value": "hello", "n": 3}));
         assert_eq!(
@@ -283,6 +287,8 @@ mod tests {
         assert_eq!(i.request.timeout_ms, None, "casts carry no deadline");
         let f = decode_request(cast, "t", None, None, true).unwrap();
         assert_eq!(f.request.kind, Kind::Fanout);
+        let f = decode_request(CALL.as_bytes(), "t", None, None, true).unwrap();
+        assert_eq!((f.request.kind, f.request.msg_id), (Kind::Fanout, None));
     }
 
     #[test]
