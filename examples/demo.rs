@@ -158,9 +158,27 @@ async fn main() -> anyhow::Result<()> {
     );
 
     say("Start the host proxy; it watches a channels directory for VM sockets");
+    // Deny by default: guests may only answer calls. Provisioning assigns
+    // this VM a profile that lets its sub-agents serve topic "demo".
+    let policies = d.join("instances");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join(format!("{VM}.toml")), "profile = \"demo-service\"\n")?;
+    let proxy_cfg = d.join("proxy.toml");
+    std::fs::write(
+        &proxy_cfg,
+        format!(
+            "[policy]\ninstances_dir = {policies:?}\naudit_log = {:?}\n\
+             [policy.profiles.demo-service]\nmode = \"reply-only\"\ntopics = [\"demo\"]\n",
+            d.join("audit.jsonl")
+        ),
+    )?;
+    println!("Its policy: {VM} is assigned profile demo-service (reply-only, topic demo);");
+    println!("every guest decision is audited to audit.jsonl (`tetherctl policy {VM}`).");
     let proxy_log = std::fs::File::create(d.join("proxy.log"))?;
     let _proxy = Daemon(
         Command::new(bin.join("tether-proxy"))
+            .arg("-c")
+            .arg(&proxy_cfg)
             .args([
                 "--channels-dir",
                 channels.to_str().unwrap_or_default(),

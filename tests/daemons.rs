@@ -362,7 +362,7 @@ fn bad_config_files_are_refused_with_the_reason() {
         ),
         (
             PROXY,
-            "[policy]\nmessages_per_sec = -1\n",
+            "[policy.profiles.default]\nmessages_per_sec = -1\n",
             "messages_per_sec",
         ),
         (PROXY, "max_links = 0\n", "max_links"),
@@ -392,6 +392,10 @@ fn example_config_files_are_valid() {
     for (bin, f) in [
         (AGENT, "config/agent.example.toml"),
         (PROXY, "config/proxy.example.toml"),
+        (PROXY, "config/policy/one-way.toml"),
+        (PROXY, "config/policy/reply-only.toml"),
+        (PROXY, "config/policy/cast.toml"),
+        (PROXY, "config/policy/call.toml"),
     ] {
         let out = std::process::Command::new(bin)
             .args(["--check-config", "-c", &format!("{root}/{f}")])
@@ -403,6 +407,39 @@ fn example_config_files_are_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The assignment example passes `--check-config` as an instance's file
+/// under the cast example's profiles; a broken one is refused by name.
+#[test]
+fn the_instance_assignment_example_is_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let d = tempfile::tempdir().unwrap();
+    let inst = d.path().join("instances");
+    std::fs::create_dir_all(&inst).unwrap();
+    let cast = std::fs::read_to_string(format!("{root}/config/policy/cast.toml")).unwrap();
+    let cfg = d.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        cast.replace("[policy]\n", &format!("[policy]\ninstances_dir = {inst:?}\n")),
+    )
+    .unwrap();
+    let example = std::fs::read_to_string(format!("{root}/config/policy/instance.example.toml")).unwrap();
+    std::fs::write(inst.join(format!("{U1}.toml")), &example).unwrap();
+    let check = || {
+        std::process::Command::new(PROXY)
+            .args(["--check-config", "-c", cfg.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 instance assignments"));
+    std::fs::write(inst.join(format!("{U1}.toml")), "profile = \"nope\"\n").unwrap();
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(U1) && err.contains("\"nope\" is not defined"), "{err}");
 }
 
 #[tokio::test]
@@ -499,7 +536,9 @@ async fn sighup_reloads_the_allow_list_and_ready_is_notified() {
 #[tokio::test]
 async fn rate_limits_apply_to_guest_traffic_not_to_answers() {
     let w = World::new();
-    let _proxy = w.proxy("[policy]\nmessage_burst = 20.0\nmessages_per_sec = 1.0\n");
+    let _proxy = w.proxy(&support::lab_policy(
+        "message_burst = 20.0\nmessages_per_sec = 1.0",
+    ));
     let _agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
     let mut ctl = w.ctl().await;
     wait_linked(&mut ctl, U1, "demo").await;

@@ -109,10 +109,7 @@ async fn a_sub_agents_cast_and_call_reach_an_oslo_server_with_the_identity_the_h
     let ex = unique("ex");
     let topic = unique("vm");
     let w = World::new();
-    let _proxy = w.proxy(&format!(
-        "{}[policy]\nallow_guest_calls = true\n",
-        broker_section(&url, &ex)
-    ));
+    let _proxy = w.proxy(&broker_section(&url, &ex));
     let u = uuid(511);
     let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
     let mut server = OsloServer::start(&url, &ex, "demo-events", "conductor-1").await;
@@ -147,7 +144,7 @@ async fn a_sub_agents_cast_and_call_reach_an_oslo_server_with_the_identity_the_h
     assert_eq!(got["ctx"]["tether_instance"], json!(u), "{got}");
     assert_eq!(
         got["ctx"]["request_id"], "req-guest",
-        "the rest of the context passes"
+        "context keys the profile allows pass"
     );
 }
 
@@ -157,7 +154,11 @@ async fn guest_calls_are_refused_by_default_and_the_caller_learns_why() {
     let ex = unique("ex");
     let topic = unique("vm");
     let w = World::new();
-    let _proxy = w.proxy(&broker_section(&url, &ex));
+    // The default profile (reply-only), allowed to serve its topic.
+    let _proxy = w.proxy(&format!(
+        "{}[policy.profiles.default]\ntopics = [\"*\"]\n",
+        broker_section(&url, &ex)
+    ));
     let u = uuid(512);
     let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
     let mut c = OsloClient::start(&url, &ex);
@@ -169,7 +170,11 @@ async fn guest_calls_are_refused_by_default_and_the_caller_learns_why() {
         )
         .await;
     assert_eq!(v["class"], "RemoteError", "{v}");
-    assert!(v["message"].as_str().unwrap().contains("Denied"), "{v}");
+    let m = v["message"].as_str().unwrap();
+    assert!(
+        m.contains("Denied") && m.contains("mode reply-only"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,6 +99,18 @@ pub fn python3() -> String {
     p.into()
 }
 
+/// The policy of tests that are not about policy (the proxy's default is
+/// `reply-only` with nothing allowed): every instance may register any
+/// topic and cast or call any topic, server and method on the control
+/// exchange; `request_id` passes from the guest's context. `extra` adds
+/// keys to that profile.
+pub fn lab_policy(extra: &str) -> String {
+    format!(
+        "[policy.profiles.default]\nmode = \"call\"\ntopics = [\"*\"]\ncontext_keys = [\"request_id\"]\n{extra}\n\
+         [[policy.profiles.default.targets]]\ntopics = [\"*\"]\nservers = [\"*\"]\nmethods = [\"*\"]\n"
+    )
+}
+
 /// A test world: a temp dir with a channels directory and a control socket.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -123,12 +135,19 @@ impl World {
         self.path("ctl.sock")
     }
 
+    /// Start a proxy with `extra` config; [`lab_policy`] unless `extra`
+    /// has a `[policy` section of its own.
     pub fn proxy(&self, extra: &str) -> Proc {
         let cfg = self.path("proxy.toml");
+        let policy = if extra.contains("[policy") {
+            String::new()
+        } else {
+            lab_policy("")
+        };
         std::fs::write(
             &cfg,
             format!(
-                "channels_dir = {:?}\ncontrol_socket = {:?}\n{extra}\n",
+                "channels_dir = {:?}\ncontrol_socket = {:?}\n{extra}\n{policy}",
                 self.channels(),
                 self.ctl_sock()
             ),
