@@ -162,7 +162,10 @@ async fn main() -> anyhow::Result<()> {
     // this VM a profile that lets its sub-agents serve topic "demo".
     let policies = d.join("instances");
     std::fs::create_dir_all(&policies)?;
-    std::fs::write(policies.join(format!("{VM}.toml")), "profile = \"demo-service\"\n")?;
+    std::fs::write(
+        policies.join(format!("{VM}.toml")),
+        "profile = \"demo-service\"\n",
+    )?;
     let proxy_cfg = d.join("proxy.toml");
     std::fs::write(
         &proxy_cfg,

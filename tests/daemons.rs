@@ -421,10 +421,14 @@ fn the_instance_assignment_example_is_valid() {
     let cfg = d.path().join("proxy.toml");
     std::fs::write(
         &cfg,
-        cast.replace("[policy]\n", &format!("[policy]\ninstances_dir = {inst:?}\n")),
+        cast.replace(
+            "[policy]\n",
+            &format!("[policy]\ninstances_dir = {inst:?}\n"),
+        ),
     )
     .unwrap();
-    let example = std::fs::read_to_string(format!("{root}/config/policy/instance.example.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(format!("{root}/config/policy/instance.example.toml")).unwrap();
     std::fs::write(inst.join(format!("{U1}.toml")), &example).unwrap();
     let check = || {
         std::process::Command::new(PROXY)
@@ -433,13 +437,20 @@ fn the_instance_assignment_example_is_valid() {
             .unwrap()
     };
     let out = check();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 instance assignments"));
     std::fs::write(inst.join(format!("{U1}.toml")), "profile = \"nope\"\n").unwrap();
     let out = check();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(U1) && err.contains("\"nope\" is not defined"), "{err}");
+    assert!(
+        err.contains(U1) && err.contains("\"nope\" is not defined"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -171,10 +171,7 @@ async fn guest_calls_are_refused_by_default_and_the_caller_learns_why() {
         .await;
     assert_eq!(v["class"], "RemoteError", "{v}");
     let m = v["message"].as_str().unwrap();
-    assert!(
-        m.contains("Denied") && m.contains("mode reply-only"),
-        "{v}"
-    );
+    assert!(m.contains("Denied") && m.contains("mode reply-only"), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -384,7 +384,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     let t = timeout(p, inv.timeout_ms);
     let inst = lookup(p, &inv.instance)?;
     let msg_id = new_unique_id();
-    let rx = inst.expect_reply(&msg_id, false);
+    let rx = inst.expect_reply(&msg_id, false, None);
     let req = inv.into_request(
         &inst.id,
         Kind::Call,

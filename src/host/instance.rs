@@ -30,6 +30,9 @@ struct Pending {
     /// It came from the broker (its reply is published) rather than from
     /// the control socket (its reply stays on this host).
     to_broker: bool,
+    /// The sealed handle the guest got with it: spent when the call is
+    /// answered, so the guest answers each call once.
+    handle: Option<String>,
 }
 
 /// One instance.
@@ -119,10 +122,21 @@ impl Instance {
     }
 
     /// Register a call; its reply will come through the returned receiver.
-    /// `to_broker`: the call came from the broker (see [`Mode::OneWay`]).
-    pub fn expect_reply(&self, msg_id: &str, to_broker: bool) -> oneshot::Receiver<Reply> {
+    /// `to_broker`: the call came from the broker (see [`Mode::OneWay`]);
+    /// `handle`: the sealed reply handle the guest gets with it.
+    pub fn expect_reply(
+        &self,
+        msg_id: &str,
+        to_broker: bool,
+        handle: Option<String>,
+    ) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(msg_id.to_string(), Pending { tx, to_broker });
+        let p = Pending {
+            tx,
+            to_broker,
+            handle,
+        };
+        lock(&self.pending).insert(msg_id.to_string(), p);
         rx
     }
 
@@ -293,7 +307,11 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
         }
         match enforcer.pending_reply(to_broker) {
             Decision::Allow => {
-                if let Some(p) = lock(&inst.pending).remove(&r.msg_id) {
+                let p = lock(&inst.pending).remove(&r.msg_id);
+                if let Some(p) = p {
+                    if let Some(h) = &p.handle {
+                        enforcer.spend(h, &inst.hub.store().sealer);
+                    }
                     let _ = p.tx.send(r);
                 }
                 inst.audit(record("reply", "allow", None), size);
@@ -312,6 +330,19 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
     let sealer = &inst.hub.store().sealer;
     match enforcer.unsolicited_reply(&r, size, sealer, crate::unix_ms()) {
         Ok(o) => {
+            // Its call is pending here after all (the guest named another
+            // id): answered through the pending path, once.
+            let mut pending = lock(&inst.pending);
+            let local = pending
+                .iter()
+                .find(|(_, p)| p.handle.is_some() && p.handle == r.reply_to)
+                .map(|(k, _)| k.clone());
+            if let Some(p) = local.and_then(|k| pending.remove(&k)) {
+                drop(pending);
+                let _ = p.tx.send(r);
+                return inst.audit(record("reply", "allow", None), size);
+            }
+            drop(pending);
             r.msg_id = o.msg_id;
             r.reply_to = Some(o.reply_q);
             let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));

@@ -343,6 +343,7 @@ pub async fn wait_linked_for(
     }
 }
 
+pub mod guest;
 pub mod oslo;
 pub mod vm;
 

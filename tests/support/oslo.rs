@@ -208,3 +208,69 @@ pub async fn fanout_consumed(ctl: &mut super::Ctl, n: u64) {
     })
     .await;
 }
+
+/// A queue of the test's own on the broker, to see what reaches it: bound
+/// to `exchange` with `key` (`#`: everything), or unbound (a queue a guest
+/// might aim a forged reply at, by name).
+pub struct Spy {
+    _conn: lapin::Connection,
+    ch: lapin::Channel,
+    pub queue: String,
+}
+
+impl Spy {
+    pub async fn start(url: &str, bind: Option<(&str, &str)>) -> Self {
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+        // lapin reads a trailing '/' as the empty vhost; oslo as the default.
+        let uri = url.replacen("rabbit://", "amqp://", 1);
+        let uri = uri.trim_end_matches('/');
+        let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to the test broker");
+        let ch = conn.create_channel().await.unwrap();
+        let queue = unique("spy");
+        let opts = QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.as_str().into(), opts, Default::default())
+            .await
+            .unwrap();
+        if let Some((ex, key)) = bind {
+            ch.queue_bind(
+                queue.as_str().into(),
+                ex.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        }
+        Self {
+            _conn: conn,
+            ch,
+            queue,
+        }
+    }
+
+    /// Every message in the queue now, as JSON (oslo envelopes unwrapped).
+    pub async fn drain(&self) -> Vec<Value> {
+        use lapin::options::BasicGetOptions;
+        let mut out = vec![];
+        while let Some(m) = self
+            .ch
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let v: Value = serde_json::from_slice(&m.delivery.data).unwrap_or(Value::Null);
+            let inner = v["oslo.message"]
+                .as_str()
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or(v);
+            out.push(inner);
+        }
+        out
+    }
+}

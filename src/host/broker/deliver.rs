@@ -219,7 +219,8 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
                 .sealer
                 .seal(&inst.id, reply_q, &oslo_id, expires);
             req.msg_id = Some(local.clone());
-            Some((oslo_id, local.clone(), inst.expect_reply(&local, true)))
+            let rx = inst.expect_reply(&local, true, req.reply_to.clone());
+            Some((oslo_id, local, rx))
         }
         // A call without a reply queue cannot be answered: delivered as a cast.
         (Kind::Call, _, _) => {

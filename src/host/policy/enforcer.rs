@@ -264,17 +264,33 @@ impl Enforcer {
         let o = sealer
             .open(&self.policy.instance, h, now_unix_ms)
             .map_err(|e| format!("a reply to no call pending on this proxy: {e}"))?;
-        if self.used.contains(&o.nonce) {
+        if !self.remember(o.nonce) {
             return Err("the reply handle was used already".into());
+        }
+        Ok(o)
+    }
+
+    /// Mark `handle` used (its call was answered through the pending path),
+    /// so a second reply through it is refused.
+    pub fn spend(&mut self, handle: &str, sealer: &Sealer) {
+        if let Ok(o) = sealer.open(&self.policy.instance, handle, 0) {
+            self.remember(o.nonce);
+        }
+    }
+
+    /// Remember a handle's nonce; false if it was already.
+    fn remember(&mut self, nonce: [u8; 24]) -> bool {
+        if self.used.contains(&nonce) {
+            return false;
         }
         if self.used_order.len() >= USED_HANDLES
             && let Some(old) = self.used_order.pop_front()
         {
             self.used.remove(&old);
         }
-        self.used.insert(o.nonce);
-        self.used_order.push_back(o.nonce);
-        Ok(o)
+        self.used.insert(nonce);
+        self.used_order.push_back(nonce);
+        true
     }
 
     /// A reply to a call pending here: allowed unless the mode is
