@@ -7,11 +7,21 @@
 //!   garbage; [`link::session`] is the I/O-free state machine (sequencing,
 //!   cumulative ACKs, send window, HELLO/resume, liveness, grace);
 //!   [`link::driver`] runs a session over any byte stream and reconnects.
+//! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
+//! - [`guest`]: the agent — the port, the router to sub-agents, the sub-agent
+//!   socket, the supervisor.
+//! - [`host`]: the proxy — channels, one [`host::instance`] per VM, the
+//!   control socket, [`host::policy`] (the one enforcement point for guest
+//!   traffic: profiles, names, context, reply handles, audit) and
+//!   [`host::broker`] (oslo.messaging over RabbitMQ).
+//! - [`client`]: the Rust API for sub-agents.
+//! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers,
+//!   systemd notification.
 //! - [`testing`]: support for tests and benchmarks that want real sockets with
 //!   faults: a deterministic RNG and a fault-injecting UNIX socket relay.
 //!
-//! The wire protocol is specified in `docs/protocol.md`; measurements are in
-//! `docs/BENCHMARKS.md`.
+//! The wire protocol is specified in `docs/protocol.md`, the security model in
+//! `docs/security.md`; measurements are in `docs/BENCHMARKS.md`.
 
 // Nothing a peer or a file sends may panic the library: no unwrap, expect
 // or unchecked indexing outside tests.

@@ -365,7 +365,7 @@ async fn after_the_instance_moved_a_reply_needs_a_valid_unexpired_handle() {
     // Expired: wait until the handle's own expiry has passed (the test
     // holds the key, so it reads the expiry rather than guess it).
     let hb = brief_req.reply_to.clone().unwrap();
-    let sealer = tether::host::policy::handle::Sealer::load(&[key.clone()]).unwrap();
+    let sealer = tether::host::policy::handle::Sealer::load(std::slice::from_ref(&key)).unwrap();
     let exp = sealer.open(&u, &hb, 0).unwrap().expires_unix_ms;
     let t0 = Instant::now();
     while tether::unix_ms() <= exp {

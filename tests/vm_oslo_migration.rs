@@ -24,8 +24,16 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
     let url = amqp_url();
     let ex = unique("ex");
     let u = random_uuid();
-    let section = broker_section(&url, &ex);
     let (wa, wb) = (World::new(), World::new());
+    // Both proxies hold the cloud's reply key: the reply to a call that
+    // entered through A is accepted by B only with A's sealed handle.
+    let key = wa.path("reply.key");
+    support::guest::reply_key(&key);
+    let section = format!(
+        "{}[policy]\nreply_keys = [{key:?}]\n{}",
+        broker_section(&url, &ex),
+        lab_policy("")
+    );
     let (_pa, _pb) = (wa.proxy(&section), wb.proxy(&section));
     let src = Vm::boot(
         wa.dir.path(),

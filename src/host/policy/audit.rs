@@ -54,7 +54,7 @@ pub struct Record {
     pub reason: Option<String>,
 }
 
-/// A guest string for a record: cut to [`MAX_FIELD_CHARS`].
+/// A guest string for a record: cut to 256 characters.
 pub fn clip(s: &str) -> String {
     if s.chars().count() <= MAX_FIELD_CHARS {
         s.to_string()

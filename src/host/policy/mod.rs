@@ -1,5 +1,5 @@
 //! The one enforcement point for guest-originated traffic, and the policy it
-//! enforces. Every message a guest sends passes [`Enforcer::check`] before
+//! enforces. Every message a guest sends passes the [`Enforcer`] before
 //! anything else looks at it; what an instance may do is decided only from
 //! host-side facts: its uuid (the channel socket's file name), the profile
 //! the host assigned it, and the calls this host delivered into it.
