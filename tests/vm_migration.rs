@@ -18,9 +18,15 @@ struct Host {
 }
 
 impl Host {
-    async fn new() -> Self {
+    /// A proxy holding the cloud's reply `key` (shared by both hosts: the
+    /// reply to a call that entered through the source is accepted by the
+    /// destination only with the source's sealed handle).
+    async fn new(key: &std::path::Path) -> Self {
         let world = World::new();
-        let proxy = world.proxy("");
+        let proxy = world.proxy(&format!(
+            "[policy]\nreply_keys = [{key:?}]\n{}",
+            lab_policy("")
+        ));
         let ctl = world.ctl().await;
         Self {
             world,
@@ -198,7 +204,10 @@ async fn count(host: &mut Host, uuid: &str) -> Value {
 async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
     const U: &str = "5a9d0c1e-7b2f-4c3d-9e8f-1a2b3c4d5e6f";
     const N: u64 = 1500;
-    let (mut a, mut b) = (Host::new().await, Host::new().await);
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("reply.key");
+    support::guest::reply_key(&key);
+    let (mut a, mut b) = (Host::new(&key).await, Host::new(&key).await);
     let src = Vm::boot(a.world.dir.path(), "src", &a.chardev(U));
     let port = free_port();
     let dst = Vm::incoming(b.world.dir.path(), "dst", &b.chardev(U), port);
@@ -260,7 +269,10 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
     const U: &str = "6b0e1d2f-8c3a-4d4e-8f90-2b3c4d5e6f70";
     const HOPS: u64 = 6;
     const PER_HOP: u64 = 400;
-    let mut hosts = [Host::new().await, Host::new().await];
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("reply.key");
+    support::guest::reply_key(&key);
+    let mut hosts = [Host::new(&key).await, Host::new(&key).await];
     let mut vm = Vm::boot(hosts[0].world.dir.path(), "vm0", &hosts[0].chardev(U));
     hosts[0].linked(U, &vm).await;
     for n in 0..HOPS {

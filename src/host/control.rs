@@ -384,13 +384,19 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     let t = timeout(p, inv.timeout_ms);
     let inst = lookup(p, &inv.instance)?;
     let msg_id = new_unique_id();
-    let rx = inst.expect_reply(&msg_id, false, None);
-    let req = inv.into_request(
+    // Sealed with no reply queue: if the VM moves before answering, the
+    // destination's proxy can tell a genuine answer (shown to its
+    // watchers; there is no caller there) from a forged one.
+    let expires = crate::unix_ms().saturating_add(t.as_millis() as u64);
+    let handle = p.policy.store().sealer.seal(&inst.id, "", &msg_id, expires);
+    let rx = inst.expect_reply(&msg_id, false, handle.clone());
+    let mut req = inv.into_request(
         &inst.id,
         Kind::Call,
         Some(msg_id.clone()),
         Some(t.as_millis() as u64),
     );
+    req.reply_to = handle;
     let res = tokio::time::timeout(t, async {
         inst.tx
             .send(LinkMsg::Req(req).to_bytes())

@@ -344,6 +344,15 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
             }
             drop(pending);
             r.msg_id = o.msg_id;
+            if o.reply_q.is_empty() {
+                // A control-socket call of another host's proxy: its caller
+                // is there; here it is shown to watchers, never published.
+                r.reply_to = None;
+                let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));
+                inst.rerouted.fetch_add(1, Ordering::Relaxed);
+                let why = "sealed handle of a control-socket call: shown to watchers".to_string();
+                return inst.audit(record("reply", "allow", Some(why)), size);
+            }
             r.reply_to = Some(o.reply_q);
             let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));
             match &out.upstream {
