@@ -96,7 +96,10 @@ impl Proxy {
     pub fn reload(&self) -> Result<usize, String> {
         let pcfg = match &self.config_path {
             Some(p) => {
-                let c = ProxyConfig::load(p).map_err(|e| crate::error_chain(&e))?;
+                let mut c = ProxyConfig::load(p).map_err(|e| crate::error_chain(&e))?;
+                // Command-line overrides stay as they were.
+                c.channels_dir.clone_from(&self.cfg.channels_dir);
+                c.control_socket.clone_from(&self.cfg.control_socket);
                 let mut running = (*self.cfg).clone();
                 running.policy = c.policy.clone();
                 if running != c {

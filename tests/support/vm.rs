@@ -202,6 +202,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether a socket listens on TCP `port` here, read from /proc/net/tcp and
+/// tcp6 (state 0A): a probe connection would not do, QEMU would take it for
+/// the migration stream.
+pub fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.get(1).is_some_and(|a| a.ends_with(&want)) && cols.get(3) == Some(&"0A")
+            })
+    })
+}
+
 /// Migrate the VM whose QMP socket is `qmp` to `port`; returns how long the
 /// migration took once started. Quits the source when done.
 pub fn migrate_after(
@@ -211,6 +228,16 @@ pub fn migrate_after(
 ) -> tokio::task::JoinHandle<Duration> {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
+        // A destination QEMU started under load may not listen on its
+        // -incoming port yet: `migrate` would fail with "connection refused".
+        let t = Instant::now();
+        while !listening(port) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the destination never listened on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut q = Qmp::connect(&qmp).await;
         let v = q
             .cmd(json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}))
