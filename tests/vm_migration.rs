@@ -216,6 +216,13 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
     let mut watch_b = b.world.ctl().await;
     assert_eq!(watch_b.req(json!({"op": "watch"})).await["ok"], true);
 
+    // The clock of the call below starts once the destination can take
+    // the migration (a loaded machine starts QEMU slowly).
+    let t = Instant::now();
+    while !support::vm::listening(port) {
+        assert!(t.elapsed() < BOUND * 2, "the destination never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let migrate = migrate_after(
         Duration::from_millis(800),
         Vm::qmp_path(a.world.dir.path(), "src"),
@@ -228,7 +235,7 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
         tokio::spawn(async move {
             c.req(
                 json!({"op": "call", "instance": U, "topic": "demo", "method": "sleep",
-                         "args": {"ms": 2500, "tag": "across"}, "timeout_ms": 6_000}),
+                         "args": {"ms": 8000, "tag": "across"}, "timeout_ms": 30_000}),
             )
             .await
         })
@@ -236,20 +243,28 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
     let hop = stream(U, 0..N, &mut a.ctl, &mut b.ctl).await;
     let took = migrate.await.unwrap();
     b.linked(U, &dst).await;
-    let v = across.await.unwrap();
+    // The reply's sealed handle lasts as long as the caller waits (30 s:
+    // a loaded machine's stream and migration take seconds); read it on
+    // the destination first, then the source caller's one answer.
     let reply = loop {
         let ev = tokio::time::timeout(Duration::from_secs(30), watch_b.read())
             .await
-            .expect("the reply to the call that entered through the source never came out through the destination");
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the reply to the call that entered through the source never came out through the destination; its proxy's log:\n{}",
+                    std::fs::read_to_string(b.world.path("proxy.log")).unwrap_or_default()
+                )
+            });
         if ev["event"]["reply"].is_object() {
             break ev["event"]["reply"].clone();
         }
     };
     assert_eq!(
         reply["result"],
-        json!({"ms": 2500, "tag": "across"}),
+        json!({"ms": 8000, "tag": "across"}),
         "{reply}"
     );
+    let v = across.await.unwrap();
     assert!(
         v["ok"] == true || v["error"]["kind"] == "timeout" || v["error"]["kind"] == "not_connected",
         "the source's caller gets one clean answer: {v}"
