@@ -2,7 +2,7 @@
 //! line in raw mode, or an emulated port (`unix-listen:PATH`) that behaves as
 //! QEMU's chardev does.
 //!
-//! How the real port behaves (measured, `shared/notes/virtio-serial.md`):
+//! How the real port behaves (measured: `docs/virtio-serial.md`):
 //! only one process may open it (`EBUSY`); while the host side is not
 //! connected `read()` returns 0 with `POLLHUP` and `POLLOUT` is never set, so
 //! "connected" is the writable edge; writes move at most 32 KiB each. A read

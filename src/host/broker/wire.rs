@@ -1,5 +1,6 @@
 //! The oslo.messaging wire format over AMQP (captured from oslo.messaging
-//! 18.3 and RabbitMQ 3.10: `shared/notes/oslo-wire.md`).
+//! 18.3.1 and RabbitMQ 3.10.8; the declarations are in `docs/broker.md`, a
+//! captured call is in the tests below).
 //!
 //! Every message body is an envelope `{"oslo.version": "2.0", "oslo.message":
 //! "<inner JSON as a string>"}`; bare inner objects are accepted too. The
