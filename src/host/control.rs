@@ -387,9 +387,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     // Sealed with no reply queue: if the VM moves before answering, the
     // destination's proxy can tell a genuine answer (shown to its
     // watchers; there is no caller there) from a forged one.
-    let expires = crate::unix_ms().saturating_add(t.as_millis() as u64);
-    let handle = p.policy.store().sealer.seal(&inst.id, "", &msg_id, expires);
-    let rx = inst.expect_reply(&msg_id, false, handle.clone());
+    let (handle, rx) = inst.expect_call(&msg_id, false, ("", &msg_id), t);
     let mut req = inv.into_request(
         &inst.id,
         Kind::Call,

@@ -121,23 +121,34 @@ impl Instance {
         *lock(&self.topics) = topics;
     }
 
-    /// Register a call; its reply will come through the returned receiver.
-    /// `to_broker`: the call came from the broker (see [`Mode::OneWay`]);
-    /// `handle`: the sealed reply handle the guest gets with it.
-    pub fn expect_reply(
+    /// Register a call delivered into the guest under `local`, the only id
+    /// the guest sees. Returns the sealed handle the guest gets with it in
+    /// `reply_to` (none without reply keys) and the receiver of its reply.
+    /// `reply_q` and `msg_id` are where the reply goes (`""` for a
+    /// control-socket call, whose caller is on this host); `ttl`, how long
+    /// the caller waits. `to_broker`: the call came from the broker (see
+    /// [`Mode::OneWay`]).
+    pub fn expect_call(
         &self,
-        msg_id: &str,
+        local: &str,
         to_broker: bool,
-        handle: Option<String>,
-    ) -> oneshot::Receiver<Reply> {
+        (reply_q, msg_id): (&str, &str),
+        ttl: std::time::Duration,
+    ) -> (Option<String>, oneshot::Receiver<Reply>) {
+        let expires = crate::unix_ms().saturating_add(ttl.as_millis() as u64);
+        let handle = self
+            .hub
+            .store()
+            .sealer
+            .seal(&self.id, reply_q, msg_id, expires);
         let (tx, rx) = oneshot::channel();
         let p = Pending {
             tx,
             to_broker,
-            handle,
+            handle: handle.clone(),
         };
-        lock(&self.pending).insert(msg_id.to_string(), p);
-        rx
+        lock(&self.pending).insert(local.to_string(), p);
+        (handle, rx)
     }
 
     /// Forget a call (timed out or failed to send).

@@ -212,14 +212,9 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
                 return ack(&d, &proxy).await;
             }
             let local = new_unique_id();
-            let expires = crate::unix_ms().saturating_add(limit.as_millis() as u64);
-            req.reply_to = proxy
-                .policy
-                .store()
-                .sealer
-                .seal(&inst.id, reply_q, &oslo_id, expires);
+            let (handle, rx) = inst.expect_call(&local, true, (reply_q, &oslo_id), limit);
+            req.reply_to = handle;
             req.msg_id = Some(local.clone());
-            let rx = inst.expect_reply(&local, true, req.reply_to.clone());
             Some((oslo_id, local, rx))
         }
         // A call without a reply queue cannot be answered: delivered as a cast.
