@@ -105,8 +105,10 @@ pub struct BridgeStatus {
     pub last_error: Option<String>,
     /// Guest messages waiting for the broker.
     pub held: usize,
-    /// Instances whose `<topic>.<instance>` queues are consumed.
+    /// Instances with at least one `<topic>.<instance>` queue consumed.
     pub instances_consumed: usize,
+    /// `<topic>.<instance>` queues consumed, all instances together.
+    pub server_queues: usize,
     /// Topics whose fanout queue is consumed.
     pub fanout_topics: usize,
     /// Deliveries handed to guests and acknowledged to the broker.
@@ -254,6 +256,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
                     s.connected = false;
                     s.up_since_unix_ms = 0;
                     s.instances_consumed = 0;
+                    s.server_queues = 0;
                     s.fanout_topics = 0;
                     s.last_error = Some(why);
                 });

@@ -509,9 +509,18 @@ impl<'a> Session<'a> {
                 self.declaration_refused(key, e)?;
             }
         }
-        let (n, f) = (self.instances.len(), self.fanout.len());
+        // An instance counts once its queues are consumed (a link with no
+        // topic yet has a channel and nothing on it).
+        let n = self
+            .instances
+            .values()
+            .filter(|c| !c.tags.is_empty())
+            .count();
+        let q = self.instances.values().map(|c| c.tags.len()).sum();
+        let f = self.fanout.len();
         self.proxy.bridge.update(|s| {
             s.instances_consumed = n;
+            s.server_queues = q;
             s.fanout_topics = f;
         });
         Ok(())
