@@ -199,9 +199,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\n[supervisor]\nallowed_executables = [\"{python}\"]\n",
+            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\n[supervisor]\nallowed_executables = [\"{python}\"]\n",
             port.display(),
-            d.join("agent.sock")
+            d.join("agent.sock"),
+            d.join("state")
         ),
     )?;
     let agent_log = std::fs::File::create(d.join("agent.log"))?;

@@ -70,6 +70,8 @@ pub enum ClientError {
 pub struct Incoming {
     /// Request id (reply with it).
     pub id: u64,
+    /// Stable across resends: for handlers that want their own idempotency.
+    pub unique_id: String,
     /// Call or cast.
     pub kind: Kind,
     /// Target topic etc.
@@ -162,6 +164,7 @@ impl SubAgent {
         match m {
             ToSub::Request {
                 id,
+                unique_id,
                 kind,
                 target,
                 method,
@@ -171,6 +174,7 @@ impl SubAgent {
             } => {
                 self.queued.push_back(Incoming {
                     id,
+                    unique_id,
                     kind,
                     target,
                     method,

@@ -173,12 +173,23 @@ pub enum LinkMsg {
         /// Sorted topic names.
         topics: Vec<String>,
     },
-    /// A guest cast the host refused (host → guest).
+    /// A cast that went no further: host → guest, a guest cast the host did
+    /// not pass on; guest → host, a host cast no sub-agent could take
+    /// (nobody registered its topic within the grace, or the agent's queues
+    /// are full).
     Refused {
         /// The cast's unique id.
         unique_id: String,
-        /// Why, for the sub-agent and the guest's log.
+        /// Why, for the sub-agent, the caller and the logs.
         reason: String,
+    },
+    /// Guest → host: a sub-agent took request `unique_id` (it was written to
+    /// the sub-agent's socket, or handled by the agent itself). Sent again
+    /// for a request the agent had already taken, so a resend after a reset
+    /// is confirmed without running twice.
+    Took {
+        /// The request's unique id.
+        unique_id: String,
     },
 }
 

@@ -55,11 +55,19 @@ async fn call_cast_fanout_and_errors() {
         .req(json!({"op": "call", "instance": uuid(9), "topic": "demo", "method": "x"}))
         .await;
     assert_eq!(v["error"]["kind"], "not_connected");
-    // A cast to a topic nobody serves is acknowledged by the link but handled by nobody.
+    // A cast to a topic nobody serves waits the agent's grace for a
+    // sub-agent to register it (1 s here), then is refused explicitly.
     let v = ctl
         .req(json!({"op": "cast", "instance": U1, "topic": "nobody", "method": "x"}))
         .await;
-    assert_eq!(v["ok"], true);
+    assert_eq!(v["error"]["kind"], "refused", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("NoSuchTopic"),
+        "{v}"
+    );
 
     // Casts: acknowledged, handled once even when retried with the same unique id.
     for _ in 0..3 {
@@ -463,9 +471,10 @@ async fn sighup_reloads_the_allow_list_and_ready_is_notified() {
         std::fs::write(
             &cfg,
             format!(
-                "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\n[supervisor]\nallowed_executables = [{allowed}]\n",
+                "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\n[supervisor]\nallowed_executables = [{allowed}]\n",
                 w.channels().join(format!("{U1}.sock")).display(),
-                sock
+                sock,
+                w.path("state")
             ),
         )
         .unwrap()
@@ -590,10 +599,11 @@ async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
     std::fs::write(
         &cfg,
         format!(
-            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\n[supervisor]\nallowed_executables = [\"{py}\"]\n\
+            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\n[supervisor]\nallowed_executables = [\"{py}\"]\n\
              [[subagents]]\nname = \"py\"\nargv = [\"{py}\", \"{}\"]\n",
             w.channels().join(format!("{U1}.sock")).display(),
             w.path("agent.sock"),
+            w.path("state"),
             example_subagent()
         ),
     )

@@ -23,6 +23,9 @@ struct Args {
     /// Override the sub-agent socket path.
     #[arg(long)]
     subagent_socket: Option<PathBuf>,
+    /// Override the state directory (the journal of taken requests).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn load(args: &Args) -> anyhow::Result<AgentConfig> {
@@ -35,6 +38,9 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(s) = &args.subagent_socket {
         cfg.subagent_socket = s.clone();
+    }
+    if let Some(s) = &args.state_dir {
+        cfg.state_dir = s.clone();
     }
     Ok(cfg)
 }

@@ -14,6 +14,9 @@ use crate::link::SessionConfig;
 pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.tether.agent.0";
 /// Default sub-agent socket.
 pub const DEFAULT_SUBAGENT_SOCKET: &str = "/run/tether/agent.sock";
+/// Default state directory: the journal of taken requests. In the VM's
+/// memory (tmpfs), so a live migration carries it and a reboot clears it.
+pub const DEFAULT_STATE_DIR: &str = "/run/tether";
 
 /// Everything the agent reads from its config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -33,6 +36,11 @@ pub struct AgentConfig {
     pub subagents: Vec<StartSpec>,
     /// Bound on the link flush at shutdown (ms).
     pub shutdown_flush_ms: u64,
+    /// Where the journal of taken requests lives (see `docs/subagent.md`).
+    pub state_dir: PathBuf,
+    /// How long a request waits for a sub-agent to register its topic
+    /// before it is refused (ms).
+    pub unserved_grace_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +53,8 @@ impl Default for AgentConfig {
             supervisor: SupervisorConfig::default(),
             subagents: vec![],
             shutdown_flush_ms: 5_000,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            unserved_grace_ms: super::holding::DEFAULT_UNSERVED_GRACE.as_millis() as u64,
         }
     }
 }
@@ -61,6 +71,12 @@ impl Validate for AgentConfig {
         self.link.validate().map_err(|e| e.to_string())?;
         if self.port.is_empty() {
             return Err("port must not be empty".into());
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err("state_dir must not be empty".into());
+        }
+        if self.unserved_grace_ms > 3_600_000 {
+            return Err("unserved_grace_ms must be at most 3600000 (an hour)".into());
         }
         if self.max_line < 1024 {
             return Err("max_line must be at least 1024".into());

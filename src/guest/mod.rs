@@ -3,11 +3,16 @@
 //!
 //! - [`port`]: the virtio-serial device or an emulated port.
 //! - [`subagent`]: the sub-agent socket (JSON lines, `docs/subagent.md`).
-//! - [`router`]: link messages ⇄ sub-agent requests, dedup, deadlines.
+//! - [`router`]: link messages ⇄ sub-agent requests, dedup, deadlines,
+//!   backpressure, receipts (`took`).
+//! - [`holding`]: requests waiting for a sub-agent to serve their topic.
+//! - [`journal`]: the taken requests, kept across agent restarts.
 //! - [`supervisor`]: the built-in `tether.supervisor` target.
 //! - [`config`]: the agent's TOML config.
 
 pub mod config;
+pub mod holding;
+pub mod journal;
 pub mod port;
 pub mod router;
 pub mod subagent;
@@ -32,6 +37,9 @@ pub enum AgentError {
     /// The port.
     #[error(transparent)]
     Port(#[from] PortError),
+    /// The journal of taken requests.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     /// The sub-agent socket.
     #[error("cannot listen on the sub-agent socket {path}")]
     SubagentSocket {
@@ -54,6 +62,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let spec = PortSpec::parse(&cfg.port);
     let connector = PortConnector::open(&spec)?;
+    let journal = std::sync::Arc::new(std::sync::Mutex::new(journal::Journal::open(
+        &cfg.state_dir,
+    )?));
     let listener =
         subagent::bind(&cfg.subagent_socket).map_err(|source| AgentError::SubagentSocket {
             path: cfg.subagent_socket.clone(),
@@ -69,7 +80,11 @@ pub async fn run(
         crate::random_session_id(),
     );
     let (sub_tx, sub_rx) = mpsc::channel(SUB_EVENTS);
-    let server = tokio::spawn(subagent::serve(listener, cfg.max_line, sub_tx));
+    let handover = subagent::Handover {
+        journal: journal.clone(),
+        link: link.tx.clone(),
+    };
+    let server = tokio::spawn(subagent::serve(listener, cfg.max_line, sub_tx, handover));
     let supervisor = Supervisor::new(cfg.supervisor.clone(), cfg.subagent_socket.clone());
     for s in &cfg.subagents {
         if let Err(f) = supervisor.start(s.clone()).await {
@@ -102,7 +117,8 @@ pub async fn run(
         })
     };
     let Link { tx, rx, task } = link;
-    let router = router::Router::new(tx.clone(), supervisor.clone());
+    let grace = Duration::from_millis(cfg.unserved_grace_ms);
+    let router = router::Router::new(tx.clone(), supervisor.clone(), journal, grace);
     router.run(rx, sub_rx, shutdown).await;
     info!("shutting down: stopping sub-agents and flushing the link");
     crate::sd::notify("STOPPING=1");

@@ -1,15 +1,27 @@
 //! The agent's router: link messages in, sub-agent requests out, replies
 //! back. It owns all routing state and never waits on a sub-agent: requests
-//! go into each sub-agent's bounded queue and replies come back as events, so
-//! a slow handler delays nobody else.
+//! go into each sub-agent's bounded queue, then its backlog, and replies
+//! come back as events, so a slow handler delays nobody else.
+//!
+//! Nothing is dropped here. A request for a topic no sub-agent serves yet
+//! is held ([`super::holding`]) until one registers it, or refused
+//! explicitly when the grace is over; a sub-agent that does not keep up gets
+//! its requests as it reads them. A request is *taken* when it was written
+//! to a sub-agent's socket (journaled just before: [`super::journal`]); the
+//! host then gets `took` and confirms it to its caller.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use super::holding::{Holding, time_left};
+use super::journal::Journal;
 use super::subagent::{ConnId, FromSub, SubEvent, ToSub};
 use super::supervisor::{SUPERVISOR_TOPIC, Supervisor};
 use crate::link::LinkEvent;
@@ -32,13 +44,19 @@ pub const RECENT_CASTS: usize = 4096;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls without a deadline are forgotten after this long (the caller gave up).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
-/// How often expired entries are swept.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often expired entries are swept (and held requests refused).
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Requests waiting for one sub-agent to read them, past its socket queue
+/// ([`super::subagent::SUB_QUEUE`]); past this, new ones are refused (a
+/// sub-agent that stopped reading must not fill the agent).
+pub const SUB_BACKLOG: usize = 4096;
 
 struct Sub {
     name: String,
     topics: Vec<String>,
     tx: mpsc::Sender<ToSub>,
+    /// Requests its socket queue had no room for, oldest first.
+    backlog: VecDeque<ToSub>,
 }
 
 struct InFlight {
@@ -46,6 +64,17 @@ struct InFlight {
     reply_to: Option<String>,
     expires: Instant,
 }
+
+type Room = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    ConnId,
+                    Result<mpsc::OwnedPermit<ToSub>, mpsc::error::SendError<()>>,
+                ),
+            > + Send,
+    >,
+>;
 
 struct Upstream {
     conn: ConnId,
@@ -69,6 +98,17 @@ pub struct Router {
     dedup: DedupWindow,
     /// Requests dropped because their unique id was seen before.
     duplicates_dropped: u64,
+    /// Requests taken by a sub-agent, this run and recent earlier ones.
+    journal: Arc<Mutex<Journal>>,
+    /// Requests for topics nobody serves yet.
+    holding: Holding,
+    /// How long a topic may stay unserved before its requests are refused.
+    grace: Duration,
+    /// Waits for room in a sub-agent's queue, one per sub-agent with a
+    /// backlog.
+    room: FuturesUnordered<Room>,
+    /// Requests refused (no sub-agent in time, queues full, expired).
+    refused: u64,
 }
 
 /// The agent's own target: `stats` answers with the link's and the router's
@@ -76,8 +116,14 @@ pub struct Router {
 pub const AGENT_TOPIC: &str = "tether.agent";
 
 impl Router {
-    /// A router sending to the host through `link`.
-    pub fn new(link: LinkSender, supervisor: Supervisor) -> Self {
+    /// A router sending to the host through `link`, journaling taken
+    /// requests in `journal`; requests wait `grace` for a sub-agent.
+    pub fn new(
+        link: LinkSender,
+        supervisor: Supervisor,
+        journal: Arc<Mutex<Journal>>,
+        grace: Duration,
+    ) -> Self {
         Self {
             link,
             supervisor,
@@ -90,6 +136,11 @@ impl Router {
             next_req: 1,
             dedup: DedupWindow::new(DEDUP_WINDOW),
             duplicates_dropped: 0,
+            journal,
+            holding: Holding::default(),
+            grace,
+            room: FuturesUnordered::new(),
+            refused: 0,
         }
     }
 
@@ -110,7 +161,10 @@ impl Router {
                     None => break,
                 },
                 Some(ev) = subs.recv() => self.on_sub(ev).await,
-                _ = sweep.tick() => self.sweep(),
+                Some((conn, permit)) = self.room.next(), if !self.room.is_empty() => {
+                    self.on_room(conn, permit.ok())
+                }
+                _ = sweep.tick() => self.sweep().await,
             }
         }
     }
@@ -137,6 +191,7 @@ impl Router {
                 Ok(LinkMsg::Rep(r)) => self.on_upstream_reply(r).await,
                 Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
                 Ok(LinkMsg::Refused { unique_id, reason }) => self.on_refused(unique_id, reason),
+                Ok(LinkMsg::Took { .. }) => debug!("ignoring a receipt from the host"),
                 Err(e) => warn!(error = %e, "malformed message from the host dropped"),
             },
             // A new connection, or a new host proxy on the same connection (a
@@ -174,30 +229,60 @@ impl Router {
             "router": {
                 "duplicates_dropped": self.duplicates_dropped,
                 "calls_in_flight": self.inflight.len(),
+                "held": self.holding.len(),
+                "backlog": self.subs.values().map(|s| s.backlog.len()).sum::<usize>(),
+                "refused": self.refused,
                 "topics": self.topics.keys().collect::<Vec<_>>(),
             },
         })
     }
 
     async fn on_request(&mut self, r: Request) {
+        if crate::lock(&self.journal).contains(&r.unique_id) {
+            // Taken before (by this run, or by one that was killed before
+            // the host got its receipt): confirmed again, never run again.
+            self.duplicates_dropped += 1;
+            debug!(unique_id = %r.unique_id, "request taken before: receipt sent again");
+            self.took(r.unique_id.clone()).await;
+            if let (Kind::Call, Some(m)) = (r.kind, r.msg_id) {
+                let f = Failure::tether(
+                    "GuestRestarted",
+                    "the agent took this call before it restarted; it may or may not have run",
+                );
+                self.reply(m, r.reply_to, Err(f)).await;
+            }
+            return;
+        }
         if !self.dedup.first_sight(&r.unique_id) {
+            // Still here, not yet taken: its receipt comes when it is.
             self.duplicates_dropped += 1;
             debug!(unique_id = %r.unique_id, "duplicate request dropped");
             return;
         }
-        if r.timeout_ms == Some(0) {
-            info!(method = %r.method, topic = %r.target.topic, "expired request dropped before dispatch");
-            return;
+        if r.kind == Kind::Call && r.msg_id.is_none() {
+            warn!("call without msg_id refused: it could not be answered");
+            return self
+                .refuse_request(
+                    r,
+                    "Malformed",
+                    "a call without msg_id cannot be answered".into(),
+                )
+                .await;
         }
-        let is_call = r.kind == Kind::Call;
-        let msg_id = match (is_call, &r.msg_id) {
-            (true, Some(m)) => Some(m.clone()),
-            (true, None) => {
-                warn!("call without msg_id dropped: it could not be answered");
-                return;
-            }
-            _ => None,
-        };
+        if r.target.topic == AGENT_TOPIC || r.target.topic == SUPERVISOR_TOPIC {
+            return self.builtin(r).await;
+        }
+        self.dispatch(r, Instant::now()).await;
+    }
+
+    /// The agent's own targets: taken at once.
+    async fn builtin(&mut self, r: Request) {
+        if r.timeout_ms == Some(0) {
+            return self.expired(r).await;
+        }
+        crate::lock(&self.journal).record(&r.unique_id);
+        self.took(r.unique_id.clone()).await;
+        let msg_id = r.msg_id.clone().filter(|_| r.kind == Kind::Call);
         if r.target.topic == AGENT_TOPIC {
             if let Some(m) = msg_id {
                 let res = match r.method.as_str() {
@@ -211,58 +296,65 @@ impl Router {
             }
             return;
         }
-        if r.target.topic == SUPERVISOR_TOPIC {
-            let sup = self.supervisor.clone();
-            let link = self.link.clone();
-            let router_reply = msg_id.map(|m| (m, r.reply_to.clone()));
-            tokio::spawn(async move {
-                let res = sup.handle(&r.method, &r.args).await;
-                match router_reply {
-                    Some((msg_id, reply_to)) => send_reply(&link, msg_id, reply_to, res).await,
-                    None => {
-                        if let Err(f) = res {
-                            warn!(error = %f.message, "supervisor cast failed");
-                        }
+        let sup = self.supervisor.clone();
+        let link = self.link.clone();
+        let router_reply = msg_id.map(|m| (m, r.reply_to.clone()));
+        tokio::spawn(async move {
+            let res = sup.handle(&r.method, &r.args).await;
+            match router_reply {
+                Some((msg_id, reply_to)) => send_reply(&link, msg_id, reply_to, res).await,
+                None => {
+                    if let Err(f) = res {
+                        warn!(error = %f.message, "supervisor cast failed");
                     }
                 }
-            });
-            return;
+            }
+        });
+    }
+
+    /// To the sub-agent serving its topic, or held until one does.
+    async fn dispatch(&mut self, mut r: Request, arrived: Instant) {
+        let now = Instant::now();
+        if r.timeout_ms.is_some() {
+            r.timeout_ms = time_left(&r, arrived, now);
+            if r.timeout_ms == Some(0) {
+                return self.expired(r).await;
+            }
         }
         let Some(&conn) = self.topics.get(&r.target.topic) else {
-            match msg_id {
-                Some(m) => {
-                    let f = Failure::tether(
-                        "NoSuchTopic",
-                        format!(
-                            "no sub-agent serves topic '{}' in this instance",
-                            r.target.topic
-                        ),
-                    );
-                    self.reply(m, r.reply_to, Err(f)).await;
-                }
-                None => {
-                    warn!(topic = %r.target.topic, method = %r.method, "cast to a topic nobody serves dropped")
-                }
+            let until = arrived + self.grace;
+            if until <= now {
+                return self.unserved(r).await;
+            }
+            if let Err(r) = self.holding.hold(r, now, until) {
+                let why = format!(
+                    "too many requests wait for topic '{}' to get a sub-agent",
+                    r.target.topic
+                );
+                self.refuse_request(*r, "Overloaded", why).await;
             }
             return;
         };
+        let is_call = r.kind == Kind::Call;
         if is_call && self.inflight.len() >= MAX_INFLIGHT {
-            let f = Failure::tether(
-                "Overloaded",
-                format!("{MAX_INFLIGHT} calls already in progress"),
-            );
-            if let Some(m) = msg_id {
-                self.reply(m, r.reply_to, Err(f)).await;
-            }
+            let why = format!("{MAX_INFLIGHT} calls already in progress");
+            return self.refuse_request(r, "Overloaded", why).await;
+        }
+        let Some(sub) = self.subs.get_mut(&conn) else {
             return;
+        };
+        if sub.backlog.len() >= SUB_BACKLOG {
+            let why = format!(
+                "sub-agent '{}' is not keeping up: {SUB_BACKLOG} requests wait for it",
+                sub.name
+            );
+            return self.refuse_request(r, "SubAgentBusy", why).await;
         }
         let id = self.next_req;
         self.next_req += 1;
-        let Some(sub) = self.subs.get(&conn) else {
-            return;
-        };
         let out = ToSub::Request {
             id,
+            unique_id: r.unique_id.clone(),
             kind: if is_call { Kind::Call } else { Kind::Cast },
             target: r.target.clone(),
             method: r.method.clone(),
@@ -270,36 +362,97 @@ impl Router {
             ctx: r.ctx,
             timeout_ms: r.timeout_ms,
         };
-        match sub.tx.try_send(out) {
-            Ok(()) => {
-                if let Some(m) = msg_id {
-                    let ttl = r.timeout_ms.map_or(FORGET_AFTER, Duration::from_millis);
-                    self.inflight.insert(
-                        (conn, id),
-                        InFlight {
-                            msg_id: m,
-                            reply_to: r.reply_to,
-                            expires: Instant::now() + ttl,
-                        },
-                    );
+        if is_call && let Some(m) = &r.msg_id {
+            let ttl = r.timeout_ms.map_or(FORGET_AFTER, Duration::from_millis);
+            self.inflight.insert(
+                (conn, id),
+                InFlight {
+                    msg_id: m.clone(),
+                    reply_to: r.reply_to.clone(),
+                    expires: now + ttl,
+                },
+            );
+        }
+        if sub.backlog.is_empty() {
+            match sub.tx.try_send(out) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(out)) => sub.backlog.push_back(out),
+                // Its connection is ending: the Gone event brings it back.
+                Err(mpsc::error::TrySendError::Closed(out)) => {
+                    sub.backlog.push_back(out);
+                    return;
                 }
             }
-            Err(_) => {
-                let name = sub.name.clone();
-                match msg_id {
-                    Some(m) => {
-                        let f = Failure::tether(
-                            "SubAgentBusy",
-                            format!("sub-agent '{name}' is not keeping up with its requests"),
-                        );
-                        self.reply(m, r.reply_to, Err(f)).await;
-                    }
-                    None => {
-                        error!(subagent = %name, method = %r.method, "sub-agent is not keeping up: cast dropped")
-                    }
-                }
+            let tx = sub.tx.clone();
+            self.room
+                .push(Box::pin(async move { (conn, tx.reserve_owned().await) }));
+        } else {
+            sub.backlog.push_back(out);
+        }
+    }
+
+    /// Room in `conn`'s queue: hand over the oldest of its backlog.
+    fn on_room(&mut self, conn: ConnId, permit: Option<mpsc::OwnedPermit<ToSub>>) {
+        let Some(sub) = self.subs.get_mut(&conn) else {
+            return;
+        };
+        let Some(permit) = permit else {
+            return; // the connection ends; Gone brings the backlog back
+        };
+        let Some(out) = sub.backlog.pop_front() else {
+            return;
+        };
+        let tx = permit.send(out);
+        if !sub.backlog.is_empty() {
+            self.room
+                .push(Box::pin(async move { (conn, tx.reserve_owned().await) }));
+        }
+    }
+
+    /// Tell the host a sub-agent (or the agent) took `unique_id`.
+    async fn took(&self, unique_id: String) {
+        self.send(&LinkMsg::Took { unique_id }).await;
+    }
+
+    /// Refuse `r` explicitly: a call gets an error answer, a cast a
+    /// `refused` to the host (which settles it and audits it).
+    async fn refuse_request(&mut self, r: Request, class: &str, why: String) {
+        self.refused += 1;
+        warn!(topic = %r.target.topic, method = %r.method, class, reason = %why, "request refused");
+        match (r.kind, r.msg_id) {
+            (Kind::Call, Some(m)) => {
+                self.reply(m, r.reply_to, Err(Failure::tether(class, why)))
+                    .await
+            }
+            _ => {
+                let m = LinkMsg::Refused {
+                    unique_id: r.unique_id,
+                    reason: format!("{class}: {why}"),
+                };
+                self.send(&m).await;
             }
         }
+    }
+
+    async fn unserved(&mut self, r: Request) {
+        let why = format!(
+            "no sub-agent serves topic '{}' in this instance (waited {} ms for one)",
+            r.target.topic,
+            self.grace.as_millis()
+        );
+        self.refuse_request(r, "NoSuchTopic", why).await
+    }
+
+    /// Its caller's time ran out before a sub-agent could take it: never
+    /// run. The host is told (`refused`), so it stops keeping it.
+    async fn expired(&mut self, r: Request) {
+        info!(method = %r.method, topic = %r.target.topic, "expired request not run");
+        self.refused += 1;
+        let m = LinkMsg::Refused {
+            unique_id: r.unique_id,
+            reason: "Expired: its caller's timeout ran out before a sub-agent took it".into(),
+        };
+        self.send(&m).await;
     }
 
     async fn on_upstream_reply(&mut self, r: Reply) {
@@ -328,21 +481,58 @@ impl Router {
                         name: format!("conn-{conn}"),
                         topics: vec![],
                         tx,
+                        backlog: VecDeque::new(),
                     },
                 );
             }
-            SubEvent::Gone(conn) => self.sub_gone(conn).await,
+            SubEvent::Gone(conn, unsent) => self.sub_gone(conn, unsent).await,
             SubEvent::Message(conn, m) => self.on_sub_message(conn, *m).await,
         }
     }
 
-    async fn sub_gone(&mut self, conn: ConnId) {
-        let Some(sub) = self.subs.remove(&conn) else {
+    async fn sub_gone(&mut self, conn: ConnId, unsent: Vec<ToSub>) {
+        let Some(mut sub) = self.subs.remove(&conn) else {
             return;
         };
         info!(subagent = %sub.name, "sub-agent disconnected");
         for t in &sub.topics {
             self.topics.remove(t);
+        }
+        // What it never read is held for the sub-agent that registers its
+        // topic next (the supervisor restarting it), oldest first.
+        let now = Instant::now();
+        let back: Vec<ToSub> = unsent.into_iter().chain(sub.backlog.drain(..)).collect();
+        let n_back = back.len();
+        for m in back {
+            let ToSub::Request {
+                id,
+                unique_id,
+                kind,
+                target,
+                method,
+                args,
+                ctx,
+                timeout_ms,
+            } = m
+            else {
+                continue;
+            };
+            let f = self.inflight.remove(&(conn, id));
+            let r = Request {
+                kind,
+                target,
+                method,
+                args,
+                ctx,
+                msg_id: f.as_ref().map(|f| f.msg_id.clone()),
+                unique_id,
+                reply_to: f.and_then(|f| f.reply_to),
+                timeout_ms,
+            };
+            self.dispatch(r, now).await;
+        }
+        if n_back > 0 {
+            info!(subagent = %sub.name, requests = n_back, "requests it never read wait for its topic's next sub-agent");
         }
         let lost: Vec<(ConnId, u64)> = self
             .inflight
@@ -401,8 +591,16 @@ impl Router {
                 info!(subagent = %name, ?topics, "sub-agent registered");
                 sub.name = name;
                 sub.topics = topics.clone();
-                let _ = sub.tx.try_send(ToSub::Registered { topics });
+                let _ = sub.tx.try_send(ToSub::Registered {
+                    topics: topics.clone(),
+                });
                 self.topics_changed().await;
+                // What waited for these topics goes to it now, in order.
+                for t in &topics {
+                    for h in self.holding.take(t) {
+                        self.dispatch(h.req, h.arrived).await;
+                    }
+                }
             }
             FromSub::Reply { id, result, error } => match self.inflight.remove(&(conn, id)) {
                 Some(f) => {
@@ -501,10 +699,18 @@ impl Router {
         }
     }
 
-    /// Forget calls whose caller has given up, and fail upstream calls that
-    /// got no answer in time.
-    fn sweep(&mut self) {
+    /// Refuse held requests whose grace (or own time) is over, forget calls
+    /// whose caller has given up, and fail upstream calls that got no
+    /// answer in time.
+    async fn sweep(&mut self) {
         let now = Instant::now();
+        for h in self.holding.expired(now) {
+            if time_left(&h.req, h.arrived, now) == Some(0) {
+                self.expired(h.req).await;
+            } else {
+                self.unserved(h.req).await;
+            }
+        }
         self.inflight.retain(|_, f| f.expires > now);
         let expired: Vec<String> = self
             .upstream

@@ -6,6 +6,7 @@
 //! a slow or stuck sub-agent never blocks the router or other sub-agents.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tracing::{debug, warn};
 
-use crate::rpc::{Failure, Kind, Target};
+use super::journal::Journal;
+use crate::link::driver::LinkSender;
+use crate::rpc::{Failure, Kind, LinkMsg, Target};
 
 /// Messages a sub-agent sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +89,10 @@ pub enum ToSub {
     Request {
         /// Request id, unique per connection.
         id: u64,
+        /// The request's unique id, stable across resends: the agent runs
+        /// each once, but a sub-agent with effects outside the VM may use it
+        /// to make its own handling idempotent.
+        unique_id: String,
         /// Call or cast (fanouts arrive as casts).
         kind: Kind,
         /// The target it was sent to.
@@ -139,14 +146,42 @@ pub enum SubEvent {
     Connected(ConnId, mpsc::Sender<ToSub>),
     /// It sent a message.
     Message(ConnId, Box<FromSub>),
-    /// It disconnected.
-    Gone(ConnId),
+    /// It disconnected. With it, the requests queued for it that it never
+    /// got (nothing was written, nothing journaled): the router holds them
+    /// for the sub-agent that registers their topic next.
+    Gone(ConnId, Vec<ToSub>),
 }
 
-/// Per-connection outgoing queue: requests beyond this many unread by the
-/// sub-agent are refused (calls get an error reply) instead of queuing without
-/// bound.
-pub const SUB_QUEUE: usize = 1024;
+/// What the connection tasks do when a request is handed over: journal it
+/// before writing it to the sub-agent's socket, tell the host after.
+#[derive(Clone)]
+pub struct Handover {
+    /// The journal of taken requests.
+    pub journal: Arc<Mutex<Journal>>,
+    /// To the host, for `took`.
+    pub link: LinkSender,
+}
+
+impl Handover {
+    /// Record `unique_id` as taken (before it is handed over).
+    pub fn journal(&self, unique_id: &str) {
+        crate::lock(&self.journal).record(unique_id);
+    }
+
+    /// Tell the host that a sub-agent took `unique_id`.
+    pub async fn took(&self, unique_id: String) {
+        let m = LinkMsg::Took { unique_id };
+        if let Err(e) = self.link.send(m.to_bytes()).await {
+            debug!(error = %e, "could not queue a receipt to the host");
+        }
+    }
+}
+
+/// Per-connection outgoing queue to the socket writer. Past it the router
+/// keeps a sub-agent's requests in its backlog
+/// ([`super::router::SUB_BACKLOG`]) and hands them over as the sub-agent
+/// reads: backpressure, not drops.
+pub const SUB_QUEUE: usize = 256;
 
 /// Bind the socket with mode 0600 (see [`crate::daemon::bind_unix`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -154,14 +189,25 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Accept sub-agents forever, one task each.
-pub async fn serve(listener: UnixListener, max_line: usize, events: mpsc::Sender<SubEvent>) {
+pub async fn serve(
+    listener: UnixListener,
+    max_line: usize,
+    events: mpsc::Sender<SubEvent>,
+    handover: Handover,
+) {
     let mut next: ConnId = 1;
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let id = next;
                 next += 1;
-                tokio::spawn(connection(id, s, max_line, events.clone()));
+                tokio::spawn(connection(
+                    id,
+                    s,
+                    max_line,
+                    events.clone(),
+                    handover.clone(),
+                ));
             }
             Err(e) => {
                 warn!(error = %e, "sub-agent socket accept failed");
@@ -171,19 +217,40 @@ pub async fn serve(listener: UnixListener, max_line: usize, events: mpsc::Sender
     }
 }
 
-async fn connection(id: ConnId, s: UnixStream, max_line: usize, events: mpsc::Sender<SubEvent>) {
+async fn connection(
+    id: ConnId,
+    s: UnixStream,
+    max_line: usize,
+    events: mpsc::Sender<SubEvent>,
+    handover: Handover,
+) {
     let (tx, mut rx) = mpsc::channel::<ToSub>(SUB_QUEUE);
     if events.send(SubEvent::Connected(id, tx)).await.is_err() {
         return;
     }
     let mut framed = Framed::new(s, LinesCodec::new_with_max_length(max_line));
+    let mut unsent = vec![];
     loop {
         tokio::select! {
             out = rx.recv() => match out {
                 Some(m) => {
                     let line = serde_json::to_string(&m).unwrap_or_default();
+                    let uid = match &m {
+                        ToSub::Request { unique_id, .. } => {
+                            handover.journal(unique_id);
+                            Some(unique_id.clone())
+                        }
+                        _ => None,
+                    };
                     if framed.send(line).await.is_err() {
+                        // Not taken: held again for the next sub-agent (it
+                        // may have reached the socket; the journal keeps
+                        // it from running a third time).
+                        unsent.push(m);
                         break;
+                    }
+                    if let Some(uid) = uid {
+                        handover.took(uid).await;
                     }
                 }
                 None => break,
@@ -222,5 +289,9 @@ async fn connection(id: ConnId, s: UnixStream, max_line: usize, events: mpsc::Se
             },
         }
     }
-    let _ = events.send(SubEvent::Gone(id)).await;
+    rx.close();
+    while let Ok(m) = rx.try_recv() {
+        unsent.push(m);
+    }
+    let _ = events.send(SubEvent::Gone(id, unsent)).await;
 }

@@ -15,9 +15,10 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tracing::{debug, warn};
 
 use super::Proxy;
+use super::receipts::Outcome;
 use crate::guest::supervisor::SUPERVISOR_TOPIC;
 use crate::link::SendError;
-use crate::rpc::{Kind, LinkMsg, Request, Target, new_unique_id};
+use crate::rpc::{Kind, Request, Target, new_unique_id};
 
 /// Requests in progress per control connection; more wait their turn.
 pub const MAX_CLIENT_INFLIGHT: usize = 256;
@@ -395,9 +396,12 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
         Some(t.as_millis() as u64),
     );
     req.reply_to = handle;
+    let uid = req.unique_id.clone();
     let res = tokio::time::timeout(t, async {
-        inst.tx
-            .send(LinkMsg::Req(req).to_bytes())
+        // The receipt matters to the proxy (an untaken call goes to a new
+        // guest session); the caller waits for the reply.
+        let _taken = inst
+            .send_request(&req, Some(&msg_id))
             .await
             .map_err(send_error)?;
         rx.await
@@ -408,10 +412,14 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             inst.forget(&msg_id);
+            inst.withdraw(&uid);
             return Err(e);
         }
         Err(_) => {
+            // The caller is told it timed out: the call is withdrawn (it is
+            // not sent to a new guest session) and its late answer dropped.
             inst.forget(&msg_id);
+            inst.withdraw(&uid);
             let st = inst.tx.status();
             return Err(if st.established {
                 err("timeout", format!("no reply within {} ms", t.as_millis()))
@@ -442,26 +450,45 @@ async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
     let inst = lookup(p, &inv.instance)?;
     let req = inv.into_request(&inst.id, kind, None, None);
     let uid = req.unique_id.clone();
-    let acked = tokio::time::timeout(t, async {
-        let r = inst
-            .tx
-            .send(LinkMsg::Req(req).to_bytes())
-            .await
-            .map_err(send_error)?;
-        inst.tx.wait_acked(r).await.map_err(send_error)
-    })
-    .await;
-    match acked {
-        Ok(Ok(())) => Ok(json!({"unique_id": uid})),
-        Ok(Err(e)) => Err(e),
+    let deadline = tokio::time::Instant::now() + t;
+    let kind_now = |inst: &super::instance::Instance| {
+        if inst.tx.status().established {
+            "timeout"
+        } else {
+            "not_connected"
+        }
+    };
+    // Two steps, so the caller learns which: not queued (the proxy keeps
+    // nothing; it will not be delivered), or queued and not yet taken (the
+    // proxy keeps it and delivers it, to a new guest session if need be).
+    let taken = match tokio::time::timeout_at(deadline, inst.send_request(&req, None)).await {
+        Ok(Ok(rx)) => rx,
+        Ok(Err(e)) => return Err(send_error(e)),
+        Err(_) => {
+            return Err(err(
+                kind_now(&inst),
+                format!(
+                    "the cast was not queued within {} ms (the guest is not taking its requests): it will not be delivered; retry with unique_id {uid}",
+                    t.as_millis()
+                ),
+            ));
+        }
+    };
+    match tokio::time::timeout_at(deadline, taken).await {
+        Ok(Ok(Outcome::Taken)) => Ok(json!({"unique_id": uid})),
+        Ok(Ok(Outcome::Refused(reason))) => Err(err(
+            "refused",
+            format!("the guest refused the cast: {reason}"),
+        )),
+        Ok(Ok(Outcome::Lost(why))) => Err(err(
+            "not_delivered",
+            format!("the cast will not be delivered: {why}"),
+        )),
+        Ok(Err(_)) => Err(err("not_connected", "the instance's link closed")),
         Err(_) => Err(err(
-            if inst.tx.status().established {
-                "timeout"
-            } else {
-                "not_connected"
-            },
+            kind_now(&inst),
             format!(
-                "the guest did not acknowledge the cast within {} ms; it stays queued and may still be delivered: retry with unique_id {uid} so the guest drops a duplicate",
+                "no sub-agent took the cast within {} ms; the proxy keeps it and delivers it when the guest takes it (retrying with unique_id {uid} is safe: it is not sent twice)",
                 t.as_millis()
             ),
         )),

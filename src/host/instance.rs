@@ -16,6 +16,8 @@ use super::policy::audit::{Record, clip};
 use super::policy::enforcer::{TopicsDecision, topics_for};
 use super::policy::store::PolicyHub;
 use super::policy::{Decision, Effective, Enforcer, Mode};
+use super::receipts::{Inserted, Outcome, Receipts};
+use crate::link::SendError;
 use crate::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixConnector};
 use crate::link::{Link, LinkEvent, LinkOptions, SessionConfig};
 use crate::lock;
@@ -33,6 +35,9 @@ struct Pending {
     /// The sealed handle the guest got with it: spent when the call is
     /// answered, so the guest answers each call once.
     handle: Option<String>,
+    /// A sub-agent took it (`took`): after an agent restart it may have
+    /// run, so it fails rather than being sent to the new session.
+    taken: bool,
 }
 
 /// One instance.
@@ -48,6 +53,12 @@ pub struct Instance {
     policy: Mutex<Arc<Effective>>,
     hub: Arc<PolicyHub>,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Requests sent into the guest that no sub-agent has taken yet.
+    receipts: Receipts,
+    /// Requests sent again to a new guest session.
+    resent: AtomicU64,
+    /// `took` messages for no outstanding request.
+    unknown_receipts: AtomicU64,
     denied: AtomicU64,
     /// Replies to calls not pending here (they entered through another
     /// host's proxy before a migration), forwarded by their sealed handle.
@@ -84,6 +95,9 @@ impl Instance {
             policy: Mutex::new(policy.clone()),
             hub,
             pending: Mutex::new(HashMap::new()),
+            receipts: Receipts::default(),
+            resent: AtomicU64::new(0),
+            unknown_receipts: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
             task: Mutex::new(Some(task)),
@@ -146,6 +160,7 @@ impl Instance {
             tx,
             to_broker,
             handle: handle.clone(),
+            taken: false,
         };
         lock(&self.pending).insert(local.to_string(), p);
         (handle, rx)
@@ -154,6 +169,51 @@ impl Instance {
     /// Forget a call (timed out or failed to send).
     pub fn forget(&self, msg_id: &str) {
         lock(&self.pending).remove(msg_id);
+    }
+
+    /// Send `req` into the guest and keep it until the agent says a
+    /// sub-agent took it (or refused it): the receiver learns which. Waits
+    /// while [`super::receipts::MAX_OUTSTANDING`] requests are outstanding
+    /// and while the link's window is full; cancelled before it returns,
+    /// nothing was queued. `call`: the local msg_id when `req` is a call
+    /// (see [`Self::expect_call`]). A request whose unique id is already
+    /// outstanding (a caller's retry) is not sent again.
+    pub async fn send_request(
+        &self,
+        req: &Request,
+        call: Option<&str>,
+    ) -> Result<oneshot::Receiver<Outcome>, SendError> {
+        let Some(slot) = self.receipts.slot().await else {
+            return Err(SendError::Closed);
+        };
+        let bytes = LinkMsg::Req(req.clone()).to_bytes();
+        let rx =
+            match self
+                .receipts
+                .insert(&req.unique_id, bytes.clone(), call.map(String::from), slot)
+            {
+                Inserted::Existing(rx) => return Ok(rx),
+                Inserted::New(rx) => rx,
+            };
+        // Cancelled or failed before the link took it: nothing is kept.
+        struct Unsent<'a>(&'a Receipts, &'a str, bool);
+        impl Drop for Unsent<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.withdraw(self.1);
+                }
+            }
+        }
+        let mut guard = Unsent(&self.receipts, &req.unique_id, true);
+        self.tx.send(bytes).await?;
+        guard.2 = false;
+        Ok(rx)
+    }
+
+    /// Stop keeping `unique_id` for a new session: its caller gave up, or
+    /// the broker will deliver it again.
+    pub fn withdraw(&self, unique_id: &str) {
+        self.receipts.withdraw(unique_id);
     }
 
     /// Status for `links`.
@@ -185,6 +245,9 @@ impl Instance {
             "profile": p.profile_name,
             "mode": p.profile.mode.name(),
             "calls_in_flight": lock(&self.pending).len(),
+            "outstanding": self.receipts.len(),
+            "resent_to_new_session": self.resent.load(Ordering::Relaxed),
+            "unknown_receipts": self.unknown_receipts.load(Ordering::Relaxed),
         })
     }
 
@@ -196,8 +259,16 @@ impl Instance {
         }
     }
 
-    fn fail_pending(&self, why: &str) {
-        let pending: Vec<_> = lock(&self.pending).drain().collect();
+    /// Fail the calls waiting for the guest, except `keep` (calls no
+    /// sub-agent has taken yet: they go to the new session).
+    fn fail_pending(&self, why: &str, keep: &[String]) {
+        let pending: Vec<_> = {
+            let mut m = lock(&self.pending);
+            let gone: Vec<String> = m.keys().filter(|k| !keep.contains(k)).cloned().collect();
+            gone.into_iter()
+                .filter_map(|k| m.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
         for (msg_id, p) in pending {
             let _ = p.tx.send(Reply::new(
                 msg_id,
@@ -270,17 +341,45 @@ async fn read_loop(
             LinkEvent::Down => info!(instance = %inst.id, "guest link down"),
             LinkEvent::PeerChanged {
                 previous: Some(_), ..
-            } => {
-                // Calls the old agent had accepted died with it.
-                inst.fail_pending("the guest agent restarted; the call may or may not have run");
-            }
+            } => new_guest_session(&inst),
             LinkEvent::PeerChanged { previous: None, .. } => {}
             LinkEvent::Expired { unacked } => {
+                const WHY: &str = "the guest was unreachable for longer than the grace period";
                 warn!(instance = %inst.id, lost = unacked.len(), "guest link expired after the grace period");
-                inst.fail_pending("the guest was unreachable for longer than the grace period");
+                inst.receipts.lose_all(WHY);
+                inst.fail_pending(WHY, &[]);
             }
         }
     }
+}
+
+/// The guest's agent restarted (a new session): what the old one served and
+/// took died with it. Its topics are forgotten until the new one announces
+/// its own; calls a sub-agent had taken fail (they may have run); every
+/// request no sub-agent took yet — calls included — goes to the new session,
+/// whose journal drops those the old one had taken.
+fn new_guest_session(inst: &Arc<Instance>) {
+    let p = inst.policy();
+    lock(&inst.announced).clear();
+    inst.apply_topics(&p);
+    inst.fail_pending(
+        "the guest agent restarted after a sub-agent took the call; it may or may not have run",
+        &inst.receipts.calls(),
+    );
+    let again = inst.receipts.to_resend();
+    if again.is_empty() {
+        return;
+    }
+    info!(instance = %inst.id, requests = again.len(), "new guest session: sending the requests no sub-agent took again");
+    let inst = inst.clone();
+    tokio::spawn(async move {
+        for b in again {
+            if inst.tx.send(b).await.is_err() {
+                break;
+            }
+            inst.resent.fetch_add(1, Ordering::Relaxed);
+        }
+    });
 }
 
 /// The enforcement point: every guest message passes here first.
@@ -300,10 +399,51 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
     match msg {
         LinkMsg::Rep(r) => on_reply(inst, r, size, enforcer, out),
         LinkMsg::Topics { topics } => on_topics(inst, topics, size, enforcer),
-        LinkMsg::Refused { .. } => {
-            enforcer.charge_only(size);
-            let why = "'refused' goes host → guest only".to_string();
-            inst.audit(record("refused", "deny", Some(why)), size);
+        // Receipts for our own requests are not charged to the guest's
+        // limits (like replies to our calls: bounded by what we sent);
+        // those for nothing outstanding are.
+        LinkMsg::Took { unique_id } => {
+            match inst.receipts.settle(&unique_id, Outcome::Taken) {
+                Some(Some(call)) => {
+                    if let Some(p) = lock(&inst.pending).get_mut(&call) {
+                        p.taken = true;
+                    }
+                }
+                Some(None) => {}
+                None => {
+                    // Late (already settled, withdrawn) or invented: either
+                    // way it changes nothing. Counted, not logged per message.
+                    enforcer.charge_only(size);
+                    inst.unknown_receipts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        LinkMsg::Refused { unique_id, reason } => {
+            let reason = clip(&reason);
+            let settled = inst
+                .receipts
+                .settle(&unique_id, Outcome::Refused(reason.clone()));
+            if let Some(Some(call)) = &settled {
+                // A call the agent would not run (expired, no sub-agent):
+                // its caller, if still waiting, learns why.
+                let p = lock(&inst.pending).remove(call);
+                if let Some(p) = p {
+                    let (class, message) = reason.split_once(": ").unwrap_or(("Refused", &reason));
+                    let f = Failure::tether(&clip(class), message);
+                    let _ = p.tx.send(Reply::new(call.clone(), None, Err(f)));
+                }
+            }
+            let decision = if settled.is_some() {
+                "allow"
+            } else {
+                enforcer.charge_only(size);
+                "ignore"
+            };
+            let r = Record {
+                unique_id: Some(clip(&unique_id)),
+                ..record("refused", decision, Some(reason))
+            };
+            inst.audit(r, size);
         }
         LinkMsg::Req(r) => on_request(inst, r, size, enforcer, out).await,
     }
@@ -318,6 +458,7 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
         }
         match enforcer.pending_reply(to_broker) {
             Decision::Allow => {
+                inst.receipts.settle_call(&r.msg_id);
                 let p = lock(&inst.pending).remove(&r.msg_id);
                 if let Some(p) = p {
                     if let Some(h) = &p.handle {

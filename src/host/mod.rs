@@ -4,6 +4,8 @@
 //! - [`channels`]: finds `<instance-uuid>.sock` files (inotify).
 //! - [`instance`]: one VM's link, topics and calls in flight.
 //! - [`policy`]: the enforcement point, profiles, reply handles, audit.
+//! - [`receipts`]: requests sent into a guest and not yet taken by a
+//!   sub-agent (kept, and sent again to a new guest session).
 //! - [`control`]: the control socket (JSON lines, `docs/control.md`).
 //! - [`config`]: the proxy's TOML config.
 
@@ -13,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod instance;
 pub mod policy;
+pub mod receipts;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

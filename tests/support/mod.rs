@@ -172,12 +172,21 @@ impl World {
         let sock = self.path(&format!("agent-{uuid}.sock"));
         let cfg = self.path(&format!("agent-{uuid}.toml"));
         let record = self.record_path(uuid);
+        // A topic nobody serves is refused after this grace (the product's
+        // default, 30 s, would make such tests slow); a test that restarts
+        // sub-agents under load sets its own in `extra`.
+        let grace = if extra.contains("unserved_grace_ms") {
+            ""
+        } else {
+            "unserved_grace_ms = 1000\n"
+        };
         std::fs::write(
             &cfg,
             format!(
                 r#"port = "unix-listen:{}"
 subagent_socket = {:?}
-{extra}
+state_dir = {:?}
+{grace}{extra}
 [supervisor]
 allowed_executables = ["{py}"]
 backoff_min_ms = 100
@@ -190,6 +199,7 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
 "#,
                 port_path.display(),
                 sock,
+                self.path(&format!("state-{uuid}")),
                 example_subagent(),
                 record.display()
             ),
@@ -213,7 +223,14 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
         let p = spawn(
             &format!("agent-{uuid}"),
             AGENT,
-            &["--port", &port, "--subagent-socket", sock.to_str().unwrap()],
+            &[
+                "--port",
+                &port,
+                "--subagent-socket",
+                sock.to_str().unwrap(),
+                "--state-dir",
+                self.path(&format!("state-{uuid}")).to_str().unwrap(),
+            ],
             self.dir.path(),
         );
         (p, sock)

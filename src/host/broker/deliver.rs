@@ -1,5 +1,6 @@
 //! Deliveries from RabbitMQ into guests: acknowledged to the broker only
-//! once the guest's link acknowledged them; replies and heartbeats back.
+//! once a sub-agent took them (the agent's `took`, not the link's ACK);
+//! replies and heartbeats back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,9 @@ use super::{DEFAULT_CALL_TIMEOUT, GUEST_ACK_BOUND, StreamOffsets, props, short, 
 use crate::host::Proxy;
 use crate::host::instance::Instance;
 use crate::host::policy::Mode;
-use crate::link::driver::SendReceipt;
+use crate::host::receipts::Outcome;
 use crate::lock;
-use crate::rpc::{Failure, Kind, LinkMsg, Reply, Request, new_unique_id};
+use crate::rpc::{Failure, Kind, Reply, Request, new_unique_id};
 
 /// Who a consumer's deliveries go to.
 #[derive(Clone)]
@@ -40,8 +41,9 @@ struct Route {
     grace: Duration,
 }
 
-/// Hand each delivery of `consumer` to its own task (calls run
-/// concurrently; prefetch bounds how many).
+/// Queue each delivery of `consumer` into its guest in order, then wait for
+/// it in a task of its own (calls run concurrently; prefetch bounds how
+/// many).
 pub(super) async fn consume(
     mut consumer: lapin::Consumer,
     proxy: Arc<Proxy>,
@@ -60,7 +62,11 @@ pub(super) async fn consume(
     while let Some(d) = consumer.next().await {
         match d {
             Ok(d) => {
-                tokio::spawn(deliver(d, route.clone()));
+                // Into the guest in the queue's order; the waits for the
+                // sub-agents run concurrently.
+                if let Some(rest) = deliver(d, route.clone()).await {
+                    tokio::spawn(rest);
+                }
             }
             Err(e) => {
                 debug!(topic = ?route.topic, error = %e, "consumer ended");
@@ -70,9 +76,11 @@ pub(super) async fn consume(
     }
 }
 
-/// Wait until the guest acknowledged `r`, or decide it will not: `false`
-/// when the link stayed down for `grace` or the guest never acknowledged.
-async fn guest_acked(inst: &Instance, r: SendReceipt, grace: Duration) -> bool {
+/// Wait until a sub-agent took (or the agent refused) what `taken` stands
+/// for, or decide it will not be: `false` when the link stayed down for
+/// `grace`, the guest took nothing for [`GUEST_ACK_BOUND`], or the link
+/// expired.
+async fn guest_took(inst: &Instance, taken: Taken, grace: Duration) -> bool {
     let down_too_long = async {
         let mut st = inst.tx.watch_status();
         loop {
@@ -97,18 +105,35 @@ async fn guest_acked(inst: &Instance, r: SendReceipt, grace: Duration) -> bool {
         }
     };
     tokio::select! {
-        r = inst.tx.wait_acked(r) => r.is_ok(),
+        r = taken => match r {
+            Ok(Outcome::Taken) => true,
+            // Refused by the agent (audited): handled, as a refusal.
+            Ok(Outcome::Refused(why)) => {
+                warn!(instance = %inst.id, reason = %why, "the guest refused a delivery");
+                true
+            }
+            Ok(Outcome::Lost(_)) | Err(_) => false,
+        },
         _ = down_too_long => false,
         _ = tokio::time::sleep(GUEST_ACK_BOUND) => false,
     }
 }
 
-async fn send_to(inst: &Instance, req: &Request, grace: Duration) -> bool {
-    match inst.tx.send(LinkMsg::Req(req.clone()).to_bytes()).await {
-        Ok(r) => guest_acked(inst, r, grace).await,
-        Err(e) => {
+type Taken = tokio::sync::oneshot::Receiver<Outcome>;
+
+/// Queue `req` into `inst`'s link, in the order of the deliveries; bounded
+/// by [`GUEST_ACK_BOUND`] (a guest that takes nothing does not hold its
+/// consumer for ever).
+async fn queue_to(inst: &Instance, req: &Request, call: Option<&str>) -> Option<Taken> {
+    match tokio::time::timeout(GUEST_ACK_BOUND, inst.send_request(req, call)).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
             warn!(instance = %inst.id, error = %e, "cannot queue a delivery for the guest");
-            false
+            None
+        }
+        Err(_) => {
+            warn!(instance = %inst.id, "the guest took no request for too long: delivery not queued");
+            None
         }
     }
 }
@@ -123,13 +148,19 @@ async fn requeue(d: &lapin::message::Delivery, proxy: &Proxy) {
     let _ = d.acker.nack(opts).await;
 }
 
-/// Acknowledge `d` to the broker: the guest has it.
+/// Acknowledge `d` to the broker: a sub-agent took it.
 async fn ack(d: &lapin::message::Delivery, proxy: &Proxy) {
     proxy.bridge.update(|s| s.delivered += 1);
     let _ = d.acker.ack(BasicAckOptions::default()).await;
 }
 
-async fn deliver(d: lapin::message::Delivery, route: Route) {
+/// What is left of a delivery once it is queued into the guest(s).
+type Rest = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Queue `d` into its guest(s) — in the order the broker delivered — and
+/// return the rest (waiting for the sub-agents to take it, acknowledging,
+/// relaying a call's reply), which runs concurrently with later deliveries.
+async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
     let Route {
         proxy,
         target,
@@ -151,7 +182,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
         Err(e) => {
             warn!(topic = ?topic, error = %e, "malformed oslo message rejected");
             let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
-            return;
+            return None;
         }
     };
     let inst = match target {
@@ -161,33 +192,54 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
                 .into_iter()
                 .filter(|i| i.tx.status().established && i.topics().contains(&topic))
                 .collect();
-            let sends = targets.iter().map(|i| send_to(i, &inc.request, grace));
-            let ok = futures_util::future::join_all(sends).await;
-            if let Some(offsets) = stream {
-                // A stream keeps every message for every reader: nothing
-                // to requeue. Go on after this offset on a reconnect.
-                if let Some(AMQPValue::LongLongInt(o)) = d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("x-stream-offset"))
-                {
-                    let mut m = lock(&offsets);
-                    let next = m.entry(topic.clone()).or_insert(0);
-                    *next = (*next).max(o.saturating_add(1));
-                }
-                if !ok.iter().all(|x| *x) {
-                    warn!(topic = ?topic, unique_id = ?inc.request.unique_id, "a fanout from the stream did not reach every guest serving its topic");
-                }
-                ack(&d, &proxy).await;
-            } else if ok.iter().all(|x| *x) {
-                ack(&d, &proxy).await;
-            } else {
-                // Some guests did not take it: those that did drop the
-                // redelivery by its unique id.
-                requeue(&d, &proxy).await;
+            let mut queued = Vec::with_capacity(targets.len());
+            for i in targets {
+                let t = queue_to(&i, &inc.request, None).await;
+                queued.push((i, t));
             }
-            return;
+            let uid = inc.request.unique_id;
+            return Some(Box::pin(async move {
+                let waits = queued.into_iter().map(|(i, t)| {
+                    let uid = uid.clone();
+                    async move {
+                        let ok = match t {
+                            Some(t) => guest_took(&i, t, grace).await,
+                            None => false,
+                        };
+                        if !ok {
+                            // The broker gives it again (or, from a stream,
+                            // it is missed): not kept for a new session.
+                            i.withdraw(&uid);
+                        }
+                        ok
+                    }
+                });
+                let ok = futures_util::future::join_all(waits).await;
+                if let Some(offsets) = stream {
+                    // A stream keeps every message for every reader: nothing
+                    // to requeue. Go on after this offset on a reconnect.
+                    if let Some(AMQPValue::LongLongInt(o)) = d
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get("x-stream-offset"))
+                    {
+                        let mut m = lock(&offsets);
+                        let next = m.entry(topic.clone()).or_insert(0);
+                        *next = (*next).max(o.saturating_add(1));
+                    }
+                    if !ok.iter().all(|x| *x) {
+                        warn!(topic = ?topic, unique_id = ?uid, "a fanout from the stream did not reach every guest serving its topic");
+                    }
+                    ack(&d, &proxy).await;
+                } else if ok.iter().all(|x| *x) {
+                    ack(&d, &proxy).await;
+                } else {
+                    // Some guests did not take it: those that did drop the
+                    // redelivery by its unique id.
+                    requeue(&d, &proxy).await;
+                }
+            }));
         }
         Target::One(i) => i,
     };
@@ -209,7 +261,8 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
                 );
                 let r = Reply::new(oslo_id, None, Err(f));
                 publish_reply(&pub_ch, reply_q, wire::encode_reply(&r)).await;
-                return ack(&d, &proxy).await;
+                ack(&d, &proxy).await;
+                return None;
             }
             let local = new_unique_id();
             let (handle, rx) = inst.expect_call(&local, true, (reply_q, &oslo_id), limit);
@@ -224,33 +277,41 @@ async fn deliver(d: lapin::message::Delivery, route: Route) {
         }
         _ => None,
     };
-    if !send_to(&inst, &req, grace).await {
-        if let Some((_, local, _)) = &waiter {
-            inst.forget(local);
+    let queued = queue_to(&inst, &req, waiter.as_ref().map(|w| w.1.as_str())).await;
+    Some(Box::pin(async move {
+        let ok = match queued {
+            Some(t) => guest_took(&inst, t, grace).await,
+            None => false,
+        };
+        if !ok {
+            if let Some((_, local, _)) = &waiter {
+                inst.forget(local);
+            }
+            inst.withdraw(&req.unique_id);
+            debug!(instance = %inst.id, topic = ?topic, "delivery requeued: no sub-agent took it");
+            requeue(&d, &proxy).await;
+            return;
         }
-        debug!(instance = %inst.id, topic = ?topic, "delivery requeued: the guest did not take it");
-        requeue(&d, &proxy).await;
-        return;
-    }
-    let (Some((msg_id, local, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
-        return ack(&d, &proxy).await;
-    };
-    let beat = inc
-        .monitor_secs
-        .filter(|s| *s > 0.0)
-        .map(|s| Duration::from_secs_f64(s / 2.0));
-    // The reply does not wait for the broker ack's write (a quarter of a
-    // millisecond on the call's round trip, measured).
-    let call = Call {
-        inst: &inst,
-        pub_ch: &pub_ch,
-        msg_id,
-        local,
-        reply_q,
-        limit,
-        beat,
-    };
-    tokio::join!(ack(&d, &proxy), call.relay(rx));
+        let (Some((msg_id, local, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
+            return ack(&d, &proxy).await;
+        };
+        let beat = inc
+            .monitor_secs
+            .filter(|s| *s > 0.0)
+            .map(|s| Duration::from_secs_f64(s / 2.0));
+        // The reply does not wait for the broker ack's write (a quarter of a
+        // millisecond on the call's round trip, measured).
+        let call = Call {
+            inst: &inst,
+            pub_ch: &pub_ch,
+            msg_id,
+            local,
+            reply_q,
+            limit,
+            beat,
+        };
+        tokio::join!(ack(&d, &proxy), call.relay(rx));
+    }))
 }
 
 /// A call the guest has: its reply (and heartbeats) go to the caller.

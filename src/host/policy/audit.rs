@@ -47,6 +47,9 @@ pub struct Record {
     /// Method.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// The request's unique id, where the record is about one request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
     /// `allow`, `deny` or `ignore`.
     pub decision: &'static str,
     /// Why (always set for denials).
