@@ -12,11 +12,17 @@ argument), registers its topics ($SUBAGENT_TOPICS, comma-separated, default
   fail(message)         -> raises ValueError(message)
   fail_custom(message)  -> raises QuotaExceeded(message), a class of its own
                            (an oslo caller gets RemoteError, not a builtin)
-  record(**kw)          cast: appends kw as one JSON line to $SUBAGENT_RECORD
+  record(**kw)          cast: appends kw as one JSON line to $SUBAGENT_RECORD,
+                        once per request unique id (with "_uid" in the line)
   tell_host(**kw)       casts kw upstream to the control plane (topic "demo-events")
   ask_host(**kw)        calls method "answer" upstream (topic "demo-events") with
                         kw and returns its result (or raises what came back)
   exit(code)            exits the process (to exercise the supervisor)
+
+It registers with "ack": a call is confirmed ("took") as it starts, a cast
+once handled; so a cast it had not finished when it was killed goes to the
+sub-agent the supervisor restarts, and `record` (idempotent by the request's
+unique id) runs its effect once.
 
 The protocol is in docs/subagent.md.
 """
@@ -73,6 +79,16 @@ def ask(target, method, args, timeout_ms=30000):
         raise UpstreamError(f"{msg['error'].get('class')}: {msg['error'].get('message')}")
     return msg.get("result")
 record_lock = threading.Lock()
+# The unique ids already recorded (an earlier run of this sub-agent may have
+# recorded a cast and died before confirming it).
+recorded = set()
+if record_path and os.path.exists(record_path):
+    with open(record_path) as f:
+        for line in f:
+            try:
+                recorded.add(json.loads(line).get("_uid"))
+            except ValueError:
+                pass  # a line cut by a kill
 
 
 def send(msg):
@@ -87,6 +103,7 @@ class QuotaExceeded(Exception):
 
 def handle(req):
     method, args = req["method"], req.get("args") or {}
+    uid = req.get("unique_id")
     if method == "echo":
         return args
     if method == "add":
@@ -100,8 +117,16 @@ def handle(req):
         raise ValueError(args.get("message", "failed on purpose"))
     if method == "record":
         if record_path:
-            with record_lock, open(record_path, "a") as f:
-                f.write(json.dumps(args, sort_keys=True) + "\n")
+            with record_lock:
+                if uid not in recorded:
+                    # One write of one line: a kill leaves it whole or absent.
+                    line = json.dumps(dict(args, _uid=uid), sort_keys=True) + "\n"
+                    fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    try:
+                        os.write(fd, line.encode())
+                    finally:
+                        os.close(fd)
+                    recorded.add(uid)
         return None
     if method == "tell_host":
         send({"op": "cast", "target": {"topic": "demo-events"}, "method": "told", "args": args})
@@ -114,6 +139,8 @@ def handle(req):
 
 
 def serve(req):
+    if req.get("kind") == "call":
+        send({"op": "took", "id": req["id"]})
     try:
         result = handle(req)
         reply = {"op": "reply", "id": req["id"], "result": result}
@@ -123,9 +150,11 @@ def serve(req):
         reply = {"op": "reply", "id": req["id"], "error": {"class": cls.__name__, "module": module, "message": str(e)}}
     if req.get("kind") == "call":
         send(reply)
+    else:
+        send({"op": "took", "id": req["id"]})
 
 
-send({"op": "register", "name": name, "topics": topics})
+send({"op": "register", "name": name, "topics": topics, "ack": True})
 buf = b""
 while True:
     chunk = s.recv(65536)

@@ -130,6 +130,7 @@ impl SubAgent {
             next_call: 1,
         };
         me.send(&FromSub::Register {
+            ack: false,
             name: name.into(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
         })
@@ -171,6 +172,7 @@ impl SubAgent {
                 args,
                 ctx,
                 timeout_ms,
+                ..
             } => {
                 self.queued.push_back(Incoming {
                     id,

@@ -183,22 +183,7 @@ async fn kill_9_of_the_agent_mid_stream() {
     let mut ctl = w.ctl().await;
     wait_linked(&mut ctl, U, "demo").await;
 
-    // 2000 casts with a call after every 40th, pipelined.
-    let mut reqs = vec![];
-    for n in 0..2000u64 {
-        reqs.push((
-            format!("cast-{n}"),
-            json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "args": {"n": n},
-                   "unique_id": format!("u-{n}"), "timeout_ms": 3_000}),
-        ));
-        if n % 40 == 0 {
-            reqs.push((
-                format!("call-{n}"),
-                json!({"op": "call", "instance": U, "topic": "demo", "method": "sleep", "args": {"seconds": 0.05}, "timeout_ms": 3_000}),
-            ));
-        }
-    }
-    let pipe = pipelined(&w, reqs, 64, |_| false);
+    let pipe = pipelined(&w, casts_and_calls(), 64, |_| false);
     let killer = async {
         // Mid-stream: once a quarter of the casts were handled.
         let t = Instant::now();
@@ -263,6 +248,85 @@ async fn kill_9_of_the_agent_mid_stream() {
         "kill -9 agent: 2000 casts around the kill each handled once ({unconfirmed} confirmed only after their caller's timeout), {failed_calls} of 50 calls failed cleanly, {at_kill} handled before the kill"
     );
     drop(agent2);
+}
+
+/// The stream of [`kill_9_of_the_agent_mid_stream`]: 2000 casts with a call
+/// after every 40th.
+fn casts_and_calls() -> Vec<(String, Value)> {
+    let mut reqs = vec![];
+    for n in 0..2000u64 {
+        reqs.push((
+            format!("cast-{n}"),
+            json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "args": {"n": n},
+                   "unique_id": format!("u-{n}"), "timeout_ms": 3_000}),
+        ));
+        if n % 40 == 0 {
+            reqs.push((
+                format!("call-{n}"),
+                json!({"op": "call", "instance": U, "topic": "demo", "method": "sleep", "args": {"seconds": 0.05}, "timeout_ms": 3_000}),
+            ));
+        }
+    }
+    reqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_sub_agent_mid_stream_the_supervisor_restarts_it() {
+    let w = World::new();
+    let port = w.channels().join(format!("{U}.sock"));
+    let _proxy = w.proxy("");
+    let _agent = w.agent(U, &port, "demo", RESTART_GRACE);
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U, "demo").await;
+    let v = ctl.req(json!({"op": "agents", "instance": U})).await;
+    let pid = v["result"][0]["pid"].as_i64().expect("the sub-agent's pid");
+
+    let pipe = pipelined(&w, casts_and_calls(), 64, |_| false);
+    let killer = async {
+        let t = Instant::now();
+        while recorded_ns(&w).len() < 500 {
+            assert!(t.elapsed() < BOUND, "the stream never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        recorded_ns(&w).len()
+    };
+    let (answers, at_kill) = tokio::join!(pipe, killer);
+    // Calls running in the killed sub-agent fail cleanly; those that came
+    // while it was away wait for the restarted one (within the grace).
+    let mut failed_calls = 0;
+    let mut unconfirmed = 0;
+    for (id, v) in &answers {
+        if v["ok"] == true {
+            continue;
+        }
+        let kind = v["error"]["kind"].as_str().unwrap();
+        if id.starts_with("cast-") {
+            unconfirmed += 1;
+            assert!(kind == "timeout", "{v}");
+            continue;
+        }
+        failed_calls += 1;
+        assert!(
+            kind == "timeout" || v["error"]["class"] == "SubAgentGone",
+            "{v}"
+        );
+    }
+    let v = ctl.req(json!({"op": "agents", "instance": U})).await;
+    assert!(
+        v["result"][0]["restarts"].as_u64().unwrap() >= 1,
+        "the supervisor restarted it: {v}"
+    );
+    wait_all_taken(&mut ctl, U).await;
+    let ns = recorded_ns(&w);
+    assert_each_once(&ns, 0..2000);
+    eprintln!(
+        "kill -9 sub-agent: 2000 casts each handled once ({unconfirmed} confirmed after their caller's timeout), {failed_calls} of 50 calls failed cleanly, {at_kill} handled before the kill"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

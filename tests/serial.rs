@@ -18,13 +18,19 @@ async fn agent_serves_over_a_raw_serial_line() {
     let slave = nix::unistd::ttyname(&pty.slave).unwrap();
     let w = World::new();
     let sock = w.path("agent.sock");
-    let port = format!("serial:{}", slave.display());
-    let _agent = spawn(
-        "agent",
-        AGENT,
-        &["--port", &port, "--subagent-socket", sock.to_str().unwrap()],
-        w.dir.path(),
-    );
+    let cfg = w.path("agent.toml");
+    // A topic nobody serves is refused after a 1 s grace (default 60 s).
+    std::fs::write(
+        &cfg,
+        format!(
+            "port = \"serial:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\nunserved_grace_ms = 1000\n",
+            slave.display(),
+            sock,
+            w.path("state")
+        ),
+    )
+    .unwrap();
+    let _agent = spawn("agent", AGENT, &["-c", cfg.to_str().unwrap()], w.dir.path());
     let host = SerialPort::from_file(File::from(pty.master)).unwrap();
     let Link { tx, mut rx, task } = Link::spawn(host, LinkOptions::default(), 42);
     // Our copy of the slave stays open so the master never sees a hang-up.

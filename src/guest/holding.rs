@@ -12,10 +12,11 @@ use crate::rpc::Request;
 pub const MAX_HELD_PER_TOPIC: usize = 1024;
 /// Requests held for all topics together.
 pub const MAX_HELD: usize = 4096;
-/// Default grace for a topic to get a sub-agent (`unserved_grace_ms`): the
-/// supervisor's restart backoff tops out at a few seconds, and a sub-agent
-/// started at boot registers within seconds even on a loaded TCG guest.
-pub const DEFAULT_UNSERVED_GRACE: Duration = Duration::from_secs(30);
+/// Default grace for a topic to get a sub-agent (`unserved_grace_ms`):
+/// twice the supervisor's default longest restart backoff (30 s), so a
+/// sub-agent that the supervisor is restarting gets the requests that came
+/// meanwhile; a call still ends at its caller's own timeout.
+pub const DEFAULT_UNSERVED_GRACE: Duration = Duration::from_secs(60);
 
 /// A held request.
 #[derive(Debug)]

@@ -57,6 +57,12 @@ struct Sub {
     tx: mpsc::Sender<ToSub>,
     /// Requests its socket queue had no room for, oldest first.
     backlog: VecDeque<ToSub>,
+    /// It confirms what it took (`took`, or a call's reply).
+    ack: bool,
+    /// With `ack`: what it got and has not confirmed, by request id (to
+    /// hand to the next sub-agent of the topic if it goes away).
+    /// With the time its `timeout_ms` counts from.
+    unconfirmed: BTreeMap<u64, (Request, Instant)>,
 }
 
 struct InFlight {
@@ -343,7 +349,7 @@ impl Router {
         let Some(sub) = self.subs.get_mut(&conn) else {
             return;
         };
-        if sub.backlog.len() >= SUB_BACKLOG {
+        if sub.backlog.len() >= SUB_BACKLOG || sub.unconfirmed.len() >= SUB_BACKLOG {
             let why = format!(
                 "sub-agent '{}' is not keeping up: {SUB_BACKLOG} requests wait for it",
                 sub.name
@@ -352,8 +358,12 @@ impl Router {
         }
         let id = self.next_req;
         self.next_req += 1;
+        if sub.ack {
+            sub.unconfirmed.insert(id, (r.clone(), now));
+        }
         let out = ToSub::Request {
             id,
+            taken_on_write: !sub.ack,
             unique_id: r.unique_id.clone(),
             kind: if is_call { Kind::Call } else { Kind::Cast },
             target: r.target.clone(),
@@ -482,6 +492,8 @@ impl Router {
                         topics: vec![],
                         tx,
                         backlog: VecDeque::new(),
+                        ack: false,
+                        unconfirmed: BTreeMap::new(),
                     },
                 );
             }
@@ -501,7 +513,20 @@ impl Router {
         // What it never read is held for the sub-agent that registers its
         // topic next (the supervisor restarting it), oldest first.
         let now = Instant::now();
-        let back: Vec<ToSub> = unsent.into_iter().chain(sub.backlog.drain(..)).collect();
+        let back: Vec<ToSub> = if sub.ack {
+            // Everything it did not confirm, in the order it got it.
+            let n = sub.unconfirmed.len();
+            for (id, (r, since)) in std::mem::take(&mut sub.unconfirmed) {
+                self.inflight.remove(&(conn, id));
+                self.dispatch(r, since).await;
+            }
+            if n > 0 {
+                info!(subagent = %sub.name, requests = n, "requests it never confirmed wait for its topic's next sub-agent");
+            }
+            vec![]
+        } else {
+            unsent.into_iter().chain(sub.backlog.drain(..)).collect()
+        };
         let n_back = back.len();
         for m in back {
             let ToSub::Request {
@@ -513,6 +538,7 @@ impl Router {
                 args,
                 ctx,
                 timeout_ms,
+                ..
             } = m
             else {
                 continue;
@@ -563,7 +589,7 @@ impl Router {
 
     async fn on_sub_message(&mut self, conn: ConnId, m: FromSub) {
         match m {
-            FromSub::Register { name, topics } => {
+            FromSub::Register { name, topics, ack } => {
                 for t in &topics {
                     if t.is_empty() || t == SUPERVISOR_TOPIC || t == AGENT_TOPIC || t.len() > 255 {
                         return self.refuse(conn, format!("topic '{t}' cannot be registered"));
@@ -588,7 +614,8 @@ impl Router {
                 for t in &topics {
                     self.topics.insert(t.clone(), conn);
                 }
-                info!(subagent = %name, ?topics, "sub-agent registered");
+                info!(subagent = %name, ?topics, ack, "sub-agent registered");
+                sub.ack = ack;
                 sub.name = name;
                 sub.topics = topics.clone();
                 let _ = sub.tx.try_send(ToSub::Registered {
@@ -602,7 +629,16 @@ impl Router {
                     }
                 }
             }
-            FromSub::Reply { id, result, error } => match self.inflight.remove(&(conn, id)) {
+            FromSub::Took { id } => {
+                if !self.confirmed(conn, id).await {
+                    self.refuse(conn, format!("took for unknown request {id}"));
+                }
+            }
+            FromSub::Reply { id, result, error } => match {
+                // A call's reply confirms it (and comes after its receipt).
+                self.confirmed(conn, id).await;
+                self.inflight.remove(&(conn, id))
+            } {
                 Some(f) => {
                     let res = crate::rpc::join_result(result, error);
                     self.reply(f.msg_id, f.reply_to, res).await;
@@ -679,6 +715,21 @@ impl Router {
                 self.send(&LinkMsg::Req(r)).await;
             }
         }
+    }
+
+    /// A sub-agent with `ack` confirmed request `id`: journal it, tell the
+    /// host. False if it was not waiting for confirmation.
+    async fn confirmed(&mut self, conn: ConnId, id: u64) -> bool {
+        let Some((r, _)) = self
+            .subs
+            .get_mut(&conn)
+            .and_then(|s| s.unconfirmed.remove(&id))
+        else {
+            return false;
+        };
+        crate::lock(&self.journal).record(&r.unique_id);
+        self.took(r.unique_id).await;
+        true
     }
 
     /// The host did not pass a cast on: tell the sub-agent that sent it.

@@ -30,6 +30,18 @@ pub enum FromSub {
         name: String,
         /// Topics to serve.
         topics: Vec<String>,
+        /// This sub-agent confirms each request with [`FromSub::Took`] (or,
+        /// for a call, its reply) once it has it safely; until then a
+        /// request it got is not taken, and goes to the next sub-agent of
+        /// its topic if this one goes away. Without it, a request is taken
+        /// once written to the socket.
+        #[serde(default)]
+        ack: bool,
+    },
+    /// The request `id` is taken (sub-agents that registered with `ack`).
+    Took {
+        /// The request id.
+        id: u64,
     },
     /// The answer to a request (`id` from [`ToSub::Request`]).
     Reply {
@@ -106,6 +118,10 @@ pub enum ToSub {
         /// Time left to answer, if the caller set one.
         #[serde(skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// Agent-internal: taken once written (a sub-agent without `ack`):
+        /// the writer journals it and sends the receipt.
+        #[serde(skip)]
+        taken_on_write: bool,
     },
     /// The answer to a [`FromSub::Call`].
     Result {
@@ -236,7 +252,7 @@ async fn connection(
                 Some(m) => {
                     let line = serde_json::to_string(&m).unwrap_or_default();
                     let uid = match &m {
-                        ToSub::Request { unique_id, .. } => {
+                        ToSub::Request { unique_id, taken_on_write: true, .. } => {
                             handover.journal(unique_id);
                             Some(unique_id.clone())
                         }

@@ -241,11 +241,18 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
     }
 
     /// The lines the example sub-agent recorded for `record` casts.
+    /// (Without the `_uid` the sub-agent keeps its idempotency by.)
     pub fn recorded(&self, uuid: &str) -> Vec<Value> {
         std::fs::read_to_string(self.record_path(uuid))
             .unwrap_or_default()
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| {
+                let mut v: Value = serde_json::from_str(l).unwrap();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("_uid");
+                }
+                v
+            })
             .collect()
     }
 
