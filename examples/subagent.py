@@ -134,6 +134,10 @@ def handle(req):
     if method == "ask_host":
         return ask({"topic": "demo-events"}, "answer", args)
     if method == "exit":
+        # Confirmed first: this request is handled by exiting (not a
+        # request to hand to the restarted sub-agent again).
+        if req.get("kind") != "call":
+            send({"op": "took", "id": req["id"]})
         os._exit(int(args.get("code", 0)))
     raise NotImplementedError(f"no method {method!r}")
 

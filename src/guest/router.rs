@@ -44,6 +44,10 @@ pub const RECENT_CASTS: usize = 4096;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls without a deadline are forgotten after this long (the caller gave up).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Sub-agents (with `ack`) that may go away holding one request before it
+/// is refused: a request that kills whoever handles it must not crash the
+/// restarted sub-agent for ever.
+pub const MAX_HANDOVERS: u32 = 3;
 /// How often expired entries are swept (and held requests refused).
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// Requests waiting for one sub-agent to read them, past its socket queue
@@ -115,6 +119,9 @@ pub struct Router {
     room: FuturesUnordered<Room>,
     /// Requests refused (no sub-agent in time, queues full, expired).
     refused: u64,
+    /// Requests handed again because a sub-agent went away without
+    /// confirming them: unique id → sub-agents gone so far.
+    handovers: HashMap<String, u32>,
 }
 
 /// The agent's own target: `stats` answers with the link's and the router's
@@ -147,6 +154,7 @@ impl Router {
             grace,
             room: FuturesUnordered::new(),
             refused: 0,
+            handovers: HashMap::new(),
         }
     }
 
@@ -198,7 +206,7 @@ impl Router {
                 Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
                 Ok(LinkMsg::Refused { unique_id, reason }) => self.on_refused(unique_id, reason),
                 Ok(LinkMsg::Took { .. }) => debug!("ignoring a receipt from the host"),
-                Err(e) => warn!(error = %e, "malformed message from the host dropped"),
+                Err(e) => self.on_malformed(&b, &e.to_string()).await,
             },
             // A new connection, or a new host proxy on the same connection (a
             // migration whose destination was connected beforehand: the guest
@@ -211,6 +219,35 @@ impl Router {
                 )
             }
             LinkEvent::Down => {}
+        }
+    }
+
+    /// A message that is not a valid envelope: dropped, but a call among
+    /// them (a `req` with `kind: "call"` and a string `msg_id`) is answered
+    /// `Malformed`, and a request with a string `unique_id` is settled with
+    /// the host (`refused`), so nobody waits for it.
+    async fn on_malformed(&mut self, b: &[u8], why: &str) {
+        warn!(error = %why, "malformed message from the host dropped");
+        let Ok(v) = serde_json::from_slice::<Value>(b) else {
+            return;
+        };
+        if v["t"] != "req" {
+            return;
+        }
+        let why = format!("malformed request: {why}");
+        if let Some(uid) = v["unique_id"].as_str() {
+            let m = LinkMsg::Refused {
+                unique_id: uid.to_string(),
+                reason: format!("Malformed: {why}"),
+            };
+            self.send(&m).await;
+        }
+        if v["kind"] == "call"
+            && let Some(m) = v["msg_id"].as_str()
+        {
+            let reply_to = v["reply_to"].as_str().map(String::from);
+            let f = Failure::tether("Malformed", why);
+            self.reply(m.to_string(), reply_to, Err(f)).await;
         }
     }
 
@@ -428,6 +465,7 @@ impl Router {
     /// `refused` to the host (which settles it and audits it).
     async fn refuse_request(&mut self, r: Request, class: &str, why: String) {
         self.refused += 1;
+        self.handovers.remove(&r.unique_id);
         warn!(topic = %r.target.topic, method = %r.method, class, reason = %why, "request refused");
         match (r.kind, r.msg_id) {
             (Kind::Call, Some(m)) => {
@@ -458,6 +496,7 @@ impl Router {
     async fn expired(&mut self, r: Request) {
         info!(method = %r.method, topic = %r.target.topic, "expired request not run");
         self.refused += 1;
+        self.handovers.remove(&r.unique_id);
         let m = LinkMsg::Refused {
             unique_id: r.unique_id,
             reason: "Expired: its caller's timeout ran out before a sub-agent took it".into(),
@@ -518,7 +557,16 @@ impl Router {
             let n = sub.unconfirmed.len();
             for (id, (r, since)) in std::mem::take(&mut sub.unconfirmed) {
                 self.inflight.remove(&(conn, id));
-                self.dispatch(r, since).await;
+                let n = self.handovers.entry(r.unique_id.clone()).or_insert(0);
+                *n += 1;
+                if *n >= MAX_HANDOVERS {
+                    let why = format!(
+                        "{MAX_HANDOVERS} sub-agents went away while holding it; not handed over again"
+                    );
+                    self.refuse_request(r, "SubAgentGone", why).await;
+                } else {
+                    self.dispatch(r, since).await;
+                }
             }
             if n > 0 {
                 info!(subagent = %sub.name, requests = n, "requests it never confirmed wait for its topic's next sub-agent");
@@ -728,6 +776,7 @@ impl Router {
             return false;
         };
         crate::lock(&self.journal).record(&r.unique_id);
+        self.handovers.remove(&r.unique_id);
         self.took(r.unique_id).await;
         true
     }

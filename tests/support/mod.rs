@@ -116,6 +116,20 @@ pub struct World {
     pub dir: tempfile::TempDir,
 }
 
+/// A failed test keeps its directory — the daemons' logs, configs, records
+/// — and says where.
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "test failed: its files and daemon logs are kept in {}",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
 impl World {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();

@@ -169,7 +169,11 @@ impl Qmp {
             lines: tokio::io::BufReader::new(r).lines(),
             w,
         };
-        q.lines.next_line().await.unwrap(); // greeting
+        // The greeting, bounded like every other QMP read.
+        tokio::time::timeout(std::time::Duration::from_secs(30), q.lines.next_line())
+            .await
+            .expect("QMP sent no greeting")
+            .unwrap();
         q.cmd(serde_json::json!({"execute": "qmp_capabilities"}))
             .await;
         q
