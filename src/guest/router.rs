@@ -231,21 +231,22 @@ impl Router {
         let Ok(v) = serde_json::from_slice::<Value>(b) else {
             return;
         };
-        if v["t"] != "req" {
+        let field = |k: &str| v.get(k).and_then(Value::as_str);
+        if field("t") != Some("req") {
             return;
         }
         let why = format!("malformed request: {why}");
-        if let Some(uid) = v["unique_id"].as_str() {
+        if let Some(uid) = field("unique_id") {
             let m = LinkMsg::Refused {
                 unique_id: uid.to_string(),
                 reason: format!("Malformed: {why}"),
             };
             self.send(&m).await;
         }
-        if v["kind"] == "call"
-            && let Some(m) = v["msg_id"].as_str()
+        if field("kind") == Some("call")
+            && let Some(m) = field("msg_id")
         {
-            let reply_to = v["reply_to"].as_str().map(String::from);
+            let reply_to = field("reply_to").map(String::from);
             let f = Failure::tether("Malformed", why);
             self.reply(m.to_string(), reply_to, Err(f)).await;
         }
