@@ -683,23 +683,23 @@ impl Router {
                     self.refuse(conn, format!("took for unknown request {id}"));
                 }
             }
-            FromSub::Reply { id, result, error } => match {
+            FromSub::Reply { id, result, error } => {
                 // A call's reply confirms it (and comes after its receipt).
                 self.confirmed(conn, id).await;
-                self.inflight.remove(&(conn, id))
-            } {
-                Some(f) => {
-                    let res = crate::rpc::join_result(result, error);
-                    self.reply(f.msg_id, f.reply_to, res).await;
+                match self.inflight.remove(&(conn, id)) {
+                    Some(f) => {
+                        let res = crate::rpc::join_result(result, error);
+                        self.reply(f.msg_id, f.reply_to, res).await;
+                    }
+                    // A late reply: the call expired (its caller gave up)
+                    // while the sub-agent worked. A normal race, not the
+                    // sub-agent's fault: dropped without a refusal.
+                    None if id < self.next_req => {
+                        debug!(request = id, "late reply to an expired request dropped")
+                    }
+                    None => self.refuse(conn, format!("reply to unknown request {id}")),
                 }
-                // A late reply: the call expired (its caller gave up) while
-                // the sub-agent worked. A normal race, not the sub-agent's
-                // fault: dropped without a refusal.
-                None if id < self.next_req => {
-                    debug!(request = id, "late reply to an expired request dropped")
-                }
-                None => self.refuse(conn, format!("reply to unknown request {id}")),
-            },
+            }
             FromSub::Cast {
                 target,
                 method,
