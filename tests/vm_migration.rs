@@ -76,10 +76,18 @@ struct Hop {
     gap: Duration,
 }
 
-/// Stream casts `ids` (and a call every 25) through `src`; when it stops
-/// answering, carry on through `dst` retrying with the same unique ids.
-async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut Ctl) -> Hop {
+/// Casts streamed through the destination once the stream moved there.
+const AFTER_MOVE: u64 = 50;
+
+/// Stream casts numbered from `start` (and a call every 25) through `src`;
+/// when it stops answering, carry on through `dst` retrying with the same
+/// unique ids. At least `min` casts, and on until the stream moved and
+/// [`AFTER_MOVE`] more went through the destination — however long the
+/// migration takes (bounded). Returns what it saw and the next number.
+async fn stream(uuid: &str, start: u64, min: u64, src: &mut Ctl, dst: &mut Ctl) -> (Hop, u64) {
     let mut hop = Hop::default();
+    let began = Instant::now();
+    let mut moved_at = None;
     let mut on_dst = false;
     let mut last_src = Instant::now();
     let mut first_dst = None;
@@ -90,7 +98,15 @@ async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut 
             last_src = Instant::now();
         }
     };
-    for i in ids {
+    let mut i = start;
+    loop {
+        if i >= start + min && moved_at.is_some_and(|m| i >= m + AFTER_MOVE) {
+            break;
+        }
+        assert!(
+            began.elapsed() < BOUND * 4,
+            "the stream never moved to the destination (did the migration fail?)"
+        );
         let timeout_ms = if on_dst { 20_000 } else { 1_500 };
         let cast = json!({"op": "cast", "instance": uuid, "topic": "demo", "method": "record",
                           "unique_id": format!("m-{i}"), "timeout_ms": timeout_ms});
@@ -106,6 +122,7 @@ async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut 
             }
             assert!(!on_dst, "cast {i} failed through the destination: {v}");
             on_dst = true;
+            moved_at = Some(i);
             hop.retried += 1;
         }
         if i % 25 == 0 {
@@ -127,13 +144,10 @@ async fn stream(uuid: &str, ids: std::ops::Range<u64>, src: &mut Ctl, dst: &mut 
                 hop.calls_failed += 1;
             }
         }
+        i += 1;
     }
-    assert!(
-        on_dst,
-        "the stream never moved to the destination (migration too late?)"
-    );
     hop.gap = first_dst.unwrap_or(last_src).duration_since(last_src);
-    hop
+    (hop, i)
 }
 
 /// The agent's own counters (its built-in `tether.agent` target).
@@ -240,7 +254,7 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
             .await
         })
     };
-    let hop = stream(U, 0..N, &mut a.ctl, &mut b.ctl).await;
+    let (hop, sent) = stream(U, 0, N, &mut a.ctl, &mut b.ctl).await;
     let took = migrate.await.unwrap();
     b.linked(U, &dst).await;
     // The reply's sealed handle lasts as long as the caller waits (30 s:
@@ -271,7 +285,7 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
     );
     assert_eq!(
         count(&mut b, U).await,
-        json!(N),
+        json!(sent),
         "every cast handled exactly once across the migration\n{}",
         dst.console()
     );
@@ -290,6 +304,7 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
     let mut hosts = [Host::new(&key).await, Host::new(&key).await];
     let mut vm = Vm::boot(hosts[0].world.dir.path(), "vm0", &hosts[0].chardev(U));
     hosts[0].linked(U, &vm).await;
+    let mut sent = 0;
     for n in 0..HOPS {
         let (s, d) = ((n % 2) as usize, ((n + 1) % 2) as usize);
         let port = free_port();
@@ -303,8 +318,8 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
         let [h0, h1] = &mut hosts;
         let (src, dst) = if s == 0 { (h0, h1) } else { (h1, h0) };
         let before = guest_stats(&mut src.ctl, U).await;
-        let ids = n * PER_HOP..(n + 1) * PER_HOP;
-        let hop = stream(U, ids, &mut src.ctl, &mut dst.ctl).await;
+        let (hop, next_id) = stream(U, sent, PER_HOP, &mut src.ctl, &mut dst.ctl).await;
+        sent = next_id;
         let took = migrate.await.unwrap();
         drop(std::mem::replace(&mut vm, next));
         dst.linked(U, &vm).await;
@@ -314,7 +329,7 @@ async fn back_and_forth_six_times_under_traffic_loses_nothing_and_runs_nothing_t
     let last = &mut hosts[(HOPS % 2) as usize];
     assert_eq!(
         count(last, U).await,
-        json!(HOPS * PER_HOP),
+        json!(sent),
         "every cast handled exactly once across {HOPS} migrations\n{}",
         vm.console()
     );

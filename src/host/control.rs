@@ -488,7 +488,7 @@ async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
         Err(_) => Err(err(
             kind_now(&inst),
             format!(
-                "no sub-agent took the cast within {} ms; the proxy keeps it and delivers it when the guest takes it (retrying with unique_id {uid} is safe: it is not sent twice)",
+                "no sub-agent took the cast within {} ms; while the instance's channel is on this host the proxy keeps it and delivers it when a sub-agent takes it (retrying with unique_id {uid} is safe: it is not sent twice)",
                 t.as_millis()
             ),
         )),
