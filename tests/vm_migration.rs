@@ -125,7 +125,7 @@ async fn stream(uuid: &str, start: u64, min: u64, src: &mut Ctl, dst: &mut Ctl) 
             moved_at = Some(i);
             hop.retried += 1;
         }
-        if i % 25 == 0 {
+        if i.is_multiple_of(25) {
             let timeout_ms = if on_dst { 20_000 } else { 1_500 };
             let call = json!({"op": "call", "instance": uuid, "topic": "demo", "method": "add",
                               "args": {"a": i, "b": 1}, "timeout_ms": timeout_ms});
