@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use tracing::{error, info, warn};
 
 /// Ids per journal file. The host keeps at most
-/// [`crate::host::receipts::MAX_OUTSTANDING`] requests waiting for a receipt
-/// and sends nothing older again, so remembering at least that many (here
-/// 2–4 times as many) covers every resend.
+/// [`crate::host::receipts::MAX_OUTSTANDING`] (8192) requests waiting for a
+/// receipt and sends nothing else again, so remembering at least that many
+/// (here 8192–16384) covers every resend.
 pub const JOURNAL_GENERATION: usize = 8192;
 /// Longest unique id journaled (host ids are 32 hex digits; a control-socket
 /// caller may choose its own). Longer ones are kept in memory only.

@@ -173,7 +173,7 @@ impl Instance {
 
     /// Send `req` into the guest and keep it until the agent says a
     /// sub-agent took it (or refused it): the receiver learns which. Waits
-    /// while [`super::receipts::MAX_OUTSTANDING`] requests are outstanding
+    /// while [`super::receipts::MAX_OUTSTANDING_BYTES`] are outstanding
     /// and while the link's window is full; cancelled before it returns,
     /// nothing was queued. `call`: the local msg_id when `req` is a call
     /// (see [`Self::expect_call`]). A request whose unique id is already
@@ -183,10 +183,10 @@ impl Instance {
         req: &Request,
         call: Option<&str>,
     ) -> Result<oneshot::Receiver<Outcome>, SendError> {
-        let Some(slot) = self.receipts.slot().await else {
+        let bytes = LinkMsg::Req(req.clone()).to_bytes();
+        let Some(slot) = self.receipts.slot(bytes.len()).await else {
             return Err(SendError::Closed);
         };
-        let bytes = LinkMsg::Req(req.clone()).to_bytes();
         let rx =
             match self
                 .receipts

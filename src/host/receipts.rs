@@ -17,10 +17,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::lock;
 
-/// Requests kept per instance until taken: the link's default send window
-/// (1024 frames) plus what the agent may hold for a sub-agent that is
-/// (re)starting or slow, with room to spare; a sender past it waits.
-pub const MAX_OUTSTANDING: usize = 4096;
+/// Bytes of requests kept per instance until taken (8 MiB: twice the link's
+/// default send window, plus what the agent may hold for a sub-agent that
+/// is (re)starting or slow); a sender past it waits.
+pub const MAX_OUTSTANDING_BYTES: usize = 8 << 20;
+/// What a request costs at least against [`MAX_OUTSTANDING_BYTES`] (its
+/// table entry), which bounds the count too: at most 8192 requests, no
+/// more than the agent's journal remembers.
+pub const MIN_REQUEST_COST: usize = 1024;
+/// The most requests kept per instance.
+pub const MAX_OUTSTANDING: usize = MAX_OUTSTANDING_BYTES / MIN_REQUEST_COST;
 
 /// How a request ended, as far as the proxy can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,15 +77,19 @@ impl Default for Receipts {
     fn default() -> Self {
         Self {
             table: Mutex::default(),
-            slots: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
+            slots: Arc::new(Semaphore::new(MAX_OUTSTANDING_BYTES)),
         }
     }
 }
 
 impl Receipts {
-    /// Wait for room for one more request.
-    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().acquire_owned().await.ok()
+    /// Wait for room for one more request of `len` bytes (a single request
+    /// is at most the link's hard payload limit, 16 MiB; one larger than
+    /// the whole bound waits for an empty table and takes all of it).
+    pub async fn slot(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let cost = len.clamp(MIN_REQUEST_COST, MAX_OUTSTANDING_BYTES);
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        self.slots.clone().acquire_many_owned(cost).await.ok()
     }
 
     /// Keep `bytes` (the encoded request) until `unique_id` is settled.
@@ -199,7 +209,7 @@ mod tests {
     use super::*;
 
     async fn put(r: &Receipts, id: &str, call: Option<&str>) -> Inserted {
-        let s = r.slot().await.unwrap();
+        let s = r.slot(id.len()).await.unwrap();
         r.insert(id, Bytes::from(id.to_string()), call.map(String::from), s)
     }
 
@@ -225,7 +235,7 @@ mod tests {
         assert_eq!(r.settle("b", Outcome::Taken), None, "settled by its answer");
         assert!(r.is_empty());
         // The slots come back as entries settle.
-        assert_eq!(r.slots.available_permits(), MAX_OUTSTANDING);
+        assert_eq!(r.slots.available_permits(), MAX_OUTSTANDING_BYTES);
     }
 
     #[tokio::test]
