@@ -214,6 +214,73 @@ async fn proxy_killed_during_a_stream_of_oslo_casts_every_cast_handled_exactly_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_and_sub_agent_killed_during_a_stream_of_oslo_casts_every_cast_handled_exactly_once()
+{
+    const N: u64 = 3000;
+    // The restarted agent's sub-agent must register within this.
+    const GRACE: &str = "unserved_grace_ms = 30000\n";
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("ak9");
+    let w = World::new();
+    let _proxy = w.proxy(&broker_section(&url, &ex));
+    let u = uuid(523);
+    let port = w.channels().join(format!("{u}.sock"));
+    let mut agent = w.agent(&u, &port, &topic, GRACE);
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, &topic, &u).await;
+    let stream = {
+        let (topic, u) = (topic.clone(), u.clone());
+        tokio::spawn(async move {
+            c.op(json!({"op": "casts", "topic": topic, "server": u, "method": "record", "n": N}))
+                .await
+        })
+    };
+    let handled = |at: u64| {
+        let (w, u) = (&w, &u);
+        async move {
+            let t = Instant::now();
+            while (w.recorded(u).len() as u64) < at {
+                assert!(
+                    t.elapsed() < BOUND,
+                    "casts stopped at {}",
+                    w.recorded(u).len()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            w.recorded(u).len()
+        }
+    };
+    // kill -9 of the agent; the guest's init starts it again (same port,
+    // same state directory).
+    handled(N / 10).await;
+    agent.kill9();
+    let at_agent_kill = w.recorded(&u).len();
+    let _agent = w.agent(&u, &port, &topic, GRACE);
+    // Then kill -9 of its sub-agent; the supervisor restarts it.
+    handled(N / 2).await;
+    let mut ctl = w.ctl().await;
+    let v = ctl.req(json!({"op": "agents", "instance": u})).await;
+    let pid = v["result"][0]["pid"].as_i64().expect("the sub-agent's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let at_sub_kill = w.recorded(&u).len();
+    let v = stream.await.unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    recorded_exactly_once(&w, &u, N, Duration::from_secs(60)).await;
+    eprintln!(
+        "killed the agent with {at_agent_kill} and its sub-agent with {at_sub_kill} of {N} oslo casts handled"
+    );
+    assert!(
+        (at_sub_kill as u64) < N,
+        "the kills came too late to prove anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_moving_between_two_proxies_under_oslo_traffic_loses_nothing() {
     const ROUNDS: u64 = 10;
     const PER: u64 = 60;
