@@ -9,8 +9,15 @@
 //! exactly once), `fail`
 //! (raises `ValueError`), `sleep` (waits `ms` milliseconds, then returns its
 //! args: a call still running while a VM migrates).
+//!
+//! With `$ECHO_RECORD` (a file path) it registers with `ack` and keeps its
+//! `record`s in that file, one line per request unique id: a restarted
+//! echo (the agent or the supervisor restarted it) reads it back, handles a
+//! request it had recorded but not confirmed once only, and counts on from
+//! there. A cast is confirmed (`took`) once recorded; a call as it starts.
 
 use std::collections::HashSet;
+use std::io::{BufRead, Write};
 
 use serde_json::{Value, json};
 use tether::client::SubAgent;
@@ -21,22 +28,65 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let topics = std::env::var("SUBAGENT_TOPICS").unwrap_or_else(|_| "demo".into());
     let topics: Vec<&str> = topics.split(',').filter(|t| !t.is_empty()).collect();
     let name = std::env::var("TETHER_SUBAGENT_NAME").unwrap_or_else(|_| "echo".into());
-    let mut sa = SubAgent::connect_default(&name, &topics).await?;
     /// Distinct `i`s remembered, at most (a test streams far fewer; the
     /// bound keeps a long-running demo's memory flat).
     const MAX_DISTINCT: usize = 1 << 20;
     let mut recorded = 0u64;
     let mut distinct: HashSet<u64> = HashSet::new();
+    let mut uids: HashSet<String> = HashSet::new();
+    let record_file = std::env::var_os("ECHO_RECORD").map(std::path::PathBuf::from);
+    let mut sa = match &record_file {
+        Some(path) => {
+            if let Ok(f) = std::fs::File::open(path) {
+                for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+                    // A line cut by a kill is skipped.
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    recorded += 1;
+                    if let Some(i) = v.get("i").and_then(Value::as_u64) {
+                        distinct.insert(i);
+                    }
+                    if let Some(u) = v.get("uid").and_then(Value::as_str) {
+                        uids.insert(u.to_string());
+                    }
+                }
+            }
+            SubAgent::connect_default_ack(&name, &topics).await?
+        }
+        None => SubAgent::connect_default(&name, &topics).await?,
+    };
+    let mut out = match &record_file {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ),
+        None => None,
+    };
     while let Some(r) = sa.next_request().await? {
+        let acking = out.is_some();
+        if acking && r.is_call() {
+            sa.took(r.id).await?;
+        }
         let res = match r.method.as_str() {
             "echo" => Ok(r.args.clone()),
             "add" => {
                 let n = |k: &str| r.args.get(k).and_then(Value::as_i64).unwrap_or(0);
                 Ok(json!(n("a") + n("b")))
             }
+            "record" if uids.contains(&r.unique_id) => Ok(Value::Null),
             "record" => {
+                let i = r.args.get("i").and_then(Value::as_u64);
+                if let Some(f) = out.as_mut() {
+                    // One write of one line: a kill leaves it whole or absent.
+                    let line = json!({"i": i, "uid": r.unique_id}).to_string() + "\n";
+                    f.write_all(line.as_bytes())?;
+                    uids.insert(r.unique_id.clone());
+                }
                 recorded += 1;
-                if let Some(i) = r.args.get("i").and_then(Value::as_u64)
+                if let Some(i) = i
                     && distinct.len() < MAX_DISTINCT
                 {
                     distinct.insert(i);
@@ -68,6 +118,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         if r.is_call() {
             sa.reply(r.id, res).await?;
+        } else if acking {
+            sa.took(r.id).await?;
         }
     }
     Ok(())

@@ -116,6 +116,26 @@ impl SubAgent {
 
     /// Connect to `path` and register `topics`.
     pub async fn connect(path: &Path, name: &str, topics: &[&str]) -> Result<Self, ClientError> {
+        Self::connect_opts(path, name, topics, false).await
+    }
+
+    /// Like [`Self::connect_default`], registered with `ack`: confirm each
+    /// request with [`Self::took`] (or a call's reply) once you have it
+    /// safely; what you did not confirm goes to the next sub-agent of its
+    /// topic if this one goes away (see `docs/subagent.md`).
+    pub async fn connect_default_ack(name: &str, topics: &[&str]) -> Result<Self, ClientError> {
+        let path = std::env::var("TETHER_AGENT_SOCKET")
+            .unwrap_or_else(|_| crate::guest::config::DEFAULT_SUBAGENT_SOCKET.into());
+        Self::connect_opts(Path::new(&path), name, topics, true).await
+    }
+
+    /// Connect to `path` and register `topics`, with or without `ack`.
+    pub async fn connect_opts(
+        path: &Path,
+        name: &str,
+        topics: &[&str],
+        ack: bool,
+    ) -> Result<Self, ClientError> {
         let s = UnixStream::connect(path)
             .await
             .map_err(|source| ClientError::Connect {
@@ -130,7 +150,7 @@ impl SubAgent {
             next_call: 1,
         };
         me.send(&FromSub::Register {
-            ack: false,
+            ack,
             name: name.into(),
             topics: topics.iter().map(|t| t.to_string()).collect(),
         })
@@ -236,6 +256,11 @@ impl SubAgent {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Confirm request `id` (registered with `ack`).
+    pub async fn took(&mut self, id: u64) -> Result<(), ClientError> {
+        self.send(&FromSub::Took { id }).await
     }
 
     /// Answer a call.

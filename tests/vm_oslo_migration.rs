@@ -1,8 +1,8 @@
-//! oslo.messaging through a real QEMU live migration: the Python oslo
-//! client calls and casts to the sub-agent inside a TCG guest whose VM moves
-//! from host A (its proxy and channels directory) to host B while the
-//! traffic flows. RabbitMQ carries the requests to whichever proxy links the
-//! instance; nothing is re-sent by the client.
+//! oslo.messaging into a real QEMU guest: the Python oslo client calls and
+//! casts to the sub-agent inside a TCG guest whose VM moves from host A (its
+//! proxy and channels directory) to host B while the traffic flows, and
+//! whose agent is killed mid-stream. RabbitMQ carries the requests to
+//! whichever proxy links the instance; nothing is re-sent by the client.
 
 mod support;
 
@@ -159,4 +159,73 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         b["replies_rerouted"],
         g["result"]["router"]["duplicates_dropped"]
     );
+}
+
+/// The echo sub-agent's `tally` of `record` casts, through the control socket.
+async fn tally(ctl: &mut Ctl, u: &str) -> serde_json::Value {
+    let v = ctl
+        .req(json!({"op": "call", "instance": u, "topic": "demo", "method": "tally", "timeout_ms": 5_000}))
+        .await;
+    v["result"].clone()
+}
+
+/// A TCG guest boots, and streams, slowly on a loaded machine.
+const BOOT_BOUND: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oslo_casts_into_a_vm_whose_agent_is_killed_mid_stream_are_each_handled_once() {
+    const N: u64 = 1500;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let u = random_uuid();
+    let w = World::new();
+    let _proxy = w.proxy(&format!("{}{}", broker_section(&url, &ex), lab_policy("")));
+    let vm = Vm::boot(w.dir.path(), "vm", &w.channels().join(format!("{u}.sock")));
+    let mut c = OsloClient::start(&url, &ex);
+    served(&mut c, "demo", &u).await;
+    let mut ctl = w.ctl().await;
+    let v = c
+        .op(json!({"op": "casts", "topic": "demo", "server": u, "method": "record", "n": N}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    // kill -9 of the agent from inside the guest once a fifth is handled;
+    // the guest's init starts it again (its journal and the echo
+    // sub-agent's records are in /run, the VM's memory).
+    let t = Instant::now();
+    let at_kill = loop {
+        let h = tally(&mut ctl, &u).await["handled"].as_u64().unwrap_or(0);
+        if h >= N / 5 {
+            break h;
+        }
+        assert!(t.elapsed() < BOOT_BOUND, "casts not handled\n{}", vm.console());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": u, "name": "killer", "restart": "never", "timeout_ms": 5000,
+                    "argv": ["/bin/busybox", "sh", "-c", "kill -9 $PPID"]}))
+        .await;
+    assert!(v.get("ok").is_some(), "{v}");
+    vm.wait_console("agent exited with 137", BOOT_BOUND).await;
+    let t = Instant::now();
+    let last = loop {
+        let v = tally(&mut ctl, &u).await;
+        if v["handled"].as_u64().unwrap_or(0) >= N {
+            break v;
+        }
+        assert!(
+            t.elapsed() < BOOT_BOUND * 2,
+            "not every cast handled after the restart: {v}\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        last,
+        json!({"handled": N, "distinct": N}),
+        "every oslo cast handled exactly once across the agent's restart\n{}",
+        vm.console()
+    );
+    let l = ctl.link(&u).await;
+    assert!(l["peer_changes"].as_u64().unwrap() >= 2, "{l}");
+    eprintln!("agent killed in the guest with {at_kill} of {N} oslo casts handled; {l}");
 }

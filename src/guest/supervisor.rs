@@ -332,6 +332,29 @@ fn status_json(name: &str, s: &Status) -> Value {
     })
 }
 
+/// A sub-agent the supervisor started dies with the agent (SIGKILL when
+/// the agent's thread that started it ends — a tokio worker, which lives as
+/// long as the agent): one killed with requests it had not confirmed must
+/// not go on handling them while the restarted agent hands them to a new
+/// sub-agent. systemd's control-group kill does the same on a restart.
+#[allow(unsafe_code)]
+fn die_with_the_agent(cmd: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only prctl(2) and getppid(2), both async-signal-safe; it allocates
+    // nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The agent died before the prctl: go no further.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("the agent is gone"));
+            }
+            Ok(())
+        });
+    }
+}
+
 async fn run_child(
     spec: StartSpec,
     program: PathBuf,
@@ -354,6 +377,7 @@ async fn run_child(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        die_with_the_agent(&mut cmd);
         if let Some(d) = &spec.cwd {
             cmd.current_dir(d);
         }
