@@ -8,12 +8,15 @@
 //!   cumulative ACKs, send window, HELLO/resume, liveness, grace);
 //!   [`link::driver`] runs a session over any byte stream and reconnects.
 //! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
-//! - [`guest`]: the agent — the port, the router to sub-agents, the sub-agent
-//!   socket, the supervisor.
-//! - [`host`]: the proxy — channels, one [`host::instance`] per VM, the
-//!   control socket, [`host::policy`] (the one enforcement point for guest
-//!   traffic: profiles, names, context, reply handles, audit) and
-//!   [`host::broker`] (oslo.messaging over RabbitMQ).
+//! - [`guest`]: the agent — the port, the router to sub-agents (with the
+//!   requests it holds for unserved topics, [`guest::holding`], and the
+//!   journal of taken requests, [`guest::journal`]), the sub-agent socket,
+//!   the supervisor.
+//! - [`host`]: the proxy — channels, one [`host::instance`] per VM (with its
+//!   requests no sub-agent took yet, [`host::receipts`]), the control
+//!   socket, [`host::policy`] (the one enforcement point for guest traffic:
+//!   profiles, names, context, reply handles, audit) and [`host::broker`]
+//!   (oslo.messaging over RabbitMQ).
 //! - [`client`]: the Rust API for sub-agents.
 //! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers,
 //!   systemd notification.
