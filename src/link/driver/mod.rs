@@ -1,7 +1,7 @@
 //! Runs a [`Session`] over any byte stream: connects through a [`Connector`],
 //! moves bytes, reconnects with capped backoff, and offers `send`/`recv`.
 //!
-//! One task per link ([`task`]). The session sits behind a std `Mutex` shared
+//! One task per link (the private `task` module). The session sits behind a std `Mutex` shared
 //! by the task and the senders, locked for a few microseconds at a time and
 //! never across an `.await`: `send` queues straight into the session's window
 //! and pokes the task, so a sender streams without a task round trip per
