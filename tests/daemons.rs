@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use support::*;
 
 const U1: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -651,5 +651,81 @@ async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
     assert!(
         !w.path("agent.sock").exists(),
         "the sub-agent socket is removed"
+    );
+}
+
+/// Requests for a topic nobody serves yet wait for a sub-agent to register
+/// it (the agent's grace), and go to it in order once it does; a call whose
+/// caller gave up meanwhile is never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_for_their_sub_agent_and_a_call_given_up_never_runs() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let _agent = w.agent(
+        U1,
+        &w.channels().join(format!("{U1}.sock")),
+        "demo",
+        "unserved_grace_ms = 30000\n",
+    );
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    // The caller gives up after 300 ms: never run, even once a sub-agent
+    // serves its topic.
+    let v = ctl
+        .req(
+            json!({"op": "call", "instance": U1, "topic": "late", "method": "record",
+                    "args": {"n": "given-up"}, "timeout_ms": 300}),
+        )
+        .await;
+    assert_eq!(v["error"]["kind"], "timeout", "{v}");
+    // These wait (the cast's caller, for its confirmation).
+    let cast = tokio::spawn({
+        let sock = w.ctl_sock();
+        async move {
+            Ctl::connect(&sock).await
+                .req(json!({"op": "cast", "instance": U1, "topic": "late", "method": "record", "args": {"n": "held"}}))
+                .await
+        }
+    });
+    let call = tokio::spawn({
+        let sock = w.ctl_sock();
+        async move {
+            Ctl::connect(&sock).await
+                .req(json!({"op": "call", "instance": U1, "topic": "late", "method": "add", "args": {"a": 2, "b": 3}}))
+                .await
+        }
+    });
+    // Both are held in the agent (its own stats say so), then the
+    // sub-agent comes.
+    let t = std::time::Instant::now();
+    loop {
+        let v = ctl
+            .req(json!({"op": "call", "instance": U1, "topic": "tether.agent", "method": "stats"}))
+            .await;
+        if v["result"]["router"]["held"] == 2 {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "not held: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let record = w.path("late.jsonl");
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U1, "name": "late", "argv": [python3(), example_subagent()],
+                    "env": {"SUBAGENT_TOPICS": "late", "SUBAGENT_RECORD": record}}))
+        .await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    let v = cast.await.unwrap();
+    assert_eq!(v["ok"], true, "the held cast is confirmed once taken: {v}");
+    let v = call.await.unwrap();
+    assert_eq!(v["result"], 5, "the held call is answered: {v}");
+    let lines: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        lines[0]["n"], "held",
+        "the given-up call never ran: {lines:?}"
     );
 }

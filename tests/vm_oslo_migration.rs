@@ -197,7 +197,11 @@ async fn oslo_casts_into_a_vm_whose_agent_is_killed_mid_stream_are_each_handled_
         if h >= N / 5 {
             break h;
         }
-        assert!(t.elapsed() < BOOT_BOUND, "casts not handled\n{}", vm.console());
+        assert!(
+            t.elapsed() < BOOT_BOUND,
+            "casts not handled\n{}",
+            vm.console()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let v = ctl
