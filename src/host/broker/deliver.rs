@@ -278,7 +278,22 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         _ => None,
     };
     let queued = queue_to(&inst, &req, waiter.as_ref().map(|w| w.1.as_str())).await;
-    Some(Box::pin(async move {
+    // A monitored call gets heartbeats from the moment the proxy has it
+    // (oslo's server heartbeats once it received the message) until it is
+    // answered or given back: a guest slow to take it is no reason for its
+    // caller to give up.
+    let beat = match (&waiter, &inc.reply_q) {
+        (Some((msg_id, _, _)), Some(reply_q)) => inc.monitor_secs.filter(|s| *s > 0.0).map(|s| {
+            (
+                Duration::from_secs_f64(s / 2.0),
+                msg_id.clone(),
+                reply_q.clone(),
+            )
+        }),
+        _ => None,
+    };
+    let hb_ch = pub_ch.clone();
+    let work = async move {
         let ok = match queued {
             Some(t) => guest_took(&inst, t, grace).await,
             None => false,
@@ -295,10 +310,6 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         let (Some((msg_id, local, rx)), Some(reply_q)) = (waiter, inc.reply_q) else {
             return ack(&d, &proxy).await;
         };
-        let beat = inc
-            .monitor_secs
-            .filter(|s| *s > 0.0)
-            .map(|s| Duration::from_secs_f64(s / 2.0));
         // The reply does not wait for the broker ack's write (a quarter of a
         // millisecond on the call's round trip, measured).
         let call = Call {
@@ -308,10 +319,26 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
             local,
             reply_q,
             limit,
-            beat,
         };
         tokio::join!(ack(&d, &proxy), call.relay(rx));
-    }))
+    };
+    Some(match beat {
+        None => Box::pin(work),
+        Some((every, msg_id, reply_q)) => Box::pin(async move {
+            let beats = async {
+                let start = tokio::time::Instant::now() + every;
+                let mut hb = tokio::time::interval_at(start, every);
+                loop {
+                    hb.tick().await;
+                    publish_reply(&hb_ch, &reply_q, wire::encode_heartbeat(&msg_id)).await;
+                }
+            };
+            tokio::select! {
+                () = work => {}
+                () = beats => {}
+            }
+        }),
+    })
 }
 
 /// A call the guest has: its reply (and heartbeats) go to the caller.
@@ -325,8 +352,6 @@ struct Call<'a> {
     reply_q: String,
     /// The caller's timeout (the AMQP `expiration`).
     limit: Duration,
-    /// Heartbeat interval, when the caller monitors the call.
-    beat: Option<Duration>,
 }
 
 impl Call<'_> {
@@ -338,21 +363,8 @@ impl Call<'_> {
             local,
             reply_q,
             limit,
-            beat,
         } = self;
-        let reply = tokio::time::timeout(limit, async {
-            tokio::pin!(rx);
-            let mut hb = beat.map(|b| tokio::time::interval_at(tokio::time::Instant::now() + b, b));
-            loop {
-                tokio::select! {
-                    r = &mut rx => return r.ok(),
-                    _ = async { match &mut hb { Some(h) => { h.tick().await; } None => std::future::pending().await } } => {
-                        publish_reply(pub_ch, &reply_q, wire::encode_heartbeat(&msg_id)).await;
-                    }
-                }
-            }
-        })
-        .await;
+        let reply = tokio::time::timeout(limit, async { rx.await.ok() }).await;
         match reply {
             Ok(Some(r)) => {
                 let r = Reply { msg_id, ..r };
