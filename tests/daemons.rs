@@ -556,8 +556,10 @@ async fn sighup_reloads_the_allow_list_and_ready_is_notified() {
 #[tokio::test]
 async fn rate_limits_apply_to_guest_traffic_not_to_answers() {
     let w = World::new();
+    // Almost no refill: however long the flood takes on a loaded machine,
+    // the guest gets its burst and no more.
     let _proxy = w.proxy(&support::lab_policy(
-        "message_burst = 20.0\nmessages_per_sec = 1.0",
+        "message_burst = 20.0\nmessages_per_sec = 0.001",
     ));
     let _agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
     let mut ctl = w.ctl().await;
@@ -566,25 +568,33 @@ async fn rate_limits_apply_to_guest_traffic_not_to_answers() {
         let v = ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": i, "b": 0}})).await;
         assert_eq!(v["result"], i, "call {i}: {v}");
     }
+    let denied_before = ctl.req(json!({"op": "links"})).await["result"][0]["denied"]
+        .as_u64()
+        .unwrap();
     let mut watch = w.ctl().await;
     watch.req(json!({"op": "watch"})).await;
     for i in 0..50 {
         ctl.req(json!({"op": "cast", "instance": U1, "topic": "demo", "method": "tell_host", "args": {"i": i}})).await;
     }
+    // The sub-agent sends its 50 casts before it answers this call, and the
+    // link is ordered: once it returns, every one was decided.
     ctl.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "echo"}))
         .await;
     let links = ctl.req(json!({"op": "links"})).await;
-    let denied = links["result"][0]["denied"].as_u64().unwrap();
-    assert!(denied >= 25, "a guest flood is limited: {links}");
+    let denied = links["result"][0]["denied"].as_u64().unwrap() - denied_before;
+    // The burst (20, less the topic announcements it paid for) passed; the
+    // rest was denied, and each allowed cast reaches the watchers.
+    assert!(denied >= 30, "a guest flood is limited: {links}");
+    let allowed = 50 - denied as usize;
     let mut seen = 0;
-    while let Ok(v) = tokio::time::timeout(Duration::from_millis(300), watch.read()).await {
+    while seen < allowed {
+        let v = tokio::time::timeout(BOUND, watch.read())
+            .await
+            .expect("an allowed cast never reached the watchers");
         assert!(v.get("event").is_some());
         seen += 1;
     }
-    assert!(
-        seen >= 1 && seen + denied as usize >= 50,
-        "seen {seen}, denied {denied}"
-    );
+    assert!(seen >= 1, "the burst passes");
 }
 
 #[tokio::test]
