@@ -739,3 +739,40 @@ async fn requests_wait_for_their_sub_agent_and_a_call_given_up_never_runs() {
         "the given-up call never ran: {lines:?}"
     );
 }
+
+/// `restart` gives a sub-agent a new process; `stop` SIGKILLs one that
+/// ignores SIGTERM once its grace is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervisor_restart_and_sigkill_after_the_grace() {
+    let w = World::new();
+    let (_proxy, agent, mut ctl) = one_guest(&w).await;
+    let pid = |v: &Value| v["result"]["pid"].as_u64();
+    let sup = |method: &str, args: Value| {
+        json!({"op": "call", "instance": U1, "topic": "tether.supervisor", "method": method, "args": args})
+    };
+    let v = ctl.req(sup("list", json!({}))).await;
+    let before = v["result"][0]["pid"].as_u64().expect("py runs");
+    let v = ctl.req(sup("restart", json!({"name": "py"}))).await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    assert_ne!(pid(&v), Some(before), "a new process: {v}");
+    wait_linked(&mut ctl, U1, "demo").await;
+
+    let stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('stubborn-ready', flush=True)\ntime.sleep(600)\n";
+    let v = ctl
+        .req(json!({"op": "start_agent", "instance": U1, "name": "stubborn",
+                    "argv": [python3(), "-c", stubborn], "restart": "never"}))
+        .await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    // It ignores SIGTERM once it said so.
+    let t = std::time::Instant::now();
+    while !agent.log_text().contains("stubborn-ready") {
+        assert!(t.elapsed() < BOUND, "{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = ctl
+        .req(json!({"op": "stop_agent", "instance": U1, "name": "stubborn", "grace_ms": 300}))
+        .await;
+    assert_eq!(v["result"]["state"], "stopped", "{v}");
+    let exit = v["result"]["last_exit"].as_str().unwrap_or_default();
+    assert!(exit.contains("SIGKILL") || exit.contains("signal: 9"), "{v}");
+}
