@@ -747,9 +747,7 @@ async fn supervisor_restart_and_sigkill_after_the_grace() {
     let w = World::new();
     let (_proxy, agent, mut ctl) = one_guest(&w).await;
     let pid = |v: &Value| v["result"]["pid"].as_u64();
-    let sup = |method: &str, args: Value| {
-        json!({"op": "call", "instance": U1, "topic": "tether.supervisor", "method": method, "args": args})
-    };
+    let sup = |method: &str, args: Value| json!({"op": "call", "instance": U1, "topic": "tether.supervisor", "method": method, "args": args});
     let v = ctl.req(sup("list", json!({}))).await;
     let before = v["result"][0]["pid"].as_u64().expect("py runs");
     let v = ctl.req(sup("restart", json!({"name": "py"}))).await;
@@ -759,8 +757,10 @@ async fn supervisor_restart_and_sigkill_after_the_grace() {
 
     let stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('stubborn-ready', flush=True)\ntime.sleep(600)\n";
     let v = ctl
-        .req(json!({"op": "start_agent", "instance": U1, "name": "stubborn",
-                    "argv": [python3(), "-c", stubborn], "restart": "never"}))
+        .req(
+            json!({"op": "start_agent", "instance": U1, "name": "stubborn",
+                    "argv": [python3(), "-c", stubborn], "restart": "never"}),
+        )
         .await;
     assert_eq!(v["result"]["state"], "running", "{v}");
     // It ignores SIGTERM once it said so.
@@ -774,5 +774,8 @@ async fn supervisor_restart_and_sigkill_after_the_grace() {
         .await;
     assert_eq!(v["result"]["state"], "stopped", "{v}");
     let exit = v["result"]["last_exit"].as_str().unwrap_or_default();
-    assert!(exit.contains("SIGKILL") || exit.contains("signal: 9"), "{v}");
+    assert!(
+        exit.contains("SIGKILL") || exit.contains("signal: 9"),
+        "{v}"
+    );
 }

@@ -631,3 +631,52 @@ async fn sighup_changes_a_running_instances_profile_without_dropping_its_link() 
     assert_eq!(after["peer_changes"], before["peer_changes"]);
     assert!(after["established"] == true);
 }
+
+/// A watcher that reads nothing while a guest floods casts: the proxy keeps
+/// a bounded buffer for it (`WATCH_BUFFER`) and then tells it how many it
+/// missed, instead of growing or blocking the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_falls_behind_is_told_how_many_it_missed() {
+    const CASTS: usize = 12_000;
+    let w = World::new();
+    let u = random_uuid();
+    let _proxy = w.proxy(&lab_policy(
+        "message_burst = 1000000.0\nmessages_per_sec = 1000000.0\nbyte_burst = 1000000000.0\nbytes_per_sec = 1000000000.0",
+    ));
+    let g = FakeGuest::start(&w.channels(), &u);
+    g.topics(&["demo"]).await;
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &u, "demo").await;
+    let mut watch = w.ctl().await;
+    assert_eq!(watch.req(json!({"op": "watch"})).await["ok"], true);
+    for _ in 0..CASTS {
+        g.send(LinkMsg::Req(cast(
+            target("demo-events", None, None),
+            "told",
+            json!({}),
+        )))
+        .await;
+    }
+    g.tx.flush().await.unwrap();
+    // Every cast reached the proxy (the guest's link saw them all taken
+    // off the wire); now the watcher reads: a `lagged` notice comes before
+    // it has read them all.
+    let t = Instant::now();
+    let mut read = 0;
+    let missed = loop {
+        let v = tokio::time::timeout(BOUND, watch.read())
+            .await
+            .expect("the watch went quiet before saying it lagged");
+        if let Some(n) = v["event"]["lagged"].as_u64().or(v["lagged"].as_u64()) {
+            break n;
+        }
+        read += 1;
+        assert!(
+            read < CASTS,
+            "read every cast: nothing was dropped for a slow watcher"
+        );
+        assert!(t.elapsed() < BOUND * 2);
+    };
+    assert!(missed > 0);
+    eprintln!("watcher read {read} casts, then was told it missed {missed}");
+}
