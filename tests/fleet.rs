@@ -201,3 +201,73 @@ async fn topics_outside_the_allow_list_are_not_served_and_do_not_take_the_others
         "the audit record names it"
     );
 }
+
+/// A sub-agent that stops reading: what its socket takes is taken, the rest
+/// waits in the agent (its queue, then its backlog) and reaches it as it
+/// reads; past the backlog, new casts are refused `SubAgentBusy` — told to
+/// their callers, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_agent_that_stops_reading_gets_backpressure_then_refusals_not_drops() {
+    /// More than the socket's buffer, the agent's queue (256) and backlog
+    /// (4096) for one sub-agent together.
+    const CONNS: usize = 24;
+    const PER_CONN: usize = 250;
+    let w = World::new();
+    let _proxy = w.proxy("[policy.profiles.default]\ntopics = [\"*\"]\n");
+    let (_a, sock) = w.bare_agent(&uuid(4));
+    wait_for_path(&sock);
+    // Registers, then never reads.
+    let _stuck = SubAgent::connect(&sock, "stuck", &["stuck"]).await.unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &uuid(4), "stuck").await;
+    let mut tasks = vec![];
+    for c in 0..CONNS {
+        let path = w.ctl_sock();
+        tasks.push(tokio::spawn(async move {
+            let mut ctl = Ctl::connect(&path).await;
+            for n in 0..PER_CONN {
+                let r = json!({"id": n, "op": "cast", "instance": uuid(4), "topic": "stuck",
+                               "method": "m", "args": {"c": c, "n": n}, "timeout_ms": 15_000});
+                ctl.try_send_line(&r.to_string()).await.unwrap();
+            }
+            let mut out = vec![];
+            for _ in 0..PER_CONN {
+                out.push(ctl.read().await);
+            }
+            out
+        }));
+    }
+    let (mut taken, mut waiting, mut busy) = (0, 0, 0);
+    for t in tasks {
+        for v in t.await.unwrap() {
+            if v["ok"] == true {
+                taken += 1;
+            } else if v["error"]["kind"] == "timeout" {
+                // Queued, not yet taken: the proxy keeps it.
+                assert!(
+                    v["error"]["message"].as_str().unwrap().contains("keeps it"),
+                    "{v}"
+                );
+                waiting += 1;
+            } else {
+                assert_eq!(v["error"]["kind"], "refused", "{v}");
+                assert!(
+                    v["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("SubAgentBusy"),
+                    "{v}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    eprintln!(
+        "stuck sub-agent: {taken} taken by its socket, {waiting} waiting, {busy} refused busy"
+    );
+    assert!(taken >= 1 && waiting >= 4096 && busy >= 1);
+    let v = ctl
+        .req(json!({"op": "call", "instance": uuid(4), "topic": "tether.agent", "method": "stats"}))
+        .await;
+    assert_eq!(v["result"]["router"]["backlog"], 4096, "{v}");
+}
