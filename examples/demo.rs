@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\n[supervisor]\nallowed_executables = [\"{python}\"]\n",
+            "port = \"unix-listen:{}\"\nsubagent_socket = {:?}\nstate_dir = {:?}\nunserved_grace_ms = 2000\n[supervisor]\nallowed_executables = [\"{python}\"]\n",
             port.display(),
             d.join("agent.sock"),
             d.join("state")
@@ -311,7 +311,9 @@ async fn main() -> anyhow::Result<()> {
         after["resent"].as_u64().unwrap_or(0) - before["resent"].as_u64().unwrap_or(0)
     );
 
-    say("Stop the sub-agent; calls to its topic now get a clear error");
+    say(
+        "Stop the sub-agent; a call to its topic waits the agent's grace for a new one (2 s here, 60 s by default), then gets a clear error",
+    );
     ctl(&bin, &sock, &["stop-agent", VM, "sample"])?;
     ctl(
         &bin,
