@@ -544,6 +544,53 @@ async fn with_the_broker_away_guest_casts_beyond_the_hold_are_refused_to_the_sub
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_away_guest_calls_beyond_the_hold_are_answered_broker_unavailable() {
+    const HOLD: usize = 2;
+    const CALLS: usize = 10;
+    let w = World::new();
+    let _proxy = w.proxy(&format!(
+        "[broker]\ntransport_url = \"rabbit://guest:guest@127.0.0.1:{}/\"\nreconnect_min_ms = 100\nreconnect_max_ms = 200\nupstream_hold = {HOLD}\n{}",
+        dead_port(),
+        lab_policy("")
+    ));
+    let u = random_uuid();
+    let (_a, sock) = w.bare_agent(&u);
+    wait_for_path(&sock);
+    let target = tether::rpc::Target {
+        topic: "events".into(),
+        ..Default::default()
+    };
+    // One sub-agent per call, all at once (a sub-agent's call waits for its
+    // answer).
+    let mut calls = vec![];
+    for i in 0..CALLS {
+        let (sock, target) = (sock.clone(), target.clone());
+        let mut sa =
+            tether::client::SubAgent::connect(&sock, &format!("c{i}"), &[&format!("t{i}")])
+                .await
+                .unwrap();
+        calls.push(tokio::spawn(async move {
+            sa.call(target, "ask", json!({"i": i}), Some(5_000))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut unavailable = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Err(f) if f.class == "BrokerUnavailable" => unavailable += 1,
+            // Held while the broker is away, until the caller's timeout.
+            Err(f) => assert_eq!(f.class, "MessagingTimeout", "{f:?}"),
+            Ok(v) => panic!("answered with the broker away: {v}"),
+        }
+    }
+    assert!(
+        unavailable >= CALLS - 2 * HOLD - 1,
+        "only {unavailable} of {CALLS} calls were refused beyond a hold of {HOLD}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_served() {
     let url = amqp_url();
     let topic = unique("mix");
