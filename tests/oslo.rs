@@ -591,6 +591,55 @@ async fn with_the_broker_away_guest_calls_beyond_the_hold_are_answered_broker_un
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_messages_nothing_consumes_are_refused_no_route() {
+    let url = amqp_url();
+    let ex = unique("ex");
+    let w = World::new();
+    // A retry queue of two unroutable casts: the next is refused at once
+    // (otherwise after RETRY_FOR, 30 s). The bridge's queue holds two too.
+    let _proxy = w.proxy(&format!(
+        "{}upstream_hold = 2\n{}",
+        broker_section(&url, &ex),
+        lab_policy("")
+    ));
+    let u = random_uuid();
+    let (_a, sock) = w.bare_agent(&u);
+    wait_for_path(&sock);
+    let mut sa = tether::client::SubAgent::connect(&sock, "caster", &["z"])
+        .await
+        .unwrap();
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, &u, "z").await;
+    let target = tether::rpc::Target {
+        topic: unique("nobody"),
+        ..Default::default()
+    };
+    // Each unroutable cast goes to the retry queue; the call after it (the
+    // same bridge queue, in order) is answered NoRoute at once, so when it
+    // returns the cast is waiting, and at most two were ever queued.
+    for i in 0..2 {
+        sa.cast(target.clone(), "tick", json!({"i": i}))
+            .await
+            .unwrap();
+        let f = sa
+            .call(target.clone(), "ask", json!({}), Some(20_000))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(f.class, "NoRoute", "{f:?}");
+    }
+    // The retry queue is full: the next unroutable cast is refused NoRoute.
+    sa.cast(target.clone(), "tick", json!({"i": 2}))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(BOUND, sa.next_refusal())
+        .await
+        .expect("no refusal came back")
+        .unwrap();
+    assert!(r.reason.starts_with("NoRoute"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_served() {
     let url = amqp_url();
     let topic = unique("mix");
