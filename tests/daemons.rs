@@ -327,6 +327,15 @@ async fn bad_input_gets_clear_errors_and_hurts_nobody_else() {
     assert_eq!(v["error"]["kind"], "too_large");
     let v = other.req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 1, "b": 1}})).await;
     assert_eq!(v["result"], 2);
+    // Timeouts too large for any clock: served, nothing overflows.
+    let v = other
+        .req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 2, "b": 2}, "timeout_ms": u64::MAX}))
+        .await;
+    assert_eq!(v["result"], 4, "{v}");
+    let v = other
+        .req(json!({"op": "cast", "instance": U1, "topic": "demo", "method": "record", "args": {"n": 9}, "timeout_ms": u64::MAX}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
 
     // Sub-agent socket: garbage and unknown ops get an error line; the agent goes on.
     let sock = w.path(&format!("agent-{U1}.sock"));

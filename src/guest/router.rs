@@ -417,7 +417,7 @@ impl Router {
                 InFlight {
                     msg_id: m.clone(),
                     reply_to: r.reply_to.clone(),
-                    expires: now + ttl,
+                    expires: later(now, ttl),
                 },
             );
         }
@@ -748,7 +748,7 @@ impl Router {
                     Upstream {
                         conn,
                         id,
-                        expires: Instant::now() + timeout,
+                        expires: later(Instant::now(), timeout),
                     },
                 );
                 let ms = timeout.as_millis() as u64;
@@ -835,6 +835,12 @@ impl Router {
             }
         }
     }
+}
+
+/// `at + d`, or `at + FORGET_AFTER` when a peer's duration does not fit
+/// (an `Instant` overflow would panic).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).unwrap_or(at + FORGET_AFTER)
 }
 
 fn upstream_request(

@@ -450,7 +450,11 @@ async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
     let inst = lookup(p, &inv.instance)?;
     let req = inv.into_request(&inst.id, kind, None, None);
     let uid = req.unique_id.clone();
-    let deadline = tokio::time::Instant::now() + t;
+    // A caller's timeout too large for the clock waits as long as one can.
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(t)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
     let kind_now = |inst: &super::instance::Instance| {
         if inst.tx.status().established {
             "timeout"
