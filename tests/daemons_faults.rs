@@ -106,20 +106,7 @@ async fn ten_thousand_casts_and_a_thousand_calls_through_random_resets() {
     let mut ctl = w.ctl().await;
     wait_linked(&mut ctl, U, "demo").await;
 
-    let mut reqs = vec![];
-    for n in 0..10_000u64 {
-        reqs.push((
-            format!("cast-{n}"),
-            json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "args": {"n": n},
-                   "unique_id": format!("u-{n}"), "timeout_ms": 20_000}),
-        ));
-        if n % 10 == 0 {
-            reqs.push((
-                format!("call-{n}"),
-                json!({"op": "call", "instance": U, "topic": "demo", "method": "add", "args": {"a": n, "b": 1}, "timeout_ms": 20_000}),
-            ));
-        }
-    }
+    let reqs = casts_and_calls(10_000, 10, 20_000, |n| ("add", json!({"a": n, "b": 1})));
     // Casts that were not acknowledged in time are retried with the same
     // unique id (the guest drops the duplicate); calls are not retried.
     let answers = pipelined(&w, reqs, 128, |v| {
@@ -183,7 +170,7 @@ async fn kill_9_of_the_agent_mid_stream() {
     let mut ctl = w.ctl().await;
     wait_linked(&mut ctl, U, "demo").await;
 
-    let pipe = pipelined(&w, casts_and_calls(), 64, |_| false);
+    let pipe = pipelined(&w, stream_around_a_kill(), 64, |_| false);
     let killer = async {
         // Mid-stream: once a quarter of the casts were handled.
         let t = Instant::now();
@@ -250,24 +237,37 @@ async fn kill_9_of_the_agent_mid_stream() {
     drop(agent2);
 }
 
-/// The stream of [`kill_9_of_the_agent_mid_stream`]: 2000 casts with a call
-/// after every 40th.
-fn casts_and_calls() -> Vec<(String, Value)> {
+/// Control-socket requests: `casts` `record` casts numbered 0.., each with
+/// a unique id `u-<n>`, and after every `every`-th the call `call(n)`
+/// (method, args); all with `timeout_ms`. Ids `cast-<n>` and `call-<n>`.
+fn casts_and_calls(
+    casts: u64,
+    every: u64,
+    timeout_ms: u64,
+    call: impl Fn(u64) -> (&'static str, Value),
+) -> Vec<(String, Value)> {
     let mut reqs = vec![];
-    for n in 0..2000u64 {
+    for n in 0..casts {
         reqs.push((
             format!("cast-{n}"),
             json!({"op": "cast", "instance": U, "topic": "demo", "method": "record", "args": {"n": n},
-                   "unique_id": format!("u-{n}"), "timeout_ms": 3_000}),
+                   "unique_id": format!("u-{n}"), "timeout_ms": timeout_ms}),
         ));
-        if n % 40 == 0 {
+        if n.is_multiple_of(every) {
+            let (method, args) = call(n);
             reqs.push((
                 format!("call-{n}"),
-                json!({"op": "call", "instance": U, "topic": "demo", "method": "sleep", "args": {"seconds": 0.05}, "timeout_ms": 3_000}),
+                json!({"op": "call", "instance": U, "topic": "demo", "method": method, "args": args, "timeout_ms": timeout_ms}),
             ));
         }
     }
     reqs
+}
+
+/// The stream around the kills below: 2000 casts with a short call after
+/// every 40th.
+fn stream_around_a_kill() -> Vec<(String, Value)> {
+    casts_and_calls(2000, 40, 3_000, |_| ("sleep", json!({"seconds": 0.05})))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +281,7 @@ async fn kill_9_of_a_sub_agent_mid_stream_the_supervisor_restarts_it() {
     let v = ctl.req(json!({"op": "agents", "instance": U})).await;
     let pid = v["result"][0]["pid"].as_i64().expect("the sub-agent's pid");
 
-    let pipe = pipelined(&w, casts_and_calls(), 64, |_| false);
+    let pipe = pipelined(&w, stream_around_a_kill(), 64, |_| false);
     let killer = async {
         let t = Instant::now();
         while recorded_ns(&w).len() < 500 {

@@ -80,11 +80,7 @@ async fn guest_identity_comes_from_the_host_and_guest_calls_are_refused() {
         "[policy.profiles.default]\nmode = \"cast\"\ntopics = [\"*\"]\n\
          [[policy.profiles.default.targets]]\ntopics = [\"*\"]\nmethods = [\"*\"]\n",
     );
-    let (_a, sock) = w.bare_agent(&uuid(1));
-    wait_for_path(&sock);
-    let mut sa = SubAgent::connect(&sock, "liar", &["x"]).await.unwrap();
-    let mut ctl = w.ctl().await;
-    wait_linked(&mut ctl, &uuid(1), "x").await;
+    let (_a, mut sa, mut ctl) = w.guest_with_sub_agent(&uuid(1), "liar", "x").await;
     let mut watch = w.ctl().await;
     let v = watch.req(json!({"op": "watch"})).await;
     assert_eq!(v["ok"], true);
@@ -132,11 +128,7 @@ async fn guest_identity_comes_from_the_host_and_guest_calls_are_refused() {
 async fn a_cast_the_policy_denies_is_refused_back_to_the_sub_agent_that_sent_it() {
     let w = World::new();
     let _proxy = w.proxy("[policy.profiles.default]\ntopics = [\"*\"]\n");
-    let (_a, sock) = w.bare_agent(&uuid(2));
-    wait_for_path(&sock);
-    let mut sa = SubAgent::connect(&sock, "caster", &["y"]).await.unwrap();
-    let mut ctl = w.ctl().await;
-    wait_linked(&mut ctl, &uuid(2), "y").await;
+    let (_a, mut sa, mut ctl) = w.guest_with_sub_agent(&uuid(2), "caster", "y").await;
     let target = Target {
         topic: "events".into(),
         ..Default::default()
@@ -214,12 +206,8 @@ async fn a_sub_agent_that_stops_reading_gets_backpressure_then_refusals_not_drop
     const PER_CONN: usize = 250;
     let w = World::new();
     let _proxy = w.proxy("[policy.profiles.default]\ntopics = [\"*\"]\n");
-    let (_a, sock) = w.bare_agent(&uuid(4));
-    wait_for_path(&sock);
-    // Registers, then never reads.
-    let _stuck = SubAgent::connect(&sock, "stuck", &["stuck"]).await.unwrap();
-    let mut ctl = w.ctl().await;
-    wait_linked(&mut ctl, &uuid(4), "stuck").await;
+    // Its sub-agent registers, then never reads.
+    let (_a, _stuck, mut ctl) = w.guest_with_sub_agent(&uuid(4), "stuck", "stuck").await;
     let mut tasks = vec![];
     for c in 0..CONNS {
         let path = w.ctl_sock();

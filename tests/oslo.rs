@@ -505,13 +505,7 @@ async fn with_the_broker_away_guest_casts_beyond_the_hold_are_refused_to_the_sub
         dead_port()
     ));
     let u = random_uuid();
-    let (_a, sock) = w.bare_agent(&u);
-    wait_for_path(&sock);
-    let mut sa = tether::client::SubAgent::connect(&sock, "caster", &["z"])
-        .await
-        .unwrap();
-    let mut ctl = w.ctl().await;
-    wait_linked(&mut ctl, &u, "z").await;
+    let (_a, mut sa, mut ctl) = w.guest_with_sub_agent(&u, "caster", "z").await;
     let target = tether::rpc::Target {
         topic: "events".into(),
         ..Default::default()
@@ -603,13 +597,7 @@ async fn guest_messages_nothing_consumes_are_refused_no_route() {
         lab_policy("")
     ));
     let u = random_uuid();
-    let (_a, sock) = w.bare_agent(&u);
-    wait_for_path(&sock);
-    let mut sa = tether::client::SubAgent::connect(&sock, "caster", &["z"])
-        .await
-        .unwrap();
-    let mut ctl = w.ctl().await;
-    wait_linked(&mut ctl, &u, "z").await;
+    let (_a, mut sa, _ctl) = w.guest_with_sub_agent(&u, "caster", "z").await;
     let target = tether::rpc::Target {
         topic: unique("nobody"),
         ..Default::default()

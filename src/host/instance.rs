@@ -3,7 +3,7 @@
 //! ([`super::policy`]) first, and each decision is audited; the instance id
 //! comes from the channel's file name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,9 +35,6 @@ struct Pending {
     /// The sealed handle the guest got with it: spent when the call is
     /// answered, so the guest answers each call once.
     handle: Option<String>,
-    /// A sub-agent took it (`took`): after an agent restart it may have
-    /// run, so it fails rather than being sent to the new session.
-    taken: bool,
 }
 
 /// One instance.
@@ -160,7 +157,6 @@ impl Instance {
             tx,
             to_broker,
             handle: handle.clone(),
-            taken: false,
         };
         lock(&self.pending).insert(local.to_string(), p);
         (handle, rx)
@@ -261,14 +257,10 @@ impl Instance {
 
     /// Fail the calls waiting for the guest, except `keep` (calls no
     /// sub-agent has taken yet: they go to the new session).
-    fn fail_pending(&self, why: &str, keep: &[String]) {
-        let pending: Vec<_> = {
-            let mut m = lock(&self.pending);
-            let gone: Vec<String> = m.keys().filter(|k| !keep.contains(k)).cloned().collect();
-            gone.into_iter()
-                .filter_map(|k| m.remove(&k).map(|p| (k, p)))
-                .collect()
-        };
+    fn fail_pending(&self, why: &str, keep: &HashSet<String>) {
+        let pending: Vec<_> = lock(&self.pending)
+            .extract_if(|k, _| !keep.contains(k))
+            .collect();
         for (msg_id, p) in pending {
             let _ = p.tx.send(Reply::new(
                 msg_id,
@@ -347,7 +339,7 @@ async fn read_loop(
                 const WHY: &str = "the guest was unreachable for longer than the grace period";
                 warn!(instance = %inst.id, lost = unacked.len(), "guest link expired after the grace period");
                 inst.receipts.lose_all(WHY);
-                inst.fail_pending(WHY, &[]);
+                inst.fail_pending(WHY, &HashSet::new());
             }
         }
     }
@@ -402,20 +394,14 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
         // Receipts for our own requests are not charged to the guest's
         // limits (like replies to our calls: bounded by what we sent);
         // those for nothing outstanding are.
+        // A taken call leaves the receipts table, so a new guest session
+        // fails it rather than sending it again.
         LinkMsg::Took { unique_id } => {
-            match inst.receipts.settle(&unique_id, Outcome::Taken) {
-                Some(Some(call)) => {
-                    if let Some(p) = lock(&inst.pending).get_mut(&call) {
-                        p.taken = true;
-                    }
-                }
-                Some(None) => {}
-                None => {
-                    // Late (already settled, withdrawn) or invented: either
-                    // way it changes nothing. Counted, not logged per message.
-                    enforcer.charge_only(size);
-                    inst.unknown_receipts.fetch_add(1, Ordering::Relaxed);
-                }
+            if inst.receipts.settle(&unique_id, Outcome::Taken).is_none() {
+                // Late (already settled, withdrawn) or invented: either way
+                // it changes nothing. Counted, not logged per message.
+                enforcer.charge_only(size);
+                inst.unknown_receipts.fetch_add(1, Ordering::Relaxed);
             }
         }
         LinkMsg::Refused { unique_id, reason } => {

@@ -9,7 +9,7 @@
 //! waits for room, which is the backpressure a guest that does not take its
 //! requests puts on the control socket and the broker consumers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -170,12 +170,8 @@ impl Receipts {
     }
 
     /// The outstanding calls (their local msg_ids).
-    pub fn calls(&self) -> Vec<String> {
-        lock(&self.table)
-            .by_id
-            .values()
-            .filter_map(|e| e.call.clone())
-            .collect()
+    pub fn calls(&self) -> HashSet<String> {
+        lock(&self.table).calls.keys().cloned().collect()
     }
 
     /// Settle everything as [`Outcome::Lost`].
@@ -226,7 +222,7 @@ mod tests {
             panic!("a retried is not sent again")
         };
         assert_eq!(r.to_resend(), vec![Bytes::from("a"), Bytes::from("b")]);
-        assert_eq!(r.calls(), vec!["m-b".to_string()]);
+        assert_eq!(r.calls(), HashSet::from(["m-b".to_string()]));
         assert_eq!(r.settle("a", Outcome::Taken), Some(None));
         assert_eq!(a.await.unwrap(), Outcome::Taken);
         assert_eq!(a2.await.unwrap(), Outcome::Taken);

@@ -250,6 +250,25 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
         (p, sock)
     }
 
+    /// A bare agent for `uuid` with one sub-agent connected through the
+    /// client API (`name`, serving `topic`), linked to the proxy: returns
+    /// the agent, the sub-agent and a control connection.
+    pub async fn guest_with_sub_agent(
+        &self,
+        uuid: &str,
+        name: &str,
+        topic: &str,
+    ) -> (Proc, tether::client::SubAgent, Ctl) {
+        let (agent, sock) = self.bare_agent(uuid);
+        wait_for_path(&sock);
+        let sa = tether::client::SubAgent::connect(&sock, name, &[topic])
+            .await
+            .unwrap();
+        let mut ctl = self.ctl().await;
+        wait_linked(&mut ctl, uuid, topic).await;
+        (agent, sa, ctl)
+    }
+
     pub fn record_path(&self, uuid: &str) -> PathBuf {
         self.path(&format!("record-{uuid}.jsonl"))
     }
