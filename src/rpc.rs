@@ -191,6 +191,15 @@ pub enum LinkMsg {
         /// The request's unique id.
         unique_id: String,
     },
+    /// Host → guest: the caller of request `unique_id` gave up (its call
+    /// timed out): withdraw it unless a sub-agent already took it. The
+    /// agent answers `refused` (reason `Cancelled: …`: it will never run,
+    /// even if the request arrives again) or, when a sub-agent took it,
+    /// `took` (sent again if an earlier run of the agent took it).
+    Cancel {
+        /// The request's unique id.
+        unique_id: String,
+    },
 }
 
 /// Why a link message could not be read.

@@ -697,6 +697,7 @@ async fn requests_wait_for_their_sub_agent_and_a_call_given_up_never_runs() {
         )
         .await;
     assert_eq!(v["error"]["kind"], "timeout", "{v}");
+    assert_eq!(v["error"]["outcome"], "withdrawn", "{v}");
     // These wait (the cast's caller, for its confirmation).
     let cast = tokio::spawn({
         let sock = w.ctl_sock();

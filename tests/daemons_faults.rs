@@ -407,3 +407,89 @@ async fn kill_9_of_the_proxy_loses_no_acknowledged_cast() {
         3000 - acked.len()
     );
 }
+
+/// The agent's own counters (`tether.agent` `stats`).
+async fn agent_stats(ctl: &mut support::Ctl, uuid: &str) -> Value {
+    let v = ctl
+        .req(json!({"op": "call", "instance": uuid, "topic": "tether.agent", "method": "stats"}))
+        .await;
+    v["result"].clone()
+}
+
+fn signal(p: &Proc, s: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid() as i32), s).unwrap();
+}
+
+/// A caller whose call timed out is told which way it went, and a call the
+/// agent had not handed to a sub-agent is withdrawn: it never runs, even
+/// when it reaches the agent after its caller gave up (here the agent was
+/// stopped with the request and its cancel waiting in the channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_caller_gave_up_never_runs_later() {
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let (agent, mut sa, mut ctl) = w.guest_with_sub_agent(U, "work", "work").await;
+    let call = |method: &str, ms: u64| json!({"op": "call", "instance": U, "topic": "work", "method": method, "args": {}, "timeout_ms": ms});
+    // Taken, never answered: too late to withdraw, and the caller hears so.
+    let sock = w.ctl_sock();
+    let held = tokio::spawn({
+        let req = call("hold", 500);
+        async move { Ctl::connect(&sock).await.req(req).await }
+    });
+    let r = tokio::time::timeout(BOUND, sa.next_request())
+        .await
+        .expect("the call reaches the sub-agent")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.method, "hold");
+    let v = held.await.unwrap();
+    assert_eq!(v["error"]["kind"], "timeout", "{v}");
+    assert_eq!(v["error"]["outcome"], "taken", "{v}");
+
+    // The agent stops reading; the call and, after its timeout, its cancel
+    // wait in the channel. The agent cannot answer: the outcome is unknown.
+    signal(&agent, nix::sys::signal::Signal::SIGSTOP);
+    struct Cont<'a>(&'a Proc);
+    impl Drop for Cont<'_> {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.pid() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+    let cont = Cont(&agent);
+    let v = ctl.req(call("late", 300)).await;
+    assert!(
+        v["error"]["kind"] == "timeout" || v["error"]["kind"] == "not_connected",
+        "{v}"
+    );
+    assert_eq!(v["error"]["outcome"], "unknown", "{v}");
+    drop(cont);
+    // The agent reads both: the cancel wins, the call never runs.
+    let t = Instant::now();
+    loop {
+        let s = agent_stats(&mut ctl, U).await;
+        if s["router"]["cancelled"] == 1 {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "never cancelled: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_all_taken(&mut ctl, U).await;
+    // The next request the sub-agent gets is the one after it.
+    let sock = w.ctl_sock();
+    let probe = tokio::spawn({
+        let req = call("probe", 30_000);
+        async move { Ctl::connect(&sock).await.req(req).await }
+    });
+    let r = tokio::time::timeout(BOUND, sa.next_request())
+        .await
+        .expect("the probe reaches the sub-agent")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.method, "probe", "the given-up call ran: {r:?}");
+    sa.reply(r.id, Ok(json!("ok"))).await.unwrap();
+    let v = probe.await.unwrap();
+    assert_eq!(v["result"], "ok", "{v}");
+}

@@ -680,3 +680,63 @@ async fn a_watcher_that_falls_behind_is_told_how_many_it_missed() {
     assert!(missed > 0);
     eprintln!("watcher read {read} casts, then was told it missed {missed}");
 }
+
+/// A call that timed out before the guest took it is cancelled in the
+/// guest, and a new guest session gets the cancel, never the request; the
+/// caller learns the outcome from the guest's answer. A guest cannot
+/// cancel anything itself (denied and audited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_is_cancelled_and_a_new_guest_session_gets_the_cancel() {
+    let w = World::new();
+    let _proxy = w.proxy(&policy(
+        &w,
+        "",
+        "[policy.profiles.default]\ntopics = [\"*\"]\n",
+    ));
+    let mut ctl = w.ctl().await;
+    let u = random_uuid();
+    let mut g = FakeGuest::start(&w.channels(), &u);
+    g.topics(&["work"]).await;
+    wait_linked(&mut ctl, &u, "work").await;
+    let sock = w.ctl_sock();
+    let uu = u.clone();
+    let call = tokio::spawn(async move {
+        Ctl::connect(&sock)
+            .await
+            .req(json!({"op": "call", "instance": uu, "topic": "work", "method": "m", "timeout_ms": 300}))
+            .await
+    });
+    let req = g.next_request().await;
+    // Not taken: after the caller's timeout the host cancels it.
+    match g.next().await {
+        LinkMsg::Cancel { unique_id } => assert_eq!(unique_id, req.unique_id),
+        m => panic!("expected a cancel, got {m:?}"),
+    }
+    // The guest's agent restarts before answering: the new session gets
+    // the cancel again, not the request.
+    g.leave().await;
+    let mut g = FakeGuest::start(&w.channels(), &u);
+    g.topics(&["work"]).await;
+    match g.next().await {
+        LinkMsg::Cancel { unique_id } => assert_eq!(unique_id, req.unique_id),
+        m => panic!("a new session got {m:?} instead of the cancel"),
+    }
+    g.send(LinkMsg::Refused {
+        unique_id: req.unique_id.clone(),
+        reason: "Cancelled: its caller gave up".into(),
+    })
+    .await;
+    let v = call.await.unwrap();
+    assert_eq!(v["error"]["kind"], "timeout", "{v}");
+    assert_eq!(v["error"]["outcome"], "withdrawn", "{v}");
+    assert_eq!(ctl.link(&u).await["outstanding"], 0);
+    // A guest's own cancel.
+    g.send(LinkMsg::Cancel {
+        unique_id: new_unique_id(),
+    })
+    .await;
+    audited(&w.path("audit.jsonl"), "of the guest's cancel", |v| {
+        v["kind"] == "cancel" && v["decision"] == "deny"
+    })
+    .await;
+}

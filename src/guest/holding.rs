@@ -83,6 +83,25 @@ impl Holding {
         out
     }
 
+    /// Stop holding the request `unique_id` (the host cancelled it); true
+    /// if it was held. A scan: at most [`MAX_HELD`] entries, once per
+    /// cancel the host sends.
+    pub fn remove(&mut self, unique_id: &str) -> bool {
+        let mut found = false;
+        for q in self.by_topic.values_mut() {
+            if let Some(i) = q.iter().position(|h| h.req.unique_id == unique_id) {
+                q.remove(i);
+                found = true;
+                break;
+            }
+        }
+        if found {
+            self.by_topic.retain(|_, q| !q.is_empty());
+            self.total = self.total.saturating_sub(1);
+        }
+        found
+    }
+
     /// How many are held.
     pub fn len(&self) -> usize {
         self.total

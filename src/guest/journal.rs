@@ -1,7 +1,9 @@
 //! The agent's journal of taken requests: the unique ids of requests handed
 //! to a sub-agent, written before the hand-over, so an agent restarted
 //! (kill -9, a crash, an upgrade) neither runs a request twice nor leaves
-//! the host waiting for its receipt.
+//! the host waiting for its receipt — and of requests the host cancelled
+//! (their caller gave up) before any sub-agent took them, so they never
+//! run, whenever they arrive.
 //!
 //! It lives in the agent's state directory (`/run/tether` by default: the
 //! VM's memory, which a live migration carries along and a reboot clears —
@@ -9,9 +11,10 @@
 //! appends; when it holds [`JOURNAL_GENERATION`] ids it becomes `taken.prev`
 //! (replacing the older one) and a new `taken.cur` starts. At start both
 //! are read, so the last one to two generations of ids are remembered. Each
-//! line is one JSON string; a line cut by a crash is skipped.
+//! line is one JSON value: a string (taken) or `{"cancelled": id}`; a line
+//! cut by a crash is skipped.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -27,12 +30,24 @@ pub const JOURNAL_GENERATION: usize = 8192;
 /// caller may choose its own). Longer ones are kept in memory only.
 pub const MAX_ID_BYTES: usize = 256;
 
+/// What the journal says about one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// A sub-agent took it, in this run of the agent.
+    Taken,
+    /// A sub-agent took it, in an earlier run (the host may not have got
+    /// its receipt).
+    TakenEarlier,
+    /// The host cancelled it before a sub-agent took it: never run.
+    Cancelled,
+}
+
 /// The journal.
 pub struct Journal {
     dir: PathBuf,
     file: Option<File>,
-    current: HashSet<String>,
-    previous: HashSet<String>,
+    current: HashMap<String, State>,
+    previous: HashMap<String, State>,
     /// A write failed: logged once, then ids are kept in memory only.
     failing: bool,
 }
@@ -80,35 +95,76 @@ impl Journal {
         Self {
             dir: PathBuf::new(),
             file: None,
-            current: HashSet::new(),
-            previous: HashSet::new(),
+            current: HashMap::new(),
+            previous: HashMap::new(),
             failing: false,
         }
     }
 
+    /// What is known of `id` (this run or a recent earlier one).
+    pub fn state(&self, id: &str) -> Option<State> {
+        self.current
+            .get(id)
+            .or_else(|| self.previous.get(id))
+            .copied()
+    }
+
     /// True if `id` was taken (by this run or a recent earlier one).
     pub fn contains(&self, id: &str) -> bool {
-        self.current.contains(id) || self.previous.contains(id)
+        matches!(self.state(id), Some(State::Taken | State::TakenEarlier))
     }
 
     /// Record `id` as taken. Written to the file before it returns (one
     /// `write(2)`); if the file cannot be written the id is still remembered
-    /// in memory, and the failure is logged once.
+    /// in memory, and the failure is logged once. Does nothing if `id` is
+    /// known already (see [`Self::take`] for the check against a cancel).
     pub fn record(&mut self, id: &str) {
-        if self.contains(id) {
-            return;
+        if self.state(id).is_none() {
+            self.write(id, State::Taken);
         }
+    }
+
+    /// Record `id` as taken just before it is handed to a sub-agent —
+    /// unless the host cancelled it: then false, and it must not be handed
+    /// over. Checked and recorded under the journal's one lock, so a cancel
+    /// and a hand-over cannot both win.
+    pub fn take(&mut self, id: &str) -> bool {
+        match self.state(id) {
+            Some(State::Cancelled) => false,
+            Some(_) => true,
+            None => {
+                self.write(id, State::Taken);
+                true
+            }
+        }
+    }
+
+    /// The host cancelled `id`: returns what was known of it before (if a
+    /// sub-agent took it, the cancel comes too late); when nothing was, it
+    /// is recorded as cancelled and will never be handed over.
+    pub fn cancel(&mut self, id: &str) -> Option<State> {
+        let before = self.state(id);
+        if before.is_none() {
+            self.write(id, State::Cancelled);
+        }
+        before
+    }
+
+    fn write(&mut self, id: &str, state: State) {
         if self.current.len() >= JOURNAL_GENERATION {
             self.rotate();
         }
-        self.current.insert(id.to_string());
+        self.current.insert(id.to_string(), state);
         if id.len() > MAX_ID_BYTES {
             return;
         }
         let Some(f) = self.file.as_mut() else {
             return;
         };
-        let mut line = serde_json::to_string(id).unwrap_or_default();
+        let mut line = match state {
+            State::Cancelled => serde_json::json!({ "cancelled": id }).to_string(),
+            _ => serde_json::to_string(id).unwrap_or_default(),
+        };
         line.push('\n');
         if let Err(e) = f.write_all(line.as_bytes()) {
             self.fail(&e);
@@ -146,25 +202,36 @@ fn append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-fn read_ids(path: &Path) -> std::io::Result<HashSet<String>> {
+/// One journal line as written by [`Journal::write`].
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Taken(String),
+    Cancelled { cancelled: String },
+}
+
+fn read_ids(path: &Path) -> std::io::Result<HashMap<String, State>> {
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(e),
     };
-    let mut ids = HashSet::new();
+    let mut ids = HashMap::new();
     let mut skipped = 0usize;
     // Bounded: a file of ours holds at most JOURNAL_GENERATION lines of at
     // most MAX_ID_BYTES; anything past that was not written by this code.
-    let max_line = MAX_ID_BYTES * 6 + 4;
+    let max_line = MAX_ID_BYTES * 6 + 20;
     for line in BufReader::new(f).split(b'\n').take(JOURNAL_GENERATION) {
         let line = line?;
         match (line.len() <= max_line)
-            .then(|| serde_json::from_slice::<String>(&line).ok())
+            .then(|| serde_json::from_slice::<Line>(&line).ok())
             .flatten()
         {
-            Some(id) => {
-                ids.insert(id);
+            Some(Line::Taken(id)) => {
+                ids.insert(id, State::TakenEarlier);
+            }
+            Some(Line::Cancelled { cancelled }) => {
+                ids.insert(cancelled, State::Cancelled);
             }
             None => skipped += 1,
         }
@@ -207,6 +274,24 @@ mod tests {
         assert!(!j.contains("0"), "the oldest generation is gone");
         assert!(j.contains(&JOURNAL_GENERATION.to_string()));
         assert!(j.contains(&(JOURNAL_GENERATION * 2).to_string()));
+    }
+
+    #[test]
+    fn a_cancel_and_a_hand_over_exclude_each_other_across_restarts() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        assert!(j.take("a"));
+        assert_eq!(j.cancel("a"), Some(State::Taken), "too late to cancel");
+        assert_eq!(j.cancel("b"), None);
+        assert!(!j.take("b"), "a cancelled request is never handed over");
+        assert_eq!(j.cancel("b"), Some(State::Cancelled));
+        drop(j);
+        let mut j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.state("a"), Some(State::TakenEarlier));
+        assert_eq!(j.state("b"), Some(State::Cancelled));
+        assert!(!j.contains("b"));
+        assert!(!j.take("b"), "still cancelled after a restart");
+        assert_eq!(j.cancel("a"), Some(State::TakenEarlier));
     }
 
     #[test]

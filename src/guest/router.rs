@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::holding::{Holding, time_left};
-use super::journal::Journal;
+use super::journal::{Journal, State};
 use super::subagent::{ConnId, FromSub, SubEvent, ToSub};
 use super::supervisor::{SUPERVISOR_TOPIC, Supervisor};
 use crate::link::LinkEvent;
@@ -54,6 +54,10 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// ([`super::subagent::SUB_QUEUE`]); past this, new ones are refused (a
 /// sub-agent that stopped reading must not fill the agent).
 pub const SUB_BACKLOG: usize = 4096;
+/// Link messages read at once when more are waiting: the `cancel`s among
+/// them are handled first, so a request and the cancel right behind it
+/// (its caller gave up while both waited in the channel) never run.
+pub const LINK_BATCH: usize = 64;
 
 struct Sub {
     name: String,
@@ -119,6 +123,8 @@ pub struct Router {
     room: FuturesUnordered<Room>,
     /// Requests refused (no sub-agent in time, queues full, expired).
     refused: u64,
+    /// Requests the host cancelled before a sub-agent took them.
+    cancelled: u64,
     /// Requests handed again because a sub-agent went away without
     /// confirming them: unique id → sub-agents gone so far.
     handovers: HashMap<String, u32>,
@@ -154,6 +160,7 @@ impl Router {
             grace,
             room: FuturesUnordered::new(),
             refused: 0,
+            cancelled: 0,
             handovers: HashMap::new(),
         }
     }
@@ -171,7 +178,7 @@ impl Router {
             tokio::select! {
                 _ = &mut shutdown => break,
                 ev = link_rx.recv() => match ev {
-                    Some(ev) => self.on_link(ev).await,
+                    Some(ev) => self.on_link_batch(ev, &mut link_rx).await,
                     None => break,
                 },
                 Some(ev) = subs.recv() => self.on_sub(ev).await,
@@ -198,14 +205,93 @@ impl Router {
         self.send(&LinkMsg::Topics { topics }).await;
     }
 
+    /// `first` and what else the link has ready (up to [`LINK_BATCH`]):
+    /// cancels first, then the rest in order; a request cancelled in the
+    /// same batch is dropped without a second answer.
+    async fn on_link_batch(&mut self, first: LinkEvent, rx: &mut LinkReceiver) {
+        let mut batch = vec![first];
+        while batch.len() < LINK_BATCH {
+            match rx.try_recv() {
+                Some(ev) => batch.push(ev),
+                None => break,
+            }
+        }
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut cancelled = std::collections::HashSet::new();
+        for ev in batch {
+            match ev {
+                LinkEvent::Message(b) => match LinkMsg::from_bytes(&b) {
+                    Ok(LinkMsg::Cancel { unique_id }) => {
+                        self.on_cancel(unique_id.clone()).await;
+                        cancelled.insert(unique_id);
+                    }
+                    Ok(m) => decoded.push(Ok(m)),
+                    Err(e) => decoded.push(Err((b, e.to_string()))),
+                },
+                other => self.on_link(other).await,
+            }
+        }
+        for m in decoded {
+            match m {
+                Ok(LinkMsg::Req(r)) if cancelled.contains(&r.unique_id) => {
+                    debug!(unique_id = %r.unique_id, "request cancelled right behind it dropped");
+                }
+                Ok(m) => self.on_msg(m).await,
+                Err((b, e)) => self.on_malformed(&b, &e).await,
+            }
+        }
+    }
+
+    async fn on_msg(&mut self, m: LinkMsg) {
+        match m {
+            LinkMsg::Req(r) => self.on_request(r).await,
+            LinkMsg::Rep(r) => self.on_upstream_reply(r).await,
+            LinkMsg::Topics { .. } => debug!("ignoring a topics message from the host"),
+            LinkMsg::Refused { unique_id, reason } => self.on_refused(unique_id, reason),
+            LinkMsg::Took { .. } => debug!("ignoring a receipt from the host"),
+            LinkMsg::Cancel { unique_id } => self.on_cancel(unique_id).await,
+        }
+    }
+
+    /// The host cancelled `unique_id` (its caller gave up). Withdrawn unless
+    /// a sub-agent took it: then the cancel is too late, and the host gets
+    /// (or already got) `took`.
+    async fn on_cancel(&mut self, unique_id: String) {
+        let handed = self.subs.values().any(|s| {
+            s.unconfirmed
+                .values()
+                .any(|(r, _)| r.unique_id == unique_id)
+        });
+        if handed {
+            // A sub-agent with `ack` has it (or will read it next): its
+            // confirmation is the answer.
+            return debug!(unique_id = %unique_id, "cancel too late: a sub-agent has the request");
+        }
+        let before = crate::lock(&self.journal).cancel(&unique_id);
+        match before {
+            Some(State::Taken) => {
+                debug!(unique_id = %unique_id, "cancel too late: a sub-agent took the request")
+            }
+            Some(State::TakenEarlier) => self.took(unique_id).await,
+            Some(State::Cancelled) | None => {
+                if before.is_none() {
+                    self.cancelled += 1;
+                    let held = self.holding.remove(&unique_id);
+                    info!(unique_id = %unique_id, held, "request cancelled by the host: it will not run");
+                }
+                let m = LinkMsg::Refused {
+                    unique_id,
+                    reason: "Cancelled: its caller gave up before a sub-agent took it".into(),
+                };
+                self.send(&m).await;
+            }
+        }
+    }
+
     async fn on_link(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Message(b) => match LinkMsg::from_bytes(&b) {
-                Ok(LinkMsg::Req(r)) => self.on_request(r).await,
-                Ok(LinkMsg::Rep(r)) => self.on_upstream_reply(r).await,
-                Ok(LinkMsg::Topics { .. }) => debug!("ignoring a topics message from the host"),
-                Ok(LinkMsg::Refused { unique_id, reason }) => self.on_refused(unique_id, reason),
-                Ok(LinkMsg::Took { .. }) => debug!("ignoring a receipt from the host"),
+                Ok(m) => self.on_msg(m).await,
                 Err(e) => self.on_malformed(&b, &e.to_string()).await,
             },
             // A new connection, or a new host proxy on the same connection (a
@@ -276,13 +362,25 @@ impl Router {
                 "held": self.holding.len(),
                 "backlog": self.subs.values().map(|s| s.backlog.len()).sum::<usize>(),
                 "refused": self.refused,
+                "cancelled": self.cancelled,
                 "topics": self.topics.keys().collect::<Vec<_>>(),
             },
         })
     }
 
     async fn on_request(&mut self, r: Request) {
-        if crate::lock(&self.journal).contains(&r.unique_id) {
+        let known = crate::lock(&self.journal).state(&r.unique_id);
+        if known == Some(State::Cancelled) {
+            // Sent again after the host cancelled it (a broker redelivery):
+            // never run; the host learns so again.
+            self.duplicates_dropped += 1;
+            let m = LinkMsg::Refused {
+                unique_id: r.unique_id,
+                reason: "Cancelled: its caller gave up before a sub-agent took it".into(),
+            };
+            return self.send(&m).await;
+        }
+        if known.is_some() {
             // Taken before (by this run, or by one that was killed before
             // the host got its receipt): confirmed again, never run again.
             self.duplicates_dropped += 1;
@@ -358,6 +456,10 @@ impl Router {
 
     /// To the sub-agent serving its topic, or held until one does.
     async fn dispatch(&mut self, mut r: Request, arrived: Instant) {
+        if crate::lock(&self.journal).state(&r.unique_id) == Some(State::Cancelled) {
+            // Cancelled while it waited (the cancel was answered then).
+            return debug!(unique_id = %r.unique_id, "cancelled request not dispatched");
+        }
         let now = Instant::now();
         if r.timeout_ms.is_some() {
             r.timeout_ms = time_left(&r, arrived, now);
@@ -539,6 +641,9 @@ impl Router {
             }
             SubEvent::Gone(conn, unsent) => self.sub_gone(conn, unsent).await,
             SubEvent::Message(conn, m) => self.on_sub_message(conn, *m).await,
+            SubEvent::Skipped(conn, id) => {
+                self.inflight.remove(&(conn, id));
+            }
         }
     }
 

@@ -166,6 +166,9 @@ pub enum SubEvent {
     /// got (nothing was written, nothing journaled): the router holds them
     /// for the sub-agent that registers their topic next.
     Gone(ConnId, Vec<ToSub>),
+    /// Request `id` was not written: the host cancelled it while it waited
+    /// in the queue (the agent already answered the cancel).
+    Skipped(ConnId, u64),
 }
 
 /// What the connection tasks do when a request is handed over: journal it
@@ -179,9 +182,10 @@ pub struct Handover {
 }
 
 impl Handover {
-    /// Record `unique_id` as taken (before it is handed over).
-    pub fn journal(&self, unique_id: &str) {
-        crate::lock(&self.journal).record(unique_id);
+    /// Record `unique_id` as taken (before it is handed over); false if
+    /// the host cancelled it: it must not be handed over.
+    pub fn take(&self, unique_id: &str) -> bool {
+        crate::lock(&self.journal).take(unique_id)
     }
 
     /// Tell the host that a sub-agent took `unique_id`.
@@ -252,8 +256,14 @@ async fn connection(
                 Some(m) => {
                     let line = serde_json::to_string(&m).unwrap_or_default();
                     let uid = match &m {
-                        ToSub::Request { unique_id, taken_on_write: true, .. } => {
-                            handover.journal(unique_id);
+                        ToSub::Request { id: req, unique_id, taken_on_write: true, .. } => {
+                            if !handover.take(unique_id) {
+                                debug!(conn = id, unique_id = %unique_id, "cancelled request not handed over");
+                                if events.send(SubEvent::Skipped(id, *req)).await.is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
                             Some(unique_id.clone())
                         }
                         _ => None,

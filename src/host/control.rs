@@ -397,6 +397,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     );
     req.reply_to = handle;
     let uid = req.unique_id.clone();
+    let queued = std::sync::atomic::AtomicBool::new(false);
     let res = tokio::time::timeout(t, async {
         // The receipt matters to the proxy (an untaken call goes to a new
         // guest session); the caller waits for the reply.
@@ -404,6 +405,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
             .send_request(&req, Some(&msg_id))
             .await
             .map_err(send_error)?;
+        queued.store(true, std::sync::atomic::Ordering::Relaxed);
         rx.await
             .map_err(|_| err("not_connected", "the instance's link closed"))
     })
@@ -415,25 +417,7 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
             inst.withdraw(&uid);
             return Err(e);
         }
-        Err(_) => {
-            // The caller is told it timed out: the call is withdrawn (it is
-            // not sent to a new guest session) and its late answer dropped.
-            inst.forget(&msg_id);
-            inst.withdraw(&uid);
-            let st = inst.tx.status();
-            return Err(if st.established {
-                err("timeout", format!("no reply within {} ms", t.as_millis()))
-            } else {
-                err(
-                    "not_connected",
-                    format!(
-                        "the agent of instance {} is not connected (no reply within {} ms)",
-                        inst.id,
-                        t.as_millis()
-                    ),
-                )
-            });
-        }
+        Err(_) => return Err(call_timed_out(&inst, &msg_id, &uid, t, queued.into_inner()).await),
     };
     match reply.failure {
         Some(f) => Err(CtlError {
@@ -442,6 +426,86 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
             extra: Some(json!({"class": f.class, "module": f.module})),
         }),
         None => Ok(reply.result.unwrap_or(Value::Null)),
+    }
+}
+
+/// How long a timed-out call's caller waits, at most, for the agent to say
+/// whether it withdrew the call (one link round trip, normally well under
+/// a second; longer only when the guest is not reading).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer to a caller whose call got no reply within `t`: the call is
+/// withdrawn if no sub-agent took it yet, and the caller is told which way
+/// it went (`outcome`: `not_queued`, `withdrawn`, `taken` or `unknown`).
+async fn call_timed_out(
+    inst: &super::instance::Instance,
+    msg_id: &str,
+    uid: &str,
+    t: Duration,
+    queued: bool,
+) -> CtlError {
+    let established = inst.tx.status().established;
+    let kind = if established {
+        "timeout"
+    } else {
+        "not_connected"
+    };
+    let head = if established {
+        format!("no reply within {} ms", t.as_millis())
+    } else {
+        format!(
+            "the agent of instance {} is not connected (no reply within {} ms)",
+            inst.id,
+            t.as_millis()
+        )
+    };
+    if !queued {
+        // Never handed to the link (the guest was not taking its
+        // requests): nothing was kept.
+        inst.forget(msg_id);
+        let m = format!("{head}; the call was not queued: it will not run");
+        return outcome(kind, m, "not_queued");
+    }
+    let taken = |head: &str| {
+        let m = format!(
+            "{head}; a sub-agent took the call: it may have run or still be running (its answer is dropped)"
+        );
+        outcome(kind, m, "taken")
+    };
+    let Some(rx) = inst.cancel_call(msg_id, uid) else {
+        return taken(&head);
+    };
+    let waited = if established {
+        tokio::time::timeout(CANCEL_WAIT, rx).await.ok()
+    } else {
+        None
+    };
+    match waited {
+        Some(Ok(Outcome::Taken)) => taken(&head),
+        Some(Ok(Outcome::Refused(reason))) => {
+            let m = format!(
+                "{head}; the agent withdrew the call before a sub-agent took it: it will not run ({reason})"
+            );
+            outcome(kind, m, "withdrawn")
+        }
+        Some(Ok(Outcome::Lost(why))) => {
+            let m = format!("{head}; the call will not be delivered: {why}");
+            outcome(kind, m, "withdrawn")
+        }
+        Some(Err(_)) | None => {
+            let m = format!(
+                "{head}; the proxy told the agent to withdraw the call and has no answer yet: it runs only if a sub-agent took it before that reaches the agent"
+            );
+            outcome(kind, m, "unknown")
+        }
+    }
+}
+
+fn outcome(kind: &'static str, message: String, outcome: &str) -> CtlError {
+    CtlError {
+        kind,
+        message,
+        extra: Some(json!({ "outcome": outcome })),
     }
 }
 

@@ -212,6 +212,32 @@ impl Instance {
         self.receipts.withdraw(unique_id);
     }
 
+    /// The caller of call `msg_id` (request `unique_id`) gave up: its late
+    /// answer is dropped and, if no sub-agent has taken it yet, the agent
+    /// is told to withdraw it (`cancel`: queued on the link at once, and
+    /// sent instead of the request to a new guest session). The receiver
+    /// learns how that ended: `Refused` (reason `Cancelled: …`: it will
+    /// never run) or `Taken` (too late). `None`: nothing was outstanding
+    /// (a sub-agent took it already, or it was never queued).
+    pub fn cancel_call(&self, msg_id: &str, unique_id: &str) -> Option<oneshot::Receiver<Outcome>> {
+        self.forget(msg_id);
+        let bytes = LinkMsg::Cancel {
+            unique_id: unique_id.to_string(),
+        }
+        .to_bytes();
+        let rx = self.receipts.cancel(unique_id, bytes.clone())?;
+        // Not tied to the caller: a cancel must reach the link even if the
+        // caller stops waiting for its outcome (bounded: one per entry of
+        // the receipts table).
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tx.send(bytes).await {
+                debug!(error = %e, "a cancel could not be queued (the link closed)");
+            }
+        });
+        Some(rx)
+    }
+
     /// Status for `links`.
     pub fn status_json(&self) -> Value {
         let s = self.tx.status();
@@ -432,6 +458,19 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
             inst.audit(r, size);
         }
         LinkMsg::Req(r) => on_request(inst, r, size, enforcer, out).await,
+        LinkMsg::Cancel { unique_id } => {
+            // Only the host cancels (its callers' requests).
+            enforcer.charge_only(size);
+            let r = Record {
+                unique_id: Some(clip(&unique_id)),
+                ..record(
+                    "cancel",
+                    "deny",
+                    Some("a guest cannot cancel requests".into()),
+                )
+            };
+            inst.audit(r, size);
+        }
     }
 }
 

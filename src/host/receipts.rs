@@ -141,6 +141,22 @@ impl Receipts {
         self.remove(unique_id);
     }
 
+    /// The caller of `unique_id` gave up: a new session gets `cancel`
+    /// (encoded in `bytes`) instead of the request, the call is no longer
+    /// one a reply settles, and the returned receiver learns the outcome.
+    /// `None` when it is not outstanding.
+    pub fn cancel(&self, unique_id: &str, bytes: Bytes) -> Option<oneshot::Receiver<Outcome>> {
+        let mut t = lock(&self.table);
+        let e = t.by_id.get_mut(unique_id)?;
+        let (tx, rx) = oneshot::channel();
+        e.waiters.push(tx);
+        e.bytes = bytes;
+        if let Some(c) = e.call.take() {
+            t.calls.remove(&c);
+        }
+        Some(rx)
+    }
+
     /// Settle the call known locally as `msg_id` (its answer came, so a
     /// sub-agent took it): `Taken` for its waiters.
     pub fn settle_call(&self, msg_id: &str) {
@@ -232,6 +248,25 @@ mod tests {
         assert!(r.is_empty());
         // The slots come back as entries settle.
         assert_eq!(r.slots.available_permits(), MAX_OUTSTANDING_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_call_is_resent_as_its_cancel() {
+        let r = Receipts::default();
+        let _ = put(&r, "a", Some("m-a")).await;
+        let _ = put(&r, "b", None).await;
+        let rx = r.cancel("a", Bytes::from("cancel a")).unwrap();
+        assert!(r.cancel("nothing", Bytes::new()).is_none());
+        assert!(r.calls().is_empty(), "no longer a call a reply settles");
+        assert_eq!(
+            r.to_resend(),
+            vec![Bytes::from("cancel a"), Bytes::from("b")]
+        );
+        r.settle("a", Outcome::Refused("Cancelled: gone".into()));
+        assert_eq!(
+            rx.await.unwrap(),
+            Outcome::Refused("Cancelled: gone".into())
+        );
     }
 
     #[tokio::test]

@@ -277,6 +277,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         }
         _ => None,
     };
+    let started = tokio::time::Instant::now();
     let queued = queue_to(&inst, &req, waiter.as_ref().map(|w| w.1.as_str())).await;
     // A monitored call gets heartbeats from the moment the proxy has it
     // (oslo's server heartbeats once it received the message) until it is
@@ -299,10 +300,18 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
             None => false,
         };
         if !ok {
-            if let Some((_, local, _)) = &waiter {
-                inst.forget(local);
+            match &waiter {
+                // Its caller has given up by now (the broker drops the
+                // requeued, expired message): it must not run later.
+                Some((_, local, _)) if started.elapsed() >= limit => {
+                    let _ = inst.cancel_call(local, &req.unique_id);
+                }
+                Some((_, local, _)) => {
+                    inst.forget(local);
+                    inst.withdraw(&req.unique_id);
+                }
+                None => inst.withdraw(&req.unique_id),
             }
-            inst.withdraw(&req.unique_id);
             debug!(instance = %inst.id, topic = ?topic, "delivery requeued: no sub-agent took it");
             requeue(&d, &proxy).await;
             return;

@@ -10,6 +10,7 @@
 mod connectors;
 mod task;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use connectors::{UnixAcceptor, UnixConnector};
@@ -60,7 +61,8 @@ pub struct LinkOptions {
     pub backoff_min: Duration,
     /// Reconnect delay cap.
     pub backoff_max: Duration,
-    /// Received events buffered for `recv` before reading stops.
+    /// Received events buffered for `recv` before reading stops (at least
+    /// 1, at most `u32::MAX`).
     pub recv_queue: usize,
 }
 
@@ -267,15 +269,48 @@ impl LinkSender {
     }
 }
 
-/// The receiving half.
+/// The receiving half. Events come from the link task in batches —
+/// everything one read of the connection produced arrives together, so
+/// [`Self::try_recv`] after a [`Self::recv`] sees the rest of that read —
+/// and at most [`LinkOptions::recv_queue`] events wait here; past that the
+/// link stops reading.
 pub struct LinkReceiver {
-    events: mpsc::Receiver<LinkEvent>,
+    events: mpsc::UnboundedReceiver<Vec<LinkEvent>>,
+    batch: VecDeque<LinkEvent>,
+    room: Arc<Semaphore>,
 }
 
 impl LinkReceiver {
     /// The next event; `None` once the link task has ended.
     pub async fn recv(&mut self) -> Option<LinkEvent> {
-        self.events.recv().await
+        loop {
+            if let Some(e) = self.pop() {
+                return Some(e);
+            }
+            self.batch.extend(self.events.recv().await?);
+        }
+    }
+
+    /// The next event if one is ready now (`None` when none is, or once
+    /// the link task has ended: [`Self::recv`] tells which).
+    pub fn try_recv(&mut self) -> Option<LinkEvent> {
+        if self.batch.is_empty() {
+            self.batch.extend(self.events.try_recv().ok()?);
+        }
+        self.pop()
+    }
+
+    fn pop(&mut self) -> Option<LinkEvent> {
+        let e = self.batch.pop_front()?;
+        self.room.add_permits(1);
+        Some(e)
+    }
+}
+
+impl Drop for LinkReceiver {
+    fn drop(&mut self) {
+        // The link task stops waiting for room: nobody reads any more.
+        self.room.close();
     }
 }
 
@@ -316,7 +351,8 @@ impl Link {
     /// Start a link task on the current tokio runtime. `session_id` is the
     /// process's random session id (see [`crate::random_session_id`]).
     pub fn spawn<C: Connector>(connector: C, opts: LinkOptions, session_id: SessionId) -> Self {
-        let (ev_tx, ev_rx) = mpsc::channel(opts.recv_queue.max(1));
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(task::queue_cap(&opts)));
         let (st_tx, st_rx) = watch::channel(LinkStatus::default());
         let (stop_tx, stop_rx) = oneshot::channel();
         let session = Session::new(opts.session.clone(), session_id, task::now());
@@ -331,7 +367,7 @@ impl Link {
             connector,
             opts,
             shared.clone(),
-            ev_tx,
+            (ev_tx, room.clone()),
             st_tx,
             stop_rx,
         ));
@@ -340,7 +376,11 @@ impl Link {
                 shared,
                 status: st_rx,
             },
-            rx: LinkReceiver { events: ev_rx },
+            rx: LinkReceiver {
+                events: ev_rx,
+                batch: VecDeque::new(),
+                room,
+            },
             task: LinkTask {
                 handle,
                 stop: Some(stop_tx),

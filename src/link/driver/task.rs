@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot, watch};
 use tokio::time::{Instant as TokioInstant, Sleep, sleep_until};
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info, trace, warn};
@@ -68,7 +68,10 @@ enum IoStep<Io> {
 struct Driver {
     opts: LinkOptions,
     shared: Arc<Shared>,
-    ev_tx: mpsc::Sender<LinkEvent>,
+    ev_tx: mpsc::UnboundedSender<Vec<LinkEvent>>,
+    /// Room in the receive queue, in events (the receiver gives it back as
+    /// it takes them).
+    room: Arc<Semaphore>,
     st_tx: watch::Sender<LinkStatus>,
     /// Events waiting for room in the receive queue.
     pending: VecDeque<LinkEvent>,
@@ -83,7 +86,7 @@ pub(crate) async fn run<C: Connector>(
     mut connector: C,
     opts: LinkOptions,
     shared: Arc<Shared>,
-    ev_tx: mpsc::Sender<LinkEvent>,
+    (ev_tx, room): (mpsc::UnboundedSender<Vec<LinkEvent>>, Arc<Semaphore>),
     st_tx: watch::Sender<LinkStatus>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -91,6 +94,7 @@ pub(crate) async fn run<C: Connector>(
         opts,
         shared,
         ev_tx,
+        room,
         st_tx,
         pending: VecDeque::new(),
         connects: 0,
@@ -102,7 +106,7 @@ pub(crate) async fn run<C: Connector>(
     let mut backoff = d.opts.backoff_min;
     let mut phase: Phase<C::Io> = Phase::Connecting(start_connect(&mut connector));
     let mut timer = Box::pin(sleep_until(TokioInstant::now()));
-    let ev_tx = d.ev_tx.clone();
+    let room = d.room.clone();
     // The armed timer. Most deadlines only move later (every received frame
     // pushes the liveness deadline), so the timer is re-armed only when the
     // new deadline is earlier or the armed one has fired: an early wake-up is
@@ -118,15 +122,15 @@ pub(crate) async fn run<C: Connector>(
             armed = Some(t);
         }
         let reading = d.pending.is_empty();
+        let batch = d.batch_len();
         let shared = d.shared.clone();
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            permit = ev_tx.reserve(), if !reading => match permit {
+            permit = room.clone().acquire_many_owned(batch), if !reading => match permit {
                 Ok(p) => {
-                    if let Some(e) = d.pending.pop_front() {
-                        p.send(e);
-                    }
+                    p.forget();
+                    d.send_batch(batch);
                 }
                 // Nobody listens any more: drop deliveries, keep acking.
                 Err(_) => d.pending.clear(),
@@ -335,19 +339,35 @@ impl Driver {
         c.established
     }
 
-    /// Hand queued events to the application without waiting; what does not
-    /// fit stays queued and pauses reading.
+    /// Hand queued events to the application without waiting, all of them
+    /// in one batch when they fit; what does not fit stays queued and
+    /// pauses reading.
     fn flush_pending(&mut self) {
-        while let Some(e) = self.pending.pop_front() {
-            match self.ev_tx.try_send(e) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(e)) => {
-                    self.pending.push_front(e);
-                    break;
-                }
+        while !self.pending.is_empty() {
+            let n = self.batch_len();
+            let taken = self.room.try_acquire_many(n).map(|p| p.forget());
+            match taken {
+                Ok(()) => self.send_batch(n),
+                Err(TryAcquireError::NoPermits) => break,
                 // Nobody listens any more: drop deliveries, keep acking.
-                Err(mpsc::error::TrySendError::Closed(_)) => self.pending.clear(),
+                Err(TryAcquireError::Closed) => self.pending.clear(),
             }
+        }
+    }
+
+    /// How many of the pending events go in the next batch (all of them,
+    /// up to the queue's size).
+    fn batch_len(&self) -> u32 {
+        let n = self.pending.len().min(queue_cap(&self.opts));
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Send the first `n` pending events, for which room was taken.
+    fn send_batch(&mut self, n: u32) {
+        let n = (n as usize).min(self.pending.len());
+        let batch: Vec<LinkEvent> = self.pending.drain(..n).collect();
+        if self.ev_tx.send(batch).is_err() {
+            self.pending.clear();
         }
     }
 
@@ -458,4 +478,9 @@ fn add_stats(total: &mut DecodeStats, s: DecodeStats) {
     total.bad_payload += s.bad_payload;
     total.oversize += s.oversize;
     total.unknown_type += s.unknown_type;
+}
+
+/// The receive queue's size in events (see [`LinkOptions::recv_queue`]).
+pub(crate) fn queue_cap(opts: &LinkOptions) -> usize {
+    opts.recv_queue.clamp(1, u32::MAX as usize)
 }
