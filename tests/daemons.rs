@@ -789,3 +789,70 @@ async fn supervisor_restart_and_sigkill_after_the_grace() {
         "{v}"
     );
 }
+
+/// One control connection runs at most 256 requests at once; the rest wait
+/// their turn (nothing is refused or lost), and another connection is not
+/// held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_connection_runs_256_requests_at_once_and_the_rest_wait() {
+    const CAP: u64 = 256;
+    const SENT: u64 = 300;
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let (_agent, mut sa, _ctl) = w.guest_with_sub_agent(U1, "slow", "slow").await;
+    let mut busy = w.ctl().await;
+    for n in 0..SENT {
+        busy.send_line(
+            &json!({"id": n, "op": "call", "instance": U1, "topic": "slow", "method": "m",
+                    "args": {"n": n}, "timeout_ms": 120_000})
+            .to_string(),
+        )
+        .await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(next_request(&mut sa).await);
+    }
+    // The cap is reached: a call on another connection goes in next.
+    let other = tokio::spawn({
+        let sock = w.ctl_sock();
+        async move {
+            Ctl::connect(&sock)
+                .await
+                .req(json!({"op": "call", "instance": U1, "topic": "slow", "method": "other"}))
+                .await
+        }
+    });
+    let r = next_request(&mut sa).await;
+    assert_eq!(r.method, "other", "a request past the cap went in: {r:?}");
+    sa.reply(r.id, Ok(json!("other"))).await.unwrap();
+    assert_eq!(other.await.unwrap()["result"], "other");
+    // Each answer lets one more in, in order; every call is answered once.
+    let mut answered = std::collections::BTreeSet::new();
+    let mut queue: std::collections::VecDeque<_> = held.into();
+    let mut seen = CAP;
+    while let Some(r) = queue.pop_front() {
+        sa.reply(r.id, Ok(r.args["n"].clone())).await.unwrap();
+        if seen < SENT {
+            let r = next_request(&mut sa).await;
+            assert_eq!(r.args["n"], seen, "out of turn: {r:?}");
+            queue.push_back(r);
+            seen += 1;
+        }
+    }
+    while answered.len() < SENT as usize {
+        let v = busy.read().await;
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["result"], v["id"], "{v}");
+        assert!(answered.insert(v["id"].as_u64().unwrap()), "twice: {v}");
+    }
+}
+
+/// The next request the sub-agent gets, within the bound.
+async fn next_request(sa: &mut tether::client::SubAgent) -> tether::client::Incoming {
+    tokio::time::timeout(BOUND, sa.next_request())
+        .await
+        .expect("a request reaches the sub-agent")
+        .unwrap()
+        .unwrap()
+}
