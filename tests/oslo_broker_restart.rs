@@ -147,3 +147,90 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(w.recorded(&u).len(), 4, "nothing replayed later either");
 }
+
+fn signal(pid: u32, s: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s);
+}
+
+/// Casts the proxy got from a durable (quorum) queue and the guest had not
+/// taken when the broker stopped are delivered again after it restarts —
+/// not acknowledged before a sub-agent took them — and each runs once:
+/// those the guest took while the broker was away are confirmed from the
+/// agent's journal, not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn casts_untaken_when_the_broker_stops_are_redelivered_from_quorum_queues_and_run_once() {
+    let _turn = SERIAL.lock().await;
+    const N: u64 = 100;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("rq");
+    let w = World::new();
+    // All N in flight to the proxy at once (prefetch), and a long requeue
+    // grace: the deliveries stay with the proxy (unacked) while the agent
+    // is stopped, rather than going back to the queue.
+    let _proxy = w.proxy(&format!(
+        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {ex:?}\nquorum_queues = true\nprefetch = {N}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\nrequeue_grace_ms = 120000\n"
+    ));
+    let u = random_uuid();
+    let agent = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
+    let mut ctl = w.ctl().await;
+    // oslo's option for the Python side (a durable control exchange).
+    let mut c = OsloClient::start(&format!("{url}?rabbit_quorum_queue=true"), &ex);
+    served(&mut c, &topic, &u).await;
+    let base = broker_status(&mut ctl).await["delivered"].as_u64().unwrap();
+
+    // The agent stops reading: the deliveries wait in the link, unacked.
+    signal(agent.pid(), nix::sys::signal::Signal::SIGSTOP);
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            signal(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let cont = Cont(agent.pid());
+    let v = c
+        .op(json!({"op": "casts", "topic": topic, "server": u, "method": "record", "n": N}))
+        .await;
+    assert_eq!(v["ok"], true, "{v}");
+    let t = Instant::now();
+    loop {
+        let l = ctl.link(&u).await;
+        if l["outstanding"] == N {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the deliveries never reached the proxy: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = broker_status(&mut ctl).await;
+    assert_eq!(
+        before["delivered"], base,
+        "acknowledged before taken: {before}"
+    );
+
+    let guard = StartOnFailure;
+    broker("stop");
+    // The guest takes them while the broker is away: the acks cannot go.
+    drop(cont);
+    recorded_exactly_once(&w, &u, N, Duration::from_secs(60)).await;
+    broker("start");
+    drop(guard);
+
+    // The quorum queue gives them all again; the agent confirms each from
+    // its journal without running it, and the proxy acknowledges them.
+    broker_status_until(&mut ctl, "every redelivery acknowledged", |v| {
+        v["delivered"].as_u64() == Some(base + N)
+    })
+    .await;
+    let stats = ctl
+        .req(json!({"op": "call", "instance": u, "topic": "tether.agent", "method": "stats"}))
+        .await;
+    assert_eq!(
+        stats["result"]["router"]["duplicates_dropped"], N,
+        "each redelivery confirmed from the journal: {stats}"
+    );
+    recorded_exactly_once(&w, &u, N, Duration::from_secs(5)).await;
+    assert_eq!(ctl.link(&u).await["outstanding"], 0);
+}

@@ -140,18 +140,25 @@ async fn queue_to(inst: &Instance, req: &Request, call: Option<&str>) -> Option<
 
 /// Give `d` back to the broker for another try (another proxy, later).
 async fn requeue(d: &lapin::message::Delivery, proxy: &Proxy) {
-    proxy.bridge.update(|s| s.requeued += 1);
     let opts = BasicNackOptions {
         requeue: true,
         ..Default::default()
     };
-    let _ = d.acker.nack(opts).await;
+    // One that cannot go (the connection is gone) requeues it all the same.
+    if let Ok(true) = d.acker.nack(opts).await {
+        proxy.bridge.update(|s| s.requeued += 1);
+    }
 }
 
 /// Acknowledge `d` to the broker: a sub-agent took it.
+/// Counted once the broker has the ack: one that cannot go (the connection
+/// is gone) leaves the message with the broker, which delivers it again.
 async fn ack(d: &lapin::message::Delivery, proxy: &Proxy) {
-    proxy.bridge.update(|s| s.delivered += 1);
-    let _ = d.acker.ack(BasicAckOptions::default()).await;
+    match d.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => proxy.bridge.update(|s| s.delivered += 1),
+        Ok(false) => debug!("an ack could not go: the broker delivers the message again"),
+        Err(e) => debug!(error = %e, "an ack could not go: the broker delivers the message again"),
+    }
 }
 
 /// What is left of a delivery once it is queued into the guest(s).
