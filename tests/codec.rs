@@ -275,3 +275,31 @@ proptest! {
         let _ = decode_chunked(&mut FrameCodec::new(MAX), &s, &[c]);
     }
 }
+
+#[test]
+fn chained_headers_announcing_long_payloads_cost_a_bounded_number_of_checksums() {
+    // A hostile peer: 36-byte headers, each with a valid header checksum and
+    // announcing a 64 KiB payload that never matches, one after another.
+    // Rescanning after each failure would checksum 64 KiB per 36 bytes.
+    let long = encode(&[data(1, &[0u8; 65536])]);
+    let header = &long[..HEADER_LEN];
+    let mut s = Vec::new();
+    for _ in 0..4000 {
+        s.extend_from_slice(header);
+    }
+    s.extend_from_slice(&[0xAAu8; 65536]);
+    s.extend_from_slice(&encode(&[data(7, b"after")]));
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let mut got = vec![];
+    for chunk in s.chunks(4096) {
+        buf.extend_from_slice(chunk);
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            got.push(f);
+        }
+    }
+    assert_eq!(got, vec![data(7, b"after")], "the frame after it is found");
+    // 144 KB of headers: a handful of failed checksums, not 4000.
+    let bad = codec.stats().bad_payload;
+    assert!(bad <= 6, "{bad} payload checksums failed");
+}

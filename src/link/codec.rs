@@ -45,6 +45,9 @@ pub struct FrameCodec {
     max_payload: u32,
     pending: Option<Header>,
     stats: DecodeStats,
+    /// Bytes left of the last frame whose payload checksum failed, from
+    /// the start of the buffer: the region a rescan looks in again.
+    failed_left: usize,
 }
 
 impl FrameCodec {
@@ -55,7 +58,13 @@ impl FrameCodec {
             max_payload: max_payload.min(MAX_PAYLOAD_HARD),
             pending: None,
             stats: DecodeStats::default(),
+            failed_left: 0,
         }
+    }
+
+    /// `n` bytes left the front of the buffer.
+    fn advanced(&mut self, n: usize) {
+        self.failed_left = self.failed_left.saturating_sub(n);
     }
 
     /// What has been skipped so far.
@@ -66,6 +75,7 @@ impl FrameCodec {
     /// Drop the first byte of the current candidate and look again.
     fn skip_one(&mut self, buf: &mut BytesMut) {
         buf.advance(1);
+        self.advanced(1);
         self.stats.skipped_bytes += 1;
     }
 
@@ -73,6 +83,7 @@ impl FrameCodec {
     fn seek_magic(&mut self, buf: &mut BytesMut) -> bool {
         if let Some(pos) = buf.windows(MAGIC.len()).position(|w| w == MAGIC) {
             buf.advance(pos);
+            self.advanced(pos);
             self.stats.skipped_bytes += pos as u64;
             return true;
         }
@@ -80,6 +91,7 @@ impl FrameCodec {
         let keep = buf.len().min(MAGIC.len() - 1);
         let drop = buf.len() - keep;
         buf.advance(drop);
+        self.advanced(drop);
         self.stats.skipped_bytes += drop as u64;
         false
     }
@@ -138,13 +150,28 @@ impl Decoder for FrameCodec {
                 .map(|p| crc32c::crc32c(p) == header.pcrc)
                 .unwrap_or(false);
             if !payload_ok {
-                // Most often a frame cut short by a reset with the next frame's
-                // bytes counted as its payload: rescan from the byte after the magic.
                 self.stats.bad_payload += 1;
-                self.skip_one(buf);
+                if self.failed_left > 0 {
+                    // A second failure inside a failed frame's bytes: a peer
+                    // chaining headers that announce long payloads (each
+                    // rescan would checksum a maximum payload for every 36
+                    // bytes received). Skip the rest of the first frame, so
+                    // each byte is checksummed at most a few times.
+                    let n = self.failed_left.min(buf.len());
+                    buf.advance(n);
+                    self.advanced(n);
+                    self.stats.skipped_bytes += n as u64;
+                } else {
+                    // Most often a frame cut short by a reset, with the next
+                    // frames' bytes counted as its payload: rescan from the
+                    // byte after the magic, and find them.
+                    self.failed_left = total;
+                    self.skip_one(buf);
+                }
                 continue;
             }
             let mut frame_bytes = buf.split_to(total);
+            self.advanced(total);
             let Some(kind) = header.kind else {
                 self.stats.unknown_type += 1;
                 self.stats.skipped_bytes += total as u64;
@@ -171,6 +198,7 @@ impl Decoder for FrameCodec {
                 self.stats.skipped_bytes += buf.len() as u64;
                 buf.clear();
                 self.pending = None;
+                self.failed_left = 0;
                 Ok(None)
             }
         }

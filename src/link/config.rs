@@ -89,8 +89,8 @@ impl SessionConfig {
         if !(MIN_MAX_PAYLOAD..=MAX_PAYLOAD_HARD).contains(&self.max_payload) {
             return bad("max_payload must be between 1024 and 16777216");
         }
-        if !(1..=MAX_WINDOW_FRAMES).contains(&self.window_frames) {
-            return bad("window_frames must be between 1 and 65536");
+        if !(super::hello::MIN_WINDOW_FRAMES..=MAX_WINDOW_FRAMES).contains(&self.window_frames) {
+            return bad("window_frames must be between 4 and 65536");
         }
         if self.window_bytes < self.max_payload || self.window_bytes > MAX_WINDOW_BYTES {
             return bad("window_bytes must be at least max_payload and at most 64 MiB");

@@ -21,6 +21,13 @@ pub const HELLO_LEN: usize = 52;
 /// No peer advertises less than this maximum payload: smaller would not fit a
 /// useful RPC envelope, and a zero would stall the link.
 pub const MIN_MAX_PAYLOAD: u32 = 1024;
+/// The highest sequence number a peer may announce (`send_base`,
+/// `next_expected`): 2^62 frames is more than any link sends in its life,
+/// and leaves room above it for every `+ 1` the session does.
+pub const MAX_SEQ: u64 = 1 << 62;
+/// The smallest window a peer may ask for, in frames: below it a sender
+/// would wait on the peer for every few messages.
+pub const MIN_WINDOW_FRAMES: u32 = 4;
 
 /// A session id: random per process run, never 0 (0 means "none seen").
 pub type SessionId = u64;
@@ -108,10 +115,15 @@ impl Hello {
                 "send base is 0 (sequences start at 1)",
             ));
         }
+        if h.send_base > MAX_SEQ || h.next_expected > MAX_SEQ {
+            return Err(LinkError::MalformedHello("sequence number beyond 2^62"));
+        }
         if h.max_payload < MIN_MAX_PAYLOAD {
             return Err(LinkError::MalformedHello("max payload below 1024"));
         }
-        if h.window_frames == 0 || h.window_bytes < h.max_payload.min(MIN_MAX_PAYLOAD) {
+        if h.window_frames < MIN_WINDOW_FRAMES
+            || h.window_bytes < h.max_payload.min(MIN_MAX_PAYLOAD)
+        {
             return Err(LinkError::MalformedHello("window too small"));
         }
         Ok(h)

@@ -107,6 +107,9 @@ pub struct SessionStats {
     /// the peer's ACK did not come within `probe_after`. A steady stream of
     /// them under traffic means the peer's delayed ACKs do not arrive.
     pub pings: u64,
+    /// Rewinds of the send cursor put off by [`MIN_REWIND_INTERVAL`] (a
+    /// climbing count means the peer asks for resends far too often).
+    pub rewinds_deferred: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,9 +173,23 @@ pub struct Session {
     ping_out: Option<PingOut>,
     next_nonce: u64,
     pong_due: Option<Bytes>,
+    /// When the send cursor last moved back (NACK, PONG, HELLO).
+    last_rewind: Option<Instant>,
+    /// A rewind asked for within [`MIN_REWIND_INTERVAL`] of the last: done
+    /// when the interval is over.
+    rewind_deferred: Option<u64>,
     events: VecDeque<Event>,
     stats: SessionStats,
 }
+
+/// Rewinds of the send cursor (each resends up to a window) are at least this
+/// far apart: a peer flooding NACKs, stale PONGs or HELLOs gets at most two
+/// windows resent per second, not one per frame it sends. Real loss is rare
+/// (the transport is a local stream); its recovery waits this long at most.
+pub const MIN_REWIND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest PING payload echoed in a PONG (ours carry an 8-byte nonce):
+/// a PING of any size must not be answered with the same size.
+pub const MAX_PING_PAYLOAD: usize = 8;
 
 /// SplitMix64 step: derives a fresh session id when a session expires, so the
 /// state machine stays free of any randomness source of its own.
@@ -214,6 +231,8 @@ impl Session {
             ping_out: None,
             next_nonce: 1,
             pong_due: None,
+            last_rewind: None,
+            rewind_deferred: None,
             events: VecDeque::new(),
             stats: SessionStats::default(),
         }
@@ -336,6 +355,7 @@ impl Session {
         self.nack_now = false;
         self.ack_deadline = None;
         self.in_flight_since = None;
+        self.rewind_deferred = None;
     }
 
     /// Closing: acknowledge everything received now rather than after the
@@ -368,24 +388,31 @@ impl Session {
             FrameType::Ack => {
                 self.on_ack(frame.ack, now);
                 if frame.flags & flags::NACK != 0 {
-                    self.rewind(frame.ack.saturating_add(1));
+                    self.rewind(frame.ack.saturating_add(1), now);
                 }
             }
             FrameType::Ping => {
                 self.on_ack(frame.ack, now);
-                // Only the latest PING is answered: a PING flood costs one PONG.
-                self.pong_due = Some(frame.payload);
+                // Only the latest PING is answered: a PING flood costs one
+                // PONG, of at most MAX_PING_PAYLOAD bytes.
+                let n = frame.payload.len().min(MAX_PING_PAYLOAD);
+                self.pong_due = Some(frame.payload.slice(..n));
             }
             FrameType::Pong => {
                 self.on_ack(frame.ack, now);
-                self.on_pong(&frame);
+                self.on_pong(&frame, now);
             }
         }
     }
 
     fn on_data(&mut self, seq: u64, payload: Bytes, now: Instant) {
         if seq == self.expected {
-            self.expected += 1;
+            // `expected` starts at most at MAX_SEQ (the HELLO's bound).
+            let Some(next) = self.expected.checked_add(1) else {
+                return self
+                    .protocol_error(LinkError::MalformedHello("sequence numbers exhausted"));
+            };
+            self.expected = next;
             self.stats.delivered += 1;
             self.events.push_back(Event::Deliver(payload));
             self.rx_since_ack += 1;
@@ -432,7 +459,7 @@ impl Session {
         }
     }
 
-    fn on_pong(&mut self, frame: &Frame) {
+    fn on_pong(&mut self, frame: &Frame, now: Instant) {
         let Some(p) = self.ping_out else { return };
         let mut nonce = [0u8; 8];
         if let Some(s) = frame.payload.get(..8) {
@@ -445,14 +472,37 @@ impl Session {
         // The PONG was written after the peer read everything we sent before
         // the PING; if its ACK is short of that, those frames were lost.
         if frame.ack.saturating_add(1) < p.cursor {
-            self.rewind(frame.ack.saturating_add(1));
+            self.rewind(frame.ack.saturating_add(1), now);
         }
     }
 
-    /// Resend from `from` on this connection (never before the base).
-    fn rewind(&mut self, from: u64) {
+    /// Resend from `from` on this connection (never before the base), at
+    /// most once per [`MIN_REWIND_INTERVAL`]: a rewind asked for sooner is
+    /// done when the interval is over.
+    fn rewind(&mut self, from: u64, now: Instant) {
         let from = from.max(self.base());
-        self.cursor = self.cursor.min(from);
+        if from >= self.cursor {
+            return;
+        }
+        if self
+            .last_rewind
+            .is_some_and(|t| now < t + MIN_REWIND_INTERVAL)
+        {
+            self.rewind_deferred = Some(self.rewind_deferred.map_or(from, |d| d.min(from)));
+            self.stats.rewinds_deferred += 1;
+            return;
+        }
+        self.cursor = from;
+        self.last_rewind = Some(now);
+    }
+
+    /// When a deferred rewind is due.
+    fn rewind_deadline(&self) -> Option<Instant> {
+        self.rewind_deferred?;
+        Some(
+            self.last_rewind
+                .map_or(Instant::now(), |t| t + MIN_REWIND_INTERVAL),
+        )
     }
 
     fn on_hello(&mut self, frame: &Frame, now: Instant) {
@@ -533,10 +583,17 @@ impl Session {
         };
         let is_reply = frame.flags & flags::REPLY != 0;
         let was_up = self.conn == Conn::Up;
-        if !(is_reply && was_up) {
-            // A fresh HELLO means the peer's view restarted: resume from what it
-            // has. A REPLY on an established connection only confirms it.
+        if !was_up {
+            // A new connection: resume from what the peer has.
             self.cursor = resume;
+            self.ping_out = None;
+            self.in_flight_since = None;
+        } else if !is_reply {
+            // A fresh HELLO on an established connection: the peer's view
+            // restarted (a migration's pre-connected destination), or a
+            // peer asks for resends — rate-limited like any rewind. A
+            // REPLY on an established connection only confirms it.
+            self.rewind(resume, now);
             self.ping_out = None;
             self.in_flight_since = None;
         }
@@ -587,6 +644,11 @@ impl Session {
                 if self.ack_deadline.is_some_and(|t| now >= t) {
                     self.ack_now = true;
                 }
+                if self.rewind_deadline().is_some_and(|t| now >= t)
+                    && let Some(from) = self.rewind_deferred.take()
+                {
+                    self.rewind(from, now);
+                }
             }
         }
     }
@@ -622,6 +684,9 @@ impl Session {
                     d = d.min(t);
                 }
                 if let Some(t) = self.ping_deadline() {
+                    d = d.min(t);
+                }
+                if let Some(t) = self.rewind_deadline() {
                     d = d.min(t);
                 }
                 Some(d)

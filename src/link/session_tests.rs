@@ -403,3 +403,90 @@ fn own_hello_echoed_back_is_refused() {
             .contains(&Event::ProtocolError(LinkError::OwnHelloEchoed))
     );
 }
+
+/// A HELLO a hostile peer could send: `send_base` and windows as it likes.
+fn hello_from(session: SessionId, send_base: u64, window_frames: u32) -> Frame {
+    let h = crate::link::hello::Hello {
+        version: crate::link::hello::PROTOCOL_VERSION,
+        capabilities: 0,
+        session,
+        peer_session: 0,
+        next_expected: 1,
+        send_base,
+        max_payload: 1024,
+        window_frames,
+        window_bytes: 4096,
+    };
+    Frame::new(FrameType::Hello, 0, h.encode())
+}
+
+#[test]
+fn sequence_numbers_at_the_top_of_the_space_and_tiny_windows_are_refused() {
+    for (base, window) in [(u64::MAX, 4), (crate::link::hello::MAX_SEQ + 1, 4), (1, 1)] {
+        let mut p = Pair::new();
+        p.b.on_connected(p.now);
+        p.b.on_frame(hello_from(0x66, base, window), p.now);
+        // A DATA frame at the top of the space changes nothing either.
+        let mut d = Frame::new(FrameType::Data, 0, msg(1));
+        d.seq = u64::MAX;
+        p.b.on_frame(d, p.now);
+        p.drain();
+        assert!(!p.b.is_established(), "base {base}, window {window}");
+        assert!(p.got_b.is_empty());
+    }
+    // The highest base allowed: its frames are delivered, nothing overflows.
+    let mut p = Pair::new();
+    p.b.on_connected(p.now);
+    let top = crate::link::hello::MAX_SEQ;
+    p.b.on_frame(hello_from(0x66, top, 4), p.now);
+    let mut d = Frame::new(FrameType::Data, 0, msg(1));
+    d.seq = top;
+    p.b.on_frame(d, p.now);
+    p.drain();
+    assert_eq!(p.got_b, vec![msg(1)]);
+}
+
+#[test]
+fn a_ping_is_echoed_with_at_most_8_bytes() {
+    let mut p = Pair::new();
+    p.connect();
+    p.pump();
+    let big = Frame::new(FrameType::Ping, 0, Bytes::from(vec![7u8; 65536]));
+    p.b.on_frame(big, p.now);
+    let pong = p.b.poll_transmit(p.now).unwrap();
+    assert_eq!(pong.kind, FrameType::Pong);
+    assert_eq!(pong.payload.len(), MAX_PING_PAYLOAD);
+}
+
+#[test]
+fn a_nack_or_hello_flood_resends_at_most_a_window_per_interval() {
+    let mut p = Pair::new();
+    p.connect();
+    p.pump();
+    for i in 0..4 {
+        p.a.send(msg(i), p.now).unwrap();
+    }
+    let data = |p: &mut Pair| {
+        std::iter::from_fn(|| p.a.poll_transmit(p.now))
+            .filter(|f| f.kind == FrameType::Data)
+            .count()
+    };
+    assert_eq!(data(&mut p), 4, "sent once");
+    let nack = || {
+        let mut f = Frame::new(FrameType::Ack, 0, Bytes::new());
+        f.flags = flags::NACK;
+        f
+    };
+    p.a.on_frame(nack(), p.now);
+    assert_eq!(data(&mut p), 4, "the first NACK resends the window");
+    let before = p.a.stats().rewinds_deferred;
+    for _ in 0..100 {
+        p.a.on_frame(nack(), p.now);
+        // A fresh HELLO on the established connection asks the same.
+        p.a.on_frame(hello_from(0xB, 1, 4), p.now);
+    }
+    assert_eq!(data(&mut p), 0, "no resend within the interval");
+    assert!(p.a.stats().rewinds_deferred >= before + 100);
+    p.tick(MIN_REWIND_INTERVAL);
+    assert_eq!(data(&mut p), 4, "one resend when the interval is over");
+}
