@@ -499,10 +499,7 @@ impl Session {
     /// When a deferred rewind is due.
     fn rewind_deadline(&self) -> Option<Instant> {
         self.rewind_deferred?;
-        Some(
-            self.last_rewind
-                .map_or(Instant::now(), |t| t + MIN_REWIND_INTERVAL),
-        )
+        Some(self.last_rewind? + MIN_REWIND_INTERVAL)
     }
 
     fn on_hello(&mut self, frame: &Frame, now: Instant) {
