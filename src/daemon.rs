@@ -3,8 +3,13 @@
 use tracing_subscriber::EnvFilter;
 
 /// Log to stderr (journald picks it up), level from `RUST_LOG` or `default`.
+/// By default the AMQP client's own warnings are off: it warns once per
+/// message the broker returns (a guest's cast nothing consumes), which the
+/// bridge already counts and audits — one guest must not decide the log
+/// volume.
 pub fn init_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},lapin=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -9,49 +9,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::guest::{FakeGuest, audit_lines, audited, reply_key};
+use support::guest::{FakeGuest, assign, audit_lines, audited, cast, policy, reply_key, target};
 use support::oslo::*;
 use support::*;
-use tether::rpc::{Kind, LinkMsg, Request, Target, new_unique_id};
-
-/// The `[policy]` section of these tests: audit file and assignments in
-/// the world's directory, `keys` (more `[policy]` keys), then `profiles`.
-fn policy(w: &World, keys: &str, profiles: &str) -> String {
-    std::fs::create_dir_all(w.path("instances")).unwrap();
-    format!(
-        "[policy]\naudit_log = {:?}\ninstances_dir = {:?}\n{keys}\n{profiles}\n",
-        w.path("audit.jsonl"),
-        w.path("instances")
-    )
-}
-
-/// Assign `uuid` its policy (what provisioning writes).
-fn assign(w: &World, uuid: &str, text: &str) {
-    std::fs::write(w.path(&format!("instances/{uuid}.toml")), text).unwrap();
-}
-
-fn cast(target: Target, method: &str, ctx: Value) -> Request {
-    Request {
-        kind: Kind::Cast,
-        target,
-        method: method.into(),
-        args: json!({"x": 1}),
-        ctx,
-        msg_id: None,
-        unique_id: new_unique_id(),
-        reply_to: None,
-        timeout_ms: None,
-    }
-}
-
-fn target(topic: &str, server: Option<&str>, exchange: Option<&str>) -> Target {
-    Target {
-        topic: topic.into(),
-        server: server.map(String::from),
-        exchange: exchange.map(String::from),
-        ..Default::default()
-    }
-}
+use tether::rpc::{Kind, LinkMsg, Request, new_unique_id};
 
 const FORGED: &str = r#"{"is_admin": true, "roles": ["admin"], "user_id": "admin", "project_id": "other-tenant", "request_id": "req-1", "tether_instance": "someone-else"}"#;
 

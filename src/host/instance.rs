@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
-use super::broker::{Outlet, Upstream};
+use super::broker::{NotTaken, Outlet, Upstream};
 use super::policy::audit::{Record, clip};
 use super::policy::enforcer::{TopicsDecision, topics_for};
 use super::policy::store::PolicyHub;
@@ -25,6 +25,14 @@ use crate::rpc::{Failure, Kind, LinkMsg, Reply, Request};
 
 /// A guest-originated cast, as shown to `watch` clients.
 pub type WatchEvent = Value;
+
+/// Messages shared code (the broker bridge, the enforcement point) may queue
+/// for one guest — answers to its calls, refusals of its casts — without
+/// waiting on that guest's link window. A guest that does not read its link
+/// cannot hold up the bridge for everyone: past this, what it would have got
+/// is dropped and counted (`outbox_dropped`); its own calls then time out in
+/// the guest.
+pub const OUTBOX_CAP: usize = 1024;
 
 /// A call delivered into the guest, waiting for its reply.
 struct Pending {
@@ -60,6 +68,9 @@ pub struct Instance {
     /// Replies to calls not pending here (they entered through another
     /// host's proxy before a migration), forwarded by their sealed handle.
     rerouted: AtomicU64,
+    /// See [`OUTBOX_CAP`].
+    outbox: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    outbox_dropped: AtomicU64,
     task: Mutex<Option<LinkTask>>,
 }
 
@@ -84,6 +95,18 @@ impl Instance {
         );
         let Link { tx, rx, task } = link;
         let policy = hub.for_new(&id);
+        let (outbox, mut out_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(OUTBOX_CAP);
+        {
+            // Ends when the instance (the outbox's sender) is dropped.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(b) = out_rx.recv().await {
+                    if tx.send(b).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let inst = Arc::new(Self {
             id,
             tx,
@@ -97,6 +120,8 @@ impl Instance {
             unknown_receipts: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
+            outbox,
+            outbox_dropped: AtomicU64::new(0),
             task: Mutex::new(Some(task)),
         });
         inst.apply_topics(&policy);
@@ -238,6 +263,16 @@ impl Instance {
         Some(rx)
     }
 
+    /// Queue `bytes` for the guest without waiting (see [`OUTBOX_CAP`]).
+    pub fn post(&self, bytes: bytes::Bytes) {
+        if self.outbox.try_send(bytes).is_err() {
+            let n = self.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                warn!(instance = %self.id, dropped = n + 1, "the guest does not read its link: answers and refusals for it are dropped");
+            }
+        }
+    }
+
     /// Status for `links`.
     pub fn status_json(&self) -> Value {
         let s = self.tx.status();
@@ -255,6 +290,7 @@ impl Instance {
             "connects": s.connects,
             "resent": s.stats.resent,
             "duplicates": s.stats.duplicates,
+            "rewinds_deferred": s.stats.rewinds_deferred,
             "pings": s.stats.pings,
             "peer_changes": s.stats.peer_changes,
             "delivered": s.stats.delivered,
@@ -270,6 +306,7 @@ impl Instance {
             "outstanding": self.receipts.len(),
             "resent_to_new_session": self.resent.load(Ordering::Relaxed),
             "unknown_receipts": self.unknown_receipts.load(Ordering::Relaxed),
+            "outbox_dropped": self.outbox_dropped.load(Ordering::Relaxed),
         })
     }
 
@@ -533,7 +570,7 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
             r.reply_to = Some(o.reply_q);
             let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));
             match &out.upstream {
-                Some(up) if up.offer(Upstream::Reply(r)) => {
+                Some(up) if up.offer(Upstream::Reply(r)).is_ok() => {
                     inst.rerouted.fetch_add(1, Ordering::Relaxed);
                     inst.audit(record("reply", "allow", Some("sealed handle".into())), size);
                 }
@@ -595,9 +632,9 @@ async fn on_request(
         // notice, so the sub-agent that cast learns why.
         return match r.msg_id {
             Some(msg_id) if r.kind == Kind::Call => {
-                answer(inst, msg_id, r.reply_to, Failure::tether("Denied", reason)).await
+                answer(inst, msg_id, r.reply_to, Failure::tether("Denied", reason))
             }
-            _ => refuse_cast(inst, r.unique_id, format!("Denied: {reason}")).await,
+            _ => refuse_cast(inst, r.unique_id, format!("Denied: {reason}")),
         };
     }
     // Context is the host's: allowed guest keys, static context, identity.
@@ -621,7 +658,7 @@ async fn on_request(
                 "NoRoute",
                 "no control-plane route for guest calls on this proxy (no broker configured)",
             );
-            answer(inst, msg_id, r.reply_to, f).await;
+            answer(inst, msg_id, r.reply_to, f);
         }
         return;
     };
@@ -630,36 +667,43 @@ async fn on_request(
         Upstream::Call {
             instance: inst.id.clone(),
             request: r,
+            ticket: None,
         }
     } else {
         Upstream::Cast {
             instance: inst.id.clone(),
             request: r,
+            ticket: None,
         }
     };
-    if !up.offer(m) {
-        debug!(instance = %inst.id, "guest request refused: the broker bridge's queue is full");
-        const WHY: &str = "BrokerUnavailable: too many guest messages wait for the broker";
-        match msg_id {
-            Some(msg_id) => {
-                let f = Failure::tether("BrokerUnavailable", WHY);
-                answer(inst, msg_id, reply_to, f).await;
+    if let Err(not) = up.offer(m) {
+        let why = match not {
+            NotTaken::ShareUsed(n) => {
+                format!("this instance already has {n} messages waiting for the broker")
             }
-            None => refuse_cast(inst, unique_id, WHY.into()).await,
+            NotTaken::Full => "too many guest messages wait for the broker".to_string(),
+        };
+        debug!(instance = %inst.id, reason = %why, "guest request refused");
+        match msg_id {
+            Some(msg_id) => answer(
+                inst,
+                msg_id,
+                reply_to,
+                Failure::tether("BrokerUnavailable", why),
+            ),
+            None => refuse_cast(inst, unique_id, format!("BrokerUnavailable: {why}")),
         }
     }
 }
 
-/// Tell the guest that its cast `unique_id` went no further, and why.
-pub(crate) async fn refuse_cast(inst: &Instance, unique_id: String, reason: String) {
-    let _ = inst
-        .tx
-        .send(LinkMsg::Refused { unique_id, reason }.to_bytes())
-        .await;
+/// Tell the guest that its cast `unique_id` went no further, and why
+/// (queued without waiting: [`Instance::post`]).
+pub(crate) fn refuse_cast(inst: &Instance, unique_id: String, reason: String) {
+    inst.post(LinkMsg::Refused { unique_id, reason }.to_bytes());
 }
 
-/// Answer a guest's call with a failure.
-pub(crate) async fn answer(inst: &Instance, msg_id: String, reply_to: Option<String>, f: Failure) {
+/// Answer a guest's call with a failure (queued without waiting).
+pub(crate) fn answer(inst: &Instance, msg_id: String, reply_to: Option<String>, f: Failure) {
     let rep = LinkMsg::Rep(Reply::new(msg_id, reply_to, Err(f)));
-    let _ = inst.tx.send(rep.to_bytes()).await;
+    inst.post(rep.to_bytes());
 }

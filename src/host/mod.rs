@@ -80,11 +80,12 @@ impl Proxy {
     ) -> Result<Arc<Self>, ProxyError> {
         let bridge = Arc::new(broker::StatusCell::default());
         let policy = policy::store::PolicyHub::new(&cfg.policy, &cfg.broker.control_exchange)?;
+        let share = cfg.broker.upstream_per_instance;
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
             watch: broadcast::channel(WATCH_BUFFER).0,
-            upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone())),
+            upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone(), share)),
             bridge,
             policy: Arc::new(policy),
             config_path,

@@ -5,10 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tether::link::driver::{LinkReceiver, LinkSender, LinkTask, UnixAcceptor};
 use tether::link::{Link, LinkEvent, LinkOptions};
-use tether::rpc::{LinkMsg, Reply, Request};
+use tether::rpc::{Kind, LinkMsg, Reply, Request, Target, new_unique_id};
+
+use super::World;
 
 use super::BOUND;
 
@@ -23,6 +25,12 @@ pub struct FakeGuest {
 impl FakeGuest {
     /// Listen on the instance's channel socket, as QEMU's chardev does.
     pub fn start(channels: &Path, uuid: &str) -> Self {
+        Self::start_with(channels, uuid, LinkOptions::default())
+    }
+
+    /// The same, with the link's options (a hostile guest's tiny window, a
+    /// receive queue that stops its reading early).
+    pub fn start_with(channels: &Path, uuid: &str, opts: LinkOptions) -> Self {
         let path = channels.join(format!("{uuid}.sock"));
         let _ = std::fs::remove_file(&path);
         let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
@@ -30,7 +38,7 @@ impl FakeGuest {
             UnixAcceptor::new(l),
             LinkOptions {
                 name: format!("fake-{uuid}"),
-                ..LinkOptions::default()
+                ..opts
             },
             tether::random_session_id(),
         );
@@ -140,4 +148,128 @@ pub fn reply_key(path: &Path) {
         .collect();
     std::fs::write(path, k).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// The `[policy]` section of these tests: audit file and assignments in
+/// the world's directory, `keys` (more `[policy]` keys), then `profiles`.
+pub fn policy(w: &World, keys: &str, profiles: &str) -> String {
+    std::fs::create_dir_all(w.path("instances")).unwrap();
+    format!(
+        "[policy]\naudit_log = {:?}\ninstances_dir = {:?}\n{keys}\n{profiles}\n",
+        w.path("audit.jsonl"),
+        w.path("instances")
+    )
+}
+
+/// Assign `uuid` its policy (what provisioning writes).
+pub fn assign(w: &World, uuid: &str, text: &str) {
+    std::fs::write(w.path(&format!("instances/{uuid}.toml")), text).unwrap();
+}
+
+pub fn cast(target: Target, method: &str, ctx: Value) -> Request {
+    Request {
+        kind: Kind::Cast,
+        target,
+        method: method.into(),
+        args: json!({"x": 1}),
+        ctx,
+        msg_id: None,
+        unique_id: new_unique_id(),
+        reply_to: None,
+        timeout_ms: None,
+    }
+}
+
+pub fn target(topic: &str, server: Option<&str>, exchange: Option<&str>) -> Target {
+    Target {
+        topic: topic.into(),
+        server: server.map(String::from),
+        exchange: exchange.map(String::from),
+        ..Default::default()
+    }
+}
+
+/// A guest that speaks the link protocol by hand, frame by frame: it says
+/// HELLO with the window it likes, sends DATA without waiting for the
+/// proxy's window, reads (and discards) whatever the proxy sends, and never
+/// acknowledges any of it.
+pub struct RawGuest {
+    w: tokio::net::unix::OwnedWriteHalf,
+    next_seq: u64,
+    /// Bytes the proxy sent it.
+    pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    drain: tokio::task::JoinHandle<()>,
+}
+
+impl RawGuest {
+    /// Listen on the instance's channel socket, take the proxy's connection
+    /// and say HELLO asking for `window_frames`.
+    pub async fn start(channels: &Path, uuid: &str, window_frames: u32) -> Self {
+        use tokio::io::AsyncReadExt;
+        let path = channels.join(format!("{uuid}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
+        let (s, _) = tokio::time::timeout(BOUND, l.accept())
+            .await
+            .expect("the proxy connects")
+            .unwrap();
+        let (mut r, w) = s.into_split();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let got = received.clone();
+        let drain = tokio::spawn(async move {
+            let mut b = vec![0u8; 65536];
+            while let Ok(n) = r.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+                got.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let mut g = Self {
+            w,
+            next_seq: 1,
+            received,
+            drain,
+        };
+        let h = tether::link::Hello {
+            version: tether::link::hello::PROTOCOL_VERSION,
+            capabilities: 0,
+            session: tether::random_session_id(),
+            peer_session: 0,
+            next_expected: 1,
+            send_base: 1,
+            max_payload: 262_144,
+            window_frames,
+            window_bytes: 262_144,
+        };
+        g.frame(tether::link::Frame::new(
+            tether::link::FrameType::Hello,
+            0,
+            h.encode(),
+        ))
+        .await;
+        g
+    }
+
+    /// Write one frame as it is.
+    pub async fn frame(&mut self, f: tether::link::Frame) {
+        use tokio::io::AsyncWriteExt;
+        let mut b = bytes::BytesMut::new();
+        f.encode_into(&mut b);
+        self.w.write_all(&b).await.expect("write to the proxy");
+    }
+
+    /// Send `m` as the next DATA frame (acknowledging nothing).
+    pub async fn send(&mut self, m: &LinkMsg) {
+        let mut f = tether::link::Frame::new(tether::link::FrameType::Data, 0, m.to_bytes());
+        f.seq = self.next_seq;
+        self.next_seq += 1;
+        self.frame(f).await;
+    }
+}
+
+impl Drop for RawGuest {
+    fn drop(&mut self) {
+        self.drain.abort();
+    }
 }

@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     /// Guest messages for the broker held while it is unreachable; beyond
     /// this they are refused (calls get a `BrokerUnavailable` failure).
     pub upstream_hold: usize,
+    /// Of those, the most one instance may have waiting at once (queued for
+    /// the bridge, held, or retried): one guest's burst cannot use up the
+    /// hold its neighbours need (`BrokerUnavailable` for the guest past it).
+    pub upstream_per_instance: usize,
     /// Longest a guest's call to the control plane may wait for its reply
     /// when the guest did not say, ms.
     pub upstream_call_timeout_ms: u64,
@@ -65,6 +69,7 @@ impl Default for BrokerConfig {
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
             upstream_hold: 1_000,
+            upstream_per_instance: 100,
             upstream_call_timeout_ms: 60_000,
         }
     }
@@ -98,6 +103,9 @@ impl BrokerConfig {
         }
         if self.upstream_hold == 0 {
             return Err("broker.upstream_hold must be at least 1".into());
+        }
+        if self.upstream_per_instance == 0 {
+            return Err("broker.upstream_per_instance must be at least 1".into());
         }
         if self.stream_fanout && !self.transient_quorum_queues {
             return Err(

@@ -21,6 +21,7 @@
 pub mod config;
 mod deliver;
 mod session;
+pub mod share;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -40,6 +41,7 @@ use super::instance::{answer, refuse_cast};
 use crate::lock;
 use crate::rpc::{Failure, Reply, Request};
 use session::Session;
+use share::{Shares, Ticket};
 
 /// How often consumers are reconciled with the instances' links and topics.
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
@@ -138,26 +140,57 @@ impl StatusCell {
 }
 
 /// Where instances hand guest messages to the bridge (a bounded queue of
-/// `upstream_hold`); what does not fit is counted as refused.
+/// `upstream_hold`, of which each instance may use its share,
+/// `upstream_per_instance`); what does not fit is counted as refused.
 #[derive(Clone)]
 pub struct Outlet {
     tx: mpsc::Sender<Upstream>,
     status: Arc<StatusCell>,
+    shares: Arc<Shares>,
+}
+
+/// Why [`Outlet::offer`] did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotTaken {
+    /// The instance already has its share of messages waiting.
+    ShareUsed(usize),
+    /// The bridge's queue is full.
+    Full,
 }
 
 impl Outlet {
-    /// An outlet into `tx`, counting refusals in `status`.
-    pub fn new(tx: mpsc::Sender<Upstream>, status: Arc<StatusCell>) -> Self {
-        Self { tx, status }
+    /// An outlet into `tx`, counting refusals in `status`, with shares of
+    /// `per_instance` messages.
+    pub fn new(tx: mpsc::Sender<Upstream>, status: Arc<StatusCell>, per_instance: usize) -> Self {
+        Self {
+            tx,
+            status,
+            shares: Shares::new(per_instance),
+        }
     }
 
-    /// Queue `m` for the bridge; `false` (and counted) when the queue is full.
-    pub fn offer(&self, m: Upstream) -> bool {
-        let ok = self.tx.try_send(m).is_ok();
-        if !ok {
+    /// Queue `m` for the bridge, charged to its instance's share.
+    pub fn offer(&self, mut m: Upstream) -> Result<(), NotTaken> {
+        let res = match &mut m {
+            Upstream::Cast {
+                instance, ticket, ..
+            }
+            | Upstream::Call {
+                instance, ticket, ..
+            } => match self.shares.take(instance) {
+                Some(t) => {
+                    *ticket = Some(t);
+                    Ok(())
+                }
+                None => Err(NotTaken::ShareUsed(self.shares.cap())),
+            },
+            Upstream::Reply(_) => Ok(()),
+        };
+        let res = res.and_then(|()| self.tx.try_send(m).map_err(|_| NotTaken::Full));
+        if res.is_err() {
             self.status.update(|s| s.refused += 1);
         }
-        ok
+        res
     }
 }
 
@@ -170,6 +203,8 @@ pub enum Upstream {
         instance: String,
         /// The cast.
         request: Request,
+        /// Its claim on the instance's share (set by [`Outlet::offer`]).
+        ticket: Option<Ticket>,
     },
     /// A call from `instance`; its reply goes back into that guest.
     Call {
@@ -177,6 +212,8 @@ pub enum Upstream {
         instance: String,
         /// The call.
         request: Request,
+        /// Its claim on the instance's share (set by [`Outlet::offer`]).
+        ticket: Option<Ticket>,
     },
     /// A reply to a call this proxy did not deliver (it entered through
     /// another host's proxy before a migration): routed by its `reply_to`.
@@ -294,7 +331,9 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
     }
     proxy.bridge.update(|s| s.refused += 1);
     match m {
-        Upstream::Call { instance, request } => {
+        Upstream::Call {
+            instance, request, ..
+        } => {
             warn!(target: "audit", instance = %instance, method = ?request.method, "guest call refused: broker unreachable and the hold is full");
             if let (Some(inst), Some(msg_id)) = (proxy.instance(&instance), request.msg_id) {
                 let f = Failure::tether(
@@ -304,12 +343,13 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
                         cfg.upstream_hold
                     ),
                 );
-                answer(&inst, msg_id, request.reply_to, f).await;
+                answer(&inst, msg_id, request.reply_to, f);
             }
         }
         Upstream::Cast {
             instance,
             request: r,
+            ..
         } => {
             error!(target: "audit", instance = %instance, method = ?r.method, topic = ?r.target.topic, unique_id = ?r.unique_id, "guest cast refused: broker unreachable and the hold is full");
             if let Some(inst) = proxy.instance(&instance) {
@@ -317,7 +357,7 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
                     "BrokerUnavailable: the control plane's broker is unreachable and {} messages already wait",
                     cfg.upstream_hold
                 );
-                refuse_cast(&inst, r.unique_id, why).await;
+                refuse_cast(&inst, r.unique_id, why);
             }
         }
         Upstream::Reply(r) => {

@@ -179,7 +179,7 @@ impl<'a> Session<'a> {
         up_rx: &mut mpsc::Receiver<Upstream>,
         held: &mut VecDeque<Upstream>,
     ) -> Result<(), BridgeError> {
-        let pub_ch = self.conn.create_channel().await?;
+        let mut pub_ch = self.conn.create_channel().await?;
         pub_ch
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -225,6 +225,7 @@ impl<'a> Session<'a> {
                 held.push_front(m);
                 return Err(e.into());
             }
+            self.ensure_pub(&mut pub_ch).await?;
         }
         self.proxy.bridge.update(|s| s.held = 0);
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
@@ -243,6 +244,7 @@ impl<'a> Session<'a> {
                             self.retry.push_front((first, now, m));
                             return Err(e.into());
                         }
+                        self.ensure_pub(&mut pub_ch).await?;
                     }
                 }
                 d = replies.next() => match d {
@@ -251,10 +253,13 @@ impl<'a> Session<'a> {
                     None => return Err(lapin::Error::from(std::io::Error::other("reply consumer cancelled")).into()),
                 },
                 m = up_rx.recv() => match m {
-                    Some(m) => if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
-                        held.push_front(m);
-                        return Err(e.into());
-                    },
+                    Some(m) => {
+                        if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
+                            held.push_front(m);
+                            return Err(e.into());
+                        }
+                        self.ensure_pub(&mut pub_ch).await?;
+                    }
                     None => return Ok(()),
                 },
             }
@@ -280,26 +285,49 @@ impl<'a> Session<'a> {
             ..r
         };
         if let Some(inst) = self.proxy.instance(&instance) {
-            let _ = inst.tx.send(LinkMsg::Rep(r).to_bytes()).await;
+            inst.post(LinkMsg::Rep(r).to_bytes());
         }
     }
 
+    /// A publishing channel the broker closed (because of one message: an
+    /// exchange that does not exist, say) is opened again; the connection
+    /// stays.
+    async fn ensure_pub(&mut self, ch: &mut Channel) -> Result<(), lapin::Error> {
+        if ch.status().connected() {
+            return Ok(());
+        }
+        let c = self.conn.create_channel().await?;
+        c.confirm_select(ConfirmSelectOptions::default()).await?;
+        *ch = c;
+        Ok(())
+    }
+
     /// Publish a guest message; what the broker could not route is retried
-    /// (casts), answered (calls) or reported (replies).
+    /// (casts), answered (calls) or reported (replies); what it refused is
+    /// refused to its sender — that message alone. `Err` only when the
+    /// connection failed (the message is kept for the next one).
     async fn upstream(
         &mut self,
         ch: &Channel,
         m: Upstream,
         first: Instant,
     ) -> Result<(), lapin::Error> {
-        if self.publish_upstream(ch, &m).await? {
-            self.proxy.bridge.update(|s| s.published += 1);
-            return Ok(());
+        match self.publish_upstream(ch, &m).await? {
+            Published::Done => {
+                self.proxy.bridge.update(|s| s.published += 1);
+                return Ok(());
+            }
+            Published::Refused(why) => {
+                self.refused_by_broker(m, &why);
+                return Ok(());
+            }
+            Published::Unroutable => {}
         }
         match m {
             Upstream::Cast {
                 instance,
                 request: r,
+                ticket,
             } => {
                 if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
                     self.proxy.bridge.update(|s| s.refused += 1);
@@ -311,7 +339,7 @@ impl<'a> Session<'a> {
                             r.target.topic,
                             RETRY_FOR.as_secs()
                         );
-                        refuse_cast(&inst, r.unique_id, why).await;
+                        refuse_cast(&inst, r.unique_id, why);
                     }
                 } else {
                     if first.elapsed().is_zero() || self.retry.is_empty() {
@@ -320,12 +348,15 @@ impl<'a> Session<'a> {
                     let m = Upstream::Cast {
                         instance,
                         request: r,
+                        ticket,
                     };
                     self.retry
                         .push_back((first, Instant::now() + RETRY_EVERY, m));
                 }
             }
-            Upstream::Call { instance, request } => {
+            Upstream::Call {
+                instance, request, ..
+            } => {
                 self.proxy.bridge.update(|s| s.refused += 1);
                 if let Some(msg_id) = &request.msg_id {
                     self.calls
@@ -340,7 +371,7 @@ impl<'a> Session<'a> {
                             request.target.topic
                         ),
                     );
-                    answer(&inst, msg_id, request.reply_to, f).await;
+                    answer(&inst, msg_id, request.reply_to, f);
                 }
             }
             Upstream::Reply(r) => {
@@ -351,8 +382,49 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Publish; `Ok(false)` when the broker returned it as unroutable.
-    async fn publish_upstream(&mut self, ch: &Channel, m: &Upstream) -> Result<bool, lapin::Error> {
+    /// One message the broker would not take (or a name it could not
+    /// carry): refused to the guest that sent it, and audited.
+    fn refused_by_broker(&mut self, m: Upstream, why: &str) {
+        self.proxy.bridge.update(|s| s.refused += 1);
+        match m {
+            Upstream::Cast {
+                instance,
+                request: r,
+                ..
+            } => {
+                error!(target: "audit", instance = %instance, topic = ?r.target.topic, exchange = ?r.target.exchange, unique_id = ?r.unique_id,
+                       reason = %why, "guest cast refused by the broker");
+                if let Some(inst) = self.proxy.instance(&instance) {
+                    refuse_cast(&inst, r.unique_id, format!("BrokerRefused: {why}"));
+                }
+            }
+            Upstream::Call {
+                instance, request, ..
+            } => {
+                error!(target: "audit", instance = %instance, topic = ?request.target.topic, exchange = ?request.target.exchange,
+                       reason = %why, "guest call refused by the broker");
+                if let Some(msg_id) = &request.msg_id {
+                    self.calls
+                        .retain(|_, (i, g, _)| !(*i == instance && g == msg_id));
+                }
+                if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
+                {
+                    let f = Failure::tether("BrokerRefused", why);
+                    answer(&inst, msg_id, request.reply_to, f);
+                }
+            }
+            Upstream::Reply(r) => {
+                warn!(msg_id = ?r.msg_id, reason = %why, "a guest's reply was refused by the broker")
+            }
+        }
+    }
+
+    /// Publish, and say how it went.
+    async fn publish_upstream(
+        &mut self,
+        ch: &Channel,
+        m: &Upstream,
+    ) -> Result<Published, lapin::Error> {
         let (exchange, key, body, props, mandatory) = match m {
             Upstream::Cast { request: r, .. } => (
                 r.target
@@ -367,6 +439,7 @@ impl<'a> Session<'a> {
             Upstream::Call {
                 instance,
                 request: r,
+                ..
             } => {
                 let t = r
                     .timeout_ms
@@ -406,27 +479,37 @@ impl<'a> Session<'a> {
                     props(),
                     true,
                 ),
-                None => return Ok(true),
+                None => return Ok(Published::Done),
             },
         };
-        let c = ch
-            .basic_publish(
-                short(&exchange)?,
-                short(&key)?,
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                &body,
-                props,
-            )
-            .await?
-            .await?;
-        Ok(match c {
-            lapin::Confirmation::Ack(returned) => returned.is_none(),
-            lapin::Confirmation::Nack(_) => false,
-            lapin::Confirmation::NotRequested => true,
-        })
+        let (Ok(exchange), Ok(key)) = (short(&exchange), short(&key)) else {
+            // The enforcement point checks guest names; this is the last
+            // line: a name AMQP cannot carry fails its message, not the link.
+            return Ok(Published::Refused(
+                "an exchange or routing key over 255 bytes".into(),
+            ));
+        };
+        let opts = BasicPublishOptions {
+            mandatory,
+            ..Default::default()
+        };
+        let res = async {
+            ch.basic_publish(exchange, key, opts, &body, props)
+                .await?
+                .await
+        }
+        .await;
+        match res {
+            Ok(lapin::Confirmation::Ack(returned)) if returned.is_none() => Ok(Published::Done),
+            Ok(lapin::Confirmation::Ack(_)) | Ok(lapin::Confirmation::Nack(_)) => {
+                Ok(Published::Unroutable)
+            }
+            Ok(lapin::Confirmation::NotRequested) => Ok(Published::Done),
+            // The connection is up, so the broker closed the channel over
+            // this message (an exchange that does not exist, …).
+            Err(e) if self.conn.status().connected() => Ok(Published::Refused(e.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     /// Make the consumers match the established links and their topics.
@@ -705,4 +788,14 @@ fn routing_key(r: &Request) -> String {
         Some(s) => format!("{}.{s}", r.target.topic),
         None => r.target.topic.clone(),
     }
+}
+
+/// How one publish went.
+enum Published {
+    /// The broker took it.
+    Done,
+    /// Nothing was bound to take it (mandatory publish returned).
+    Unroutable,
+    /// The broker would not take it (or AMQP cannot carry its names).
+    Refused(String),
 }
