@@ -203,3 +203,141 @@ async fn a_guest_that_never_acknowledges_holds_up_no_one_else() {
         "the proxy kept to the window it was given: {l}"
     );
 }
+
+/// The good guest still gets a call from the control socket and answers it.
+async fn good_guest_answers(
+    ctl: &mut Ctl,
+    g: &mut FakeGuest,
+    good_id: &str,
+    sock: std::path::PathBuf,
+) {
+    let id = good_id.to_string();
+    let call = tokio::spawn(async move {
+        Ctl::connect(&sock)
+            .await
+            .req(json!({"op": "call", "instance": id, "topic": "good", "method": "ping", "timeout_ms": 30_000}))
+            .await
+    });
+    let r = g.next_request().await;
+    g.reply(
+        r.msg_id.as_deref().unwrap(),
+        r.reply_to.clone(),
+        json!("pong"),
+    )
+    .await;
+    let v = call.await.unwrap();
+    assert_eq!(v["result"], "pong", "{v}");
+    let _ = ctl;
+}
+
+/// Link-level tricks from a guest that speaks the protocol by hand, next to
+/// a good guest on the same proxy: resend floods (NACKs, HELLOs), PINGs with
+/// huge payloads, a HELLO at the top of the sequence space, a DATA frame at
+/// u64::MAX, and a storm of headers announcing long payloads with bad
+/// checksums. The proxy (a debug build: overflow checks on) stays up, the
+/// good guest's calls keep working, and what the hostile guest gets back
+/// stays small: resends are rate-limited, PONGs carry 8 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
+    use tether::link::frame::flags;
+    use tether::link::{Frame, FrameType};
+    let w = World::new();
+    let mut proxy = w.proxy("");
+    let mut ctl = w.ctl().await;
+    let (good_id, raw_id) = (random_uuid(), random_uuid());
+    let mut g = FakeGuest::start(&w.channels(), &good_id);
+    g.topics(&["good"]).await;
+    wait_linked(&mut ctl, &good_id, "good").await;
+    let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
+    raw.send(&LinkMsg::Topics {
+        topics: vec!["raw".into()],
+    })
+    .await;
+    wait_linked(&mut ctl, &raw_id, "raw").await;
+    // Four casts into it that it never acknowledges: a full window to resend.
+    for i in 0..4 {
+        let v = ctl
+            .req(json!({"op": "cast", "instance": raw_id, "topic": "raw", "method": "m", "args": {"i": i}, "timeout_ms": 1}))
+            .await;
+        assert_eq!(v["ok"], false, "{v}");
+    }
+    let t = Instant::now();
+    let nack = || {
+        let mut f = Frame::new(FrameType::Ack, 0, bytes::Bytes::new());
+        f.flags = flags::NACK;
+        f
+    };
+    let session = raw.session;
+    let hello = |base: u64| {
+        let h = tether::link::Hello {
+            version: tether::link::hello::PROTOCOL_VERSION,
+            capabilities: 0,
+            session,
+            peer_session: 0,
+            next_expected: 1,
+            send_base: base,
+            max_payload: 262_144,
+            window_frames: 4,
+            window_bytes: 262_144,
+        };
+        Frame::new(FrameType::Hello, 0, h.encode())
+    };
+    for _ in 0..2000 {
+        raw.frame(nack()).await;
+    }
+    for _ in 0..100 {
+        raw.frame(Frame::new(
+            FrameType::Ping,
+            0,
+            bytes::Bytes::from(vec![7u8; 65536]),
+        ))
+        .await;
+    }
+    raw.frame(hello(u64::MAX)).await;
+    let mut d = Frame::new(
+        FrameType::Data,
+        0,
+        LinkMsg::Topics { topics: vec![] }.to_bytes(),
+    );
+    d.seq = u64::MAX;
+    raw.frame(d).await;
+    // Headers announcing 200 KiB payloads, each 36 bytes after the last.
+    let mut long = bytes::BytesMut::new();
+    Frame::new(
+        FrameType::Data,
+        0,
+        bytes::Bytes::from(vec![0u8; 200 * 1024]),
+    )
+    .encode_into(&mut long);
+    for _ in 0..2000 {
+        raw.frame_bytes(&long[..36]).await;
+    }
+    raw.frame_bytes(&vec![0u8; 200 * 1024]).await;
+    // A last message: once the proxy has it, it has read all of the above.
+    raw.send(&LinkMsg::Topics {
+        topics: vec!["raw2".into()],
+    })
+    .await;
+    wait_linked(&mut ctl, &raw_id, "raw2").await;
+    let elapsed = t.elapsed();
+
+    // The proxy is up and serves the good guest.
+    good_guest_answers(&mut ctl, &mut g, &good_id, w.ctl_sock()).await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy died");
+    let l = ctl.link(&raw_id).await;
+    // At most one window resent per 500 ms (plus the first), not one per NACK.
+    let rounds = elapsed.as_millis() as u64 / 500 + 2;
+    let resent = l["resent"].as_u64().unwrap();
+    assert!(
+        resent <= 4 * rounds,
+        "{resent} frames resent in {elapsed:?}: {l}"
+    );
+    assert!(l["rewinds_deferred"].as_u64() > Some(0), "{l}");
+    // 6.5 MB of PINGs sent; PONGs of 8 bytes came back.
+    let back = raw.received.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        back < 1 << 20,
+        "{back} bytes sent back to the hostile guest"
+    );
+    let _ = &mut proxy;
+}

@@ -194,6 +194,8 @@ pub fn target(topic: &str, server: Option<&str>, exchange: Option<&str>) -> Targ
 /// proxy's window, reads (and discards) whatever the proxy sends, and never
 /// acknowledges any of it.
 pub struct RawGuest {
+    /// Its session id.
+    pub session: u64,
     w: tokio::net::unix::OwnedWriteHalf,
     next_seq: u64,
     /// Bytes the proxy sent it.
@@ -225,7 +227,9 @@ impl RawGuest {
                 got.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
         });
+        let session = tether::random_session_id();
         let mut g = Self {
+            session,
             w,
             next_seq: 1,
             received,
@@ -234,7 +238,7 @@ impl RawGuest {
         let h = tether::link::Hello {
             version: tether::link::hello::PROTOCOL_VERSION,
             capabilities: 0,
-            session: tether::random_session_id(),
+            session,
             peer_session: 0,
             next_expected: 1,
             send_base: 1,
@@ -257,6 +261,12 @@ impl RawGuest {
         let mut b = bytes::BytesMut::new();
         f.encode_into(&mut b);
         self.w.write_all(&b).await.expect("write to the proxy");
+    }
+
+    /// Write raw bytes (headers, garbage).
+    pub async fn frame_bytes(&mut self, b: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.w.write_all(b).await.expect("write to the proxy");
     }
 
     /// Send `m` as the next DATA frame (acknowledging nothing).
