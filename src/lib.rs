@@ -19,7 +19,8 @@
 //!   (oslo.messaging over RabbitMQ).
 //! - [`client`]: the Rust API for sub-agents.
 //! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers,
-//!   systemd notification.
+//!   systemd notification; [`logbudget`]: what one peer may make a daemon
+//!   log.
 //! - [`testing`]: support for tests and benchmarks that want real sockets with
 //!   faults: a deterministic RNG and a fault-injecting UNIX socket relay.
 //!
@@ -39,6 +40,7 @@ pub mod daemon;
 pub mod guest;
 pub mod host;
 pub mod link;
+pub mod logbudget;
 pub mod rpc;
 pub mod sd;
 pub mod testing;

@@ -341,3 +341,97 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
     );
     let _ = &mut proxy;
 }
+
+/// What a guest makes the proxy log is bounded per instance: 5,000 HELLOs,
+/// each with a new session id (one log line each, before), leave a few
+/// lines per second in the proxy's log and one that counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_flood_the_proxys_log() {
+    use tether::link::{Frame, FrameType};
+    const HELLOS: u64 = 5000;
+    let w = World::new();
+    let proxy = w.proxy("");
+    let mut ctl = w.ctl().await;
+    let raw_id = random_uuid();
+    let t = Instant::now();
+    let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
+    for n in 0..HELLOS {
+        let h = tether::link::Hello {
+            version: tether::link::hello::PROTOCOL_VERSION,
+            capabilities: 0,
+            session: 0x1000 + n,
+            peer_session: 0,
+            next_expected: 1,
+            send_base: 1,
+            max_payload: 262_144,
+            window_frames: 4,
+            window_bytes: 262_144,
+        };
+        raw.frame(Frame::new(FrameType::Hello, 0, h.encode())).await;
+    }
+    // Read to the end: the proxy has seen every HELLO once its peer
+    // changes count them all.
+    let wait = Instant::now();
+    loop {
+        let l = ctl.link(&raw_id).await;
+        if l["peer_changes"].as_u64() == Some(HELLOS + 1) {
+            break;
+        }
+        assert!(wait.elapsed() < BOUND, "{l}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t.elapsed().as_secs() + 1;
+    let log = proxy.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("new peer session"))
+        .count() as u64;
+    assert!(
+        lines <= tether::logbudget::LOG_LINES_PER_SEC as u64 * (secs + 1),
+        "{lines} lines in {secs} s"
+    );
+    assert!(lines >= 1, "the first is logged");
+}
+
+/// A guest that answers every link-up with an ERROR frame is relinked with
+/// a growing backoff, not every few milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_errors_on_every_link_up_is_relinked_with_backoff() {
+    use tether::link::{Frame, FrameType};
+    let w = World::new();
+    let _proxy = w.proxy("");
+    let raw_id = random_uuid();
+    let path = w.channels().join(format!("{raw_id}.sock"));
+    let l = tokio::net::UnixListener::bind(&path).unwrap();
+    let window = Duration::from_secs(3);
+    let t = Instant::now();
+    let mut accepts = 0u32;
+    while let Ok(Ok((s, _))) =
+        tokio::time::timeout(window.saturating_sub(t.elapsed()), l.accept()).await
+    {
+        use tokio::io::AsyncWriteExt;
+        accepts += 1;
+        let (_r, mut wr) = s.into_split();
+        let h = tether::link::Hello {
+            version: tether::link::hello::PROTOCOL_VERSION,
+            capabilities: 0,
+            session: 0x77,
+            peer_session: 0,
+            next_expected: 1,
+            send_base: 1,
+            max_payload: 262_144,
+            window_frames: 4,
+            window_bytes: 262_144,
+        };
+        let mut b = bytes::BytesMut::new();
+        Frame::new(FrameType::Hello, 0, h.encode()).encode_into(&mut b);
+        Frame::new(FrameType::Error, 0, bytes::Bytes::from_static(b"go away")).encode_into(&mut b);
+        let _ = wr.write_all(&b).await;
+        // Keep the connection until the proxy drops it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // 50 ms doubling: 50, 100, 200, 400, 800, 1600 ms... about six in 3 s
+    // (without the backoff it was one every ~60 ms: about fifty).
+    assert!(accepts >= 2, "it relinks at all: {accepts}");
+    assert!(accepts <= 10, "{accepts} relinks in {window:?}");
+}

@@ -71,6 +71,8 @@ pub struct Instance {
     /// See [`OUTBOX_CAP`].
     outbox: tokio::sync::mpsc::Sender<bytes::Bytes>,
     outbox_dropped: AtomicU64,
+    /// What this guest may make the proxy log ([`crate::logbudget`]).
+    log: Mutex<crate::logbudget::LogBudget>,
     task: Mutex<Option<LinkTask>>,
 }
 
@@ -122,6 +124,7 @@ impl Instance {
             rerouted: AtomicU64::new(0),
             outbox,
             outbox_dropped: AtomicU64::new(0),
+            log: Mutex::default(),
             task: Mutex::new(Some(task)),
         });
         inst.apply_topics(&policy);
@@ -263,6 +266,12 @@ impl Instance {
         Some(rx)
     }
 
+    /// May a line this guest caused be logged now? (`Some(n)`: yes, `n`
+    /// were suppressed before it.)
+    fn may_log(&self) -> Option<u64> {
+        lock(&self.log).allow(std::time::Instant::now())
+    }
+
     /// Queue `bytes` for the guest without waiting (see [`OUTBOX_CAP`]).
     pub fn post(&self, bytes: bytes::Bytes) {
         if self.outbox.try_send(bytes).is_err() {
@@ -391,9 +400,15 @@ async fn read_loop(
                 on_message(&inst, &b, &mut enforcer, &out).await
             }
             LinkEvent::Up { peer } => {
-                info!(instance = %inst.id, peer = format_args!("{peer:016x}"), "guest linked")
+                if let Some(suppressed) = inst.may_log() {
+                    info!(instance = %inst.id, peer = format_args!("{peer:016x}"), suppressed, "guest linked")
+                }
             }
-            LinkEvent::Down => info!(instance = %inst.id, "guest link down"),
+            LinkEvent::Down => {
+                if let Some(suppressed) = inst.may_log() {
+                    info!(instance = %inst.id, suppressed, "guest link down")
+                }
+            }
             LinkEvent::PeerChanged {
                 previous: Some(_), ..
             } => new_guest_session(&inst),
@@ -425,7 +440,9 @@ fn new_guest_session(inst: &Arc<Instance>) {
     if again.is_empty() {
         return;
     }
-    info!(instance = %inst.id, requests = again.len(), "new guest session: sending the requests no sub-agent took again");
+    if let Some(suppressed) = inst.may_log() {
+        info!(instance = %inst.id, requests = again.len(), suppressed, "new guest session: sending the requests no sub-agent took again");
+    }
     let inst = inst.clone();
     tokio::spawn(async move {
         for b in again {
@@ -606,7 +623,9 @@ fn on_topics(inst: &Instance, topics: Vec<String>, size: usize, enforcer: &mut E
                 };
                 inst.audit(r, size);
             }
-            info!(instance = %inst.id, topics = ?allowed, "guest topics");
+            if let Some(suppressed) = inst.may_log() {
+                info!(instance = %inst.id, topics = ?allowed, suppressed, "guest topics");
+            }
             let r = Record {
                 topic: Some(clip(&allowed.join(","))),
                 ..record("topics", "allow", None)

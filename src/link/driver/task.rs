@@ -22,7 +22,8 @@ use tracing::{debug, info, trace, warn};
 use super::{ConnectFuture, Connector, LinkEvent, LinkOptions, LinkStatus, Shared};
 use crate::link::Frame;
 use crate::link::codec::{DecodeStats, FrameCodec};
-use crate::link::session::{Event, Session};
+use crate::link::session::{Event, ResetReason, Session};
+use crate::logbudget::LogBudget;
 
 /// Stop pulling frames from the session once this much is waiting to be
 /// written: one 32 KiB virtio-serial write twice over.
@@ -79,7 +80,20 @@ struct Driver {
     decode_total: DecodeStats,
     last_frame_unix_ms: u64,
     up_since_unix_ms: u64,
+    /// What this link's peer may make us log ([`crate::logbudget`]).
+    log: LogBudget,
+    /// The session reset the connection because of the peer (its ERROR, an
+    /// incompatible HELLO).
+    reset_by_peer: bool,
+    /// When the connection was last established.
+    up_at: Option<TokioInstant>,
 }
+
+/// A connection the peer made us reset sooner than this after it came up
+/// does not reset the reconnect backoff (it doubles): a guest that answers
+/// every link-up with an ERROR is relinked at most every `backoff_max`, not
+/// every few milliseconds with consumers re-created each time.
+pub const STABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Run a link until `stop` fires.
 pub(crate) async fn run<C: Connector>(
@@ -101,6 +115,9 @@ pub(crate) async fn run<C: Connector>(
         decode_total: DecodeStats::default(),
         last_frame_unix_ms: 0,
         up_since_unix_ms: 0,
+        log: LogBudget::new(),
+        reset_by_peer: false,
+        up_at: None,
     };
     let name = d.opts.name.clone();
     let mut backoff = d.opts.backoff_min;
@@ -154,10 +171,12 @@ pub(crate) async fn run<C: Connector>(
                 }
                 IoStep::Lost(why) => {
                     let was_up = d.disconnect(&mut phase, &name, &why);
-                    backoff = if was_up {
+                    let flapping = std::mem::take(&mut d.reset_by_peer)
+                        && d.up_at.is_none_or(|t| t.elapsed() < STABLE_AFTER);
+                    backoff = if was_up && !flapping {
                         d.opts.backoff_min
                     } else {
-                        (backoff * 2).min(d.opts.backoff_max)
+                        backoff.saturating_mul(2).min(d.opts.backoff_max)
                     };
                     phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff)));
                 }
@@ -331,7 +350,9 @@ impl Driver {
         add_stats(&mut self.decode_total, c.reader.decoder().stats());
         self.shared.lock().on_disconnected(now());
         if c.established {
-            info!(link = %name, reason = %why, "link down");
+            if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                info!(link = %name, reason = %why, suppressed, "link down");
+            }
             self.pending.push_back(LinkEvent::Down);
         } else {
             debug!(link = %name, reason = %why, "connection lost before handshake");
@@ -388,26 +409,40 @@ impl Driver {
                         c.established = true;
                     }
                     self.up_since_unix_ms = crate::unix_ms();
-                    info!(link = %name, peer = format_args!("{peer:016x}"), "link up");
+                    self.up_at = Some(TokioInstant::now());
+                    if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                        info!(link = %name, peer = format_args!("{peer:016x}"), suppressed, "link up");
+                    }
                     self.pending.push_back(LinkEvent::Up { peer });
                 }
                 Event::PeerChanged { previous, current } => {
-                    info!(link = %name, previous = ?previous.map(|p| format!("{p:016x}")),
-                          current = format_args!("{current:016x}"), "new peer session");
+                    if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                        info!(link = %name, previous = ?previous.map(|p| format!("{p:016x}")),
+                              current = format_args!("{current:016x}"), suppressed, "new peer session");
+                    }
                     self.pending
                         .push_back(LinkEvent::PeerChanged { previous, current });
                 }
                 Event::Acked { .. } => {}
                 Event::WindowOpen => window_open = true,
                 Event::Reconnect(why) => {
-                    warn!(link = %name, reason = ?why, "resetting connection");
+                    if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                        warn!(link = %name, reason = ?why, suppressed, "resetting connection");
+                    }
+                    // A peer that makes us reset grows the reconnect backoff.
+                    self.reset_by_peer =
+                        matches!(why, ResetReason::PeerGaveUp | ResetReason::Incompatible);
                     reconnect = true;
                 }
                 Event::Expired { unacked } => {
                     warn!(link = %name, lost = unacked.len(), "session expired after the grace period");
                     self.pending.push_back(LinkEvent::Expired { unacked });
                 }
-                Event::ProtocolError(e) => warn!(link = %name, error = %e, "link protocol error"),
+                Event::ProtocolError(e) => {
+                    if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                        warn!(link = %name, error = %e, suppressed, "link protocol error");
+                    }
+                }
             }
         }
         (reconnect, window_open)
