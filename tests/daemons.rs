@@ -856,3 +856,31 @@ async fn next_request(sa: &mut tether::client::SubAgent) -> tether::client::Inco
         .unwrap()
         .unwrap()
 }
+
+/// At most `max_control_clients` control connections: one more is told
+/// `overloaded` and closed; once one goes, a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_are_capped() {
+    let w = World::new();
+    let _proxy = w.proxy("max_control_clients = 3\n");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = w.ctl().await;
+        assert_eq!(c.req(json!({"op": "links"})).await["ok"], true);
+        open.push(c);
+    }
+    let mut extra = w.ctl().await;
+    let v = extra.read().await;
+    assert_eq!(v["error"]["kind"], "overloaded", "{v}");
+    assert!(extra.next().await.is_none(), "and closed");
+    drop(open.pop());
+    let t = std::time::Instant::now();
+    loop {
+        let mut c = w.ctl().await;
+        match c.next_req(json!({"op": "links"})).await {
+            Some(v) if v["ok"] == true => break,
+            other => assert!(t.elapsed() < BOUND, "never served again: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

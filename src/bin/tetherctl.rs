@@ -361,9 +361,11 @@ target exchanges {} topics {} servers {} methods {}",
 
 fn exit_for(kind: &str) -> u8 {
     match kind {
-        "remote" => EXIT_REMOTE,
+        "remote" | "refused" | "not_delivered" => EXIT_REMOTE,
         "timeout" => EXIT_TIMEOUT,
         "not_connected" => EXIT_NOT_CONNECTED,
+        // Too many control connections: as good as unreachable, for now.
+        "overloaded" => EXIT_UNREACHABLE,
         _ => EXIT_USAGE,
     }
 }

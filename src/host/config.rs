@@ -27,6 +27,12 @@ pub struct ProxyConfig {
     pub default_timeout_ms: u64,
     /// Most instance links at once.
     pub max_links: usize,
+    /// Most control-socket connections at once; one more is told so and
+    /// closed.
+    pub max_control_clients: usize,
+    /// Bytes of control requests in progress, all connections together; a
+    /// connection past it waits before its next request is read.
+    pub max_control_bytes: usize,
     /// Link limits and timers (the same for every instance).
     pub link: SessionConfig,
     /// What guests may send.
@@ -43,6 +49,8 @@ impl Default for ProxyConfig {
             max_line: 1024 * 1024,
             default_timeout_ms: 30_000,
             max_links: 10_000,
+            max_control_clients: 64,
+            max_control_bytes: 64 << 20,
             link: SessionConfig::default(),
             policy: PolicyConfig::default(),
             broker: Default::default(),
@@ -70,6 +78,12 @@ impl Validate for ProxyConfig {
         }
         if self.max_links == 0 {
             return Err("max_links must be above 0".into());
+        }
+        if self.max_control_clients == 0 {
+            return Err("max_control_clients must be above 0".into());
+        }
+        if self.max_control_bytes < self.max_line || self.max_control_bytes > u32::MAX as usize {
+            return Err("max_control_bytes must be at least max_line and below 4 GiB".into());
         }
         Ok(())
     }

@@ -154,13 +154,37 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     crate::daemon::bind_unix(path, 0o600)
 }
 
-/// Serve control clients forever.
+/// Serve control clients forever: at most `max_control_clients` at once,
+/// with `max_control_bytes` of requests in progress between them.
 pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
+    let clients = Arc::new(Semaphore::new(proxy.cfg.max_control_clients));
+    let bytes = Arc::new(Semaphore::new(proxy.cfg.max_control_bytes));
     loop {
         match listener.accept().await {
-            Ok((s, _)) => {
-                tokio::spawn(client(s, proxy.clone()));
-            }
+            Ok((s, _)) => match clients.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (p, b) = (proxy.clone(), bytes.clone());
+                    tokio::spawn(async move {
+                        client(s, p, b).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let n = proxy.cfg.max_control_clients;
+                    tokio::spawn(async move {
+                        let e = err(
+                            "overloaded",
+                            format!(
+                                "the proxy serves {n} control connections at once (max_control_clients); try again"
+                            ),
+                        );
+                        let mut f = Framed::new(s, LinesCodec::new());
+                        let line =
+                            json!({"id": null, "ok": false, "error": e.to_json()}).to_string();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), f.send(line)).await;
+                    });
+                }
+            },
             Err(e) => {
                 warn!(error = %e, "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -169,7 +193,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
     }
 }
 
-async fn client(s: UnixStream, proxy: Arc<Proxy>) {
+async fn client(s: UnixStream, proxy: Arc<Proxy>, bytes: Arc<Semaphore>) {
     let mut framed = Framed::new(s, LinesCodec::new_with_max_length(proxy.cfg.max_line));
     let (out_tx, mut out_rx) = mpsc::channel::<Value>(MAX_CLIENT_INFLIGHT);
     let slots = Arc::new(Semaphore::new(MAX_CLIENT_INFLIGHT));
@@ -210,6 +234,9 @@ async fn client(s: UnixStream, proxy: Arc<Proxy>) {
                         }
                         Ok(req) => {
                             let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                            // Bounded by max_control_bytes ≥ max_line ≥ this line.
+                            let cost = u32::try_from(line.len().max(1)).unwrap_or(u32::MAX);
+                            let Ok(held) = bytes.clone().acquire_many_owned(cost).await else { break };
                             let (p, tx) = (proxy.clone(), out_tx.clone());
                             tokio::spawn(async move {
                                 let resp = match handle(&p, req).await {
@@ -217,7 +244,7 @@ async fn client(s: UnixStream, proxy: Arc<Proxy>) {
                                     Err(e) => json!({"id": id, "ok": false, "error": e.to_json()}),
                                 };
                                 let _ = tx.send(resp).await;
-                                drop(permit);
+                                drop((permit, held));
                             });
                         }
                     }

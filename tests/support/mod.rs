@@ -347,6 +347,12 @@ impl Ctl {
         }
     }
 
+    /// Send `v`; its answer, or `None` if the proxy closed the connection.
+    pub async fn next_req(&mut self, v: Value) -> Option<Value> {
+        self.try_send_line(&v.to_string()).await.ok()?;
+        self.next().await
+    }
+
     pub async fn req(&mut self, v: Value) -> Value {
         self.send_line(&v.to_string()).await;
         self.read().await
