@@ -884,3 +884,31 @@ async fn control_connections_are_capped() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An instance whose socket stayed gone for the link's grace period is
+/// forgotten: the registry does not grow with every VM the host ever ran,
+/// and `max_links` counts those that are here (a channel ignored for it is
+/// linked once there is room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_gone_past_the_grace_are_forgotten() {
+    let w = World::new();
+    let _proxy = w.proxy("max_links = 1\n[link]\ngrace = 1000\n");
+    let mut ctl = w.ctl().await;
+    let (a, b) = (random_uuid(), random_uuid());
+    let ga = support::guest::FakeGuest::start(&w.channels(), &a);
+    ga.topics(&["t"]).await;
+    wait_linked(&mut ctl, &a, "t").await;
+    let gb = support::guest::FakeGuest::start(&w.channels(), &b);
+    gb.topics(&["t"]).await;
+    ga.leave().await;
+    // b was ignored (max_links); once a is forgotten, b gets its link.
+    wait_linked(&mut ctl, &b, "t").await;
+    let v = ctl.req(json!({"op": "links"})).await;
+    let ids: Vec<&str> = v["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![b.as_str()], "{v}");
+}

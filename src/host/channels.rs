@@ -49,6 +49,22 @@ fn consider(dir: &Path, name: &OsStr) -> Option<Channel> {
     }
 }
 
+/// The channels in `dir` now (unreadable: none).
+pub fn scan(dir: &Path) -> Vec<Channel> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    instance_id(&e.file_name()).map(|instance| Channel {
+                        instance,
+                        path: e.path(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What happened in the channels directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelEvent {

@@ -52,6 +52,8 @@ pub struct Proxy {
     /// The configuration.
     pub cfg: Arc<ProxyConfig>,
     instances: Mutex<BTreeMap<String, Arc<Instance>>>,
+    /// Instances whose socket went, and since when.
+    gone_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     watch: broadcast::Sender<WatchEvent>,
     /// To the broker bridge, when a broker is configured.
     upstream: Option<broker::Outlet>,
@@ -84,6 +86,7 @@ impl Proxy {
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
+            gone_since: Mutex::default(),
             watch: broadcast::channel(WATCH_BUFFER).0,
             upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone(), share)),
             bridge,
@@ -183,6 +186,7 @@ impl Proxy {
             warn!(instance = %c.instance, max_links = self.cfg.max_links, "too many links; channel ignored");
             return;
         }
+        crate::lock(&self.gone_since).remove(&c.instance);
         info!(instance = %c.instance, socket = %c.path.display(), "new channel");
         let inst = Instance::spawn(
             c.instance.clone(),
@@ -201,6 +205,48 @@ impl Proxy {
         if let Some(inst) = self.map().get(id) {
             info!(instance = %id, "channel socket gone");
             inst.tx.drop_connection();
+            crate::lock(&self.gone_since).insert(id.to_string(), std::time::Instant::now());
+        }
+    }
+
+    /// Forget instances whose socket has stayed gone for the link's grace
+    /// period (their sessions expired: nothing is kept for them any more),
+    /// so the registry does not grow with every VM the host ever ran and
+    /// `max_links` counts the VMs that are here.
+    pub async fn forget_gone(&self) {
+        let grace = self.cfg.link.grace;
+        let due: Vec<String> = {
+            let mut g = crate::lock(&self.gone_since);
+            let due: Vec<String> = g
+                .iter()
+                .filter(|(_, t)| t.elapsed() >= grace)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &due {
+                g.remove(k);
+            }
+            due
+        };
+        let mut forgot = false;
+        for id in due {
+            let path = self.cfg.channels_dir.join(format!("{id}.sock"));
+            if path.exists() {
+                continue; // back again (its Appeared event is on the way)
+            }
+            let inst = self.map().remove(&id);
+            if let Some(inst) = inst {
+                info!(instance = %id, "instance forgotten: its socket stayed gone for the grace period");
+                inst.close().await;
+                forgot = true;
+            }
+        }
+        if forgot {
+            // Room again under max_links: channels ignored for it get their link.
+            for c in channels::scan(&self.cfg.channels_dir) {
+                if self.instance(&c.instance).is_none() {
+                    self.ensure(c);
+                }
+            }
         }
     }
 
@@ -259,9 +305,11 @@ pub async fn run(
     info!(channels = %proxy.cfg.channels_dir.display(), control = %proxy.cfg.control_socket.display(), "tether-proxy ready");
     tokio::pin!(shutdown);
     let mut watching = true;
+    let mut forget = tokio::time::interval(forget_every(proxy.cfg.link.grace));
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = forget.tick() => proxy.forget_gone().await,
             Some(()) = reload.recv() => match proxy.reload() {
                 Ok(n) => info!(changed = n, "policy reloaded"),
                 Err(e) => error!(error = %e, "reload refused; the running policy stays"),
@@ -286,4 +334,14 @@ pub async fn run(
     proxy.close_all().await;
     let _ = std::fs::remove_file(&proxy.cfg.control_socket);
     Ok(())
+}
+
+/// How often instances whose socket is gone are checked against the grace
+/// period: often enough to forget them soon after it (half of it, at most a
+/// minute, at least 100 ms).
+fn forget_every(grace: std::time::Duration) -> std::time::Duration {
+    (grace / 2).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(60),
+    )
 }
