@@ -912,3 +912,71 @@ async fn instances_gone_past_the_grace_are_forgotten() {
         .collect();
     assert_eq!(ids, vec![b.as_str()], "{v}");
 }
+
+/// The supervisor's allow-lists mean what they say: a start request cannot
+/// set the dynamic loader's variables (or any the agent's `allowed_env`
+/// does not list), and the file it checked is the file it runs — also on
+/// every restart, after the symlink it was asked by points elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_requests_cannot_swap_the_program_or_preload_code() {
+    let w = World::new();
+    let (_proxy, _agent, mut ctl) = one_guest(&w).await;
+    let (py, sub) = (python3(), example_subagent());
+    for (env, says) in [
+        (json!({"LD_PRELOAD": "/tmp/evil.so"}), "may not be set"),
+        (json!({"PYTHONSTARTUP": "/tmp/evil.py"}), "may not be set"),
+        (json!({"SOMETHING_ELSE": "1"}), "allowed_env"),
+    ] {
+        let v = ctl
+            .req(json!({"op": "start_agent", "instance": U1, "name": "x", "argv": [py, sub], "env": env}))
+            .await;
+        assert_eq!(v["error"]["class"], "SupervisorError", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    // Asked by a symlink to the allowed interpreter.
+    let link = w.path("runner");
+    std::os::unix::fs::symlink(&py, &link).unwrap();
+    let v = ctl
+        .req(
+            json!({"op": "start_agent", "instance": U1, "name": "swapped", "argv": [link, sub],
+                    "env": {"SUBAGENT_TOPICS": "swapped"}, "restart": "always"}),
+        )
+        .await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    let first = v["result"]["pid"].as_u64().unwrap();
+    wait_linked(&mut ctl, U1, "swapped").await;
+    // The link now points to a shell; the sub-agent dies and is restarted.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("/bin/sh", &link).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let pid = loop {
+        let v = ctl.req(json!({"op": "agents", "instance": U1})).await;
+        let me = v["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == "swapped")
+            .cloned()
+            .unwrap_or_default();
+        if let Some(p) = me["pid"].as_u64().filter(|p| *p != first) {
+            break p;
+        }
+        assert!(t.elapsed() < BOUND, "never restarted: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe,
+        std::fs::canonicalize(&py).unwrap(),
+        "the restart ran what was checked"
+    );
+    wait_linked(&mut ctl, U1, "swapped").await;
+}

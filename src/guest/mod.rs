@@ -87,7 +87,7 @@ pub async fn run(
     let server = tokio::spawn(subagent::serve(listener, cfg.max_line, sub_tx, handover));
     let supervisor = Supervisor::new(cfg.supervisor.clone(), cfg.subagent_socket.clone());
     for s in &cfg.subagents {
-        if let Err(f) = supervisor.start(s.clone()).await {
+        if let Err(f) = supervisor.start_configured(s.clone()).await {
             warn!(subagent = %s.name, error = %f.message, "configured sub-agent did not start");
         }
     }

@@ -30,12 +30,52 @@ pub const SUPERVISOR_TOPIC: &str = "tether.supervisor";
 /// A child that ran at least this long restarts from the shortest backoff again.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
+/// What start requests may set in a sub-agent's environment by default.
+pub const DEFAULT_ALLOWED_ENV: &[&str] = &["SUBAGENT_*", "LANG", "LC_*", "TZ", "RUST_LOG"];
+
+/// Variables no start request may set: they make an allowed program load or
+/// run other code (the dynamic loader's, and the start-up hooks of common
+/// interpreters and shells).
+pub const NEVER_ENV: &[&str] = &[
+    "LD_*",
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "MALLOC_*",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "TMPDIR",
+    "PATH",
+    "PYTHON*",
+    "PERL*",
+    "RUBY*",
+    "NODE_*",
+    "BASH_ENV",
+    "ENV",
+    "IFS",
+    "SHELLOPTS",
+    "TETHER_*",
+];
+
+/// Whether `name` matches `pattern` (a name, or a prefix ending in `*`).
+fn env_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
 /// Supervisor limits, from the agent's config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Executables that start requests may run (absolute paths). Empty: none.
     pub allowed_executables: Vec<PathBuf>,
+    /// Environment variables a start request may set: names, or prefixes
+    /// ending in `*`. Dynamic-loader and interpreter start-up variables
+    /// (`LD_*`, …: [`NEVER_ENV`]) are refused whatever this says.
+    pub allowed_env: Vec<String>,
     /// Grace between SIGTERM and SIGKILL on stop (ms).
     pub stop_grace_ms: u64,
     /// First restart delay (ms).
@@ -52,6 +92,7 @@ impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
             allowed_executables: vec![],
+            allowed_env: DEFAULT_ALLOWED_ENV.iter().map(|s| s.to_string()).collect(),
             stop_grace_ms: 5_000,
             backoff_min_ms: 500,
             backoff_max_ms: 30_000,
@@ -204,29 +245,41 @@ impl Supervisor {
     }
 
     fn check_allowed(&self, program: &str) -> Result<PathBuf, Failure> {
-        let p = Path::new(program);
-        if !p.is_absolute() {
-            return Err(bad(format!("'{program}' is not an absolute path")));
-        }
-        let real = p
-            .canonicalize()
-            .map_err(|e| bad(format!("cannot run '{program}': {e}")))?;
-        let allowed = self
-            .cfg()
-            .allowed_executables
-            .iter()
-            .any(|a| a.canonicalize().is_ok_and(|a| a == real));
-        if allowed {
-            Ok(p.to_path_buf())
-        } else {
-            Err(bad(format!(
-                "'{program}' is not in allowed_executables of the agent's config"
-            )))
-        }
+        allowed_program(&self.cfg(), program)
     }
 
-    /// Start a sub-agent.
+    fn check_env(&self, env: &BTreeMap<String, String>) -> Result<(), Failure> {
+        let cfg = self.cfg();
+        for name in env.keys() {
+            if NEVER_ENV.iter().any(|p| env_matches(p, name)) {
+                return Err(bad(format!(
+                    "environment variable {name:?} may not be set by a start request"
+                )));
+            }
+            if !cfg.allowed_env.iter().any(|p| env_matches(p, name)) {
+                return Err(bad(format!(
+                    "environment variable {name:?} is not in allowed_env of the agent's config"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Start a sub-agent on a request (from the host): its program must be
+    /// allowed, and so must each variable of its environment.
     pub async fn start(&self, spec: StartSpec) -> Result<Value, Failure> {
+        self.check_env(&spec.env)?;
+        self.start_checked(spec).await
+    }
+
+    /// Start a sub-agent the agent's own config file names (written by
+    /// whoever built the guest image: its environment is not checked; its
+    /// program must still be allowed).
+    pub async fn start_configured(&self, spec: StartSpec) -> Result<Value, Failure> {
+        self.start_checked(spec).await
+    }
+
+    async fn start_checked(&self, spec: StartSpec) -> Result<Value, Failure> {
         if spec.name.is_empty() || spec.name.len() > 64 {
             return Err(bad("name must be 1 to 64 characters"));
         }
@@ -265,7 +318,7 @@ impl Supervisor {
             spec.clone(),
             program,
             self.socket.clone(),
-            self.cfg(),
+            self.cfg.clone(),
             status.clone(),
             stop_rx,
         ));
@@ -355,20 +408,34 @@ fn die_with_the_agent(cmd: &mut Command) {
     }
 }
 
+/// `program` is the resolved path that was checked against the allow-list:
+/// that file runs, not whatever a symlink in the request points to later;
+/// each restart checks it against the allow-list in force then.
 async fn run_child(
     spec: StartSpec,
     program: PathBuf,
     socket: PathBuf,
-    cfg: Arc<SupervisorConfig>,
+    live: Arc<std::sync::RwLock<Arc<SupervisorConfig>>>,
     status: Arc<Mutex<Status>>,
     mut stop: watch::Receiver<Option<Duration>>,
 ) {
+    let current = || {
+        live.read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    };
+    let cfg = current();
     let name = spec.name.clone();
     let min = Duration::from_millis(cfg.backoff_min_ms);
     let max = Duration::from_millis(cfg.backoff_max_ms.max(cfg.backoff_min_ms));
     let mut backoff = min;
     loop {
         let mut cmd = Command::new(&program);
+        // The checked file runs under the name it was asked by (a
+        // multi-call binary behind a symlink goes by its argv[0]).
+        if let Some(a0) = spec.argv.first() {
+            cmd.arg0(a0);
+        }
         cmd.args(spec.argv.iter().skip(1))
             .envs(&spec.env)
             .env("TETHER_AGENT_SOCKET", &socket)
@@ -452,8 +519,37 @@ async fn run_child(
                 return;
             }
         }
-        backoff = (backoff * 2).min(max);
+        backoff = backoff.saturating_mul(2).min(max);
         lock(&status).restarts += 1;
+        if let Err(f) = allowed_program(&current(), &program.to_string_lossy()) {
+            warn!(subagent = %name, reason = %f.message, "sub-agent not restarted: no longer allowed");
+            let mut s = lock(&status);
+            s.state = ChildState::Exited;
+            s.last_exit = Some(format!("not restarted: {}", f.message));
+            return;
+        }
+    }
+}
+
+/// The resolved path of `program` if the allow-list of `cfg` has it.
+fn allowed_program(cfg: &SupervisorConfig, program: &str) -> Result<PathBuf, Failure> {
+    let p = Path::new(program);
+    if !p.is_absolute() {
+        return Err(bad(format!("'{program}' is not an absolute path")));
+    }
+    let real = p
+        .canonicalize()
+        .map_err(|e| bad(format!("cannot run '{program}': {e}")))?;
+    let allowed = cfg
+        .allowed_executables
+        .iter()
+        .any(|a| a.canonicalize().is_ok_and(|a| a == real));
+    if allowed {
+        Ok(real)
+    } else {
+        Err(bad(format!(
+            "'{program}' is not in allowed_executables of the agent's config"
+        )))
     }
 }
 
