@@ -51,6 +51,8 @@ struct Scene {
     bad: FakeGuest,
     server: OsloServer,
     svc: String,
+    url: String,
+    ex: String,
 }
 
 async fn scene() -> Scene {
@@ -83,6 +85,8 @@ async fn scene() -> Scene {
         bad,
         server,
         svc,
+        url,
+        ex,
     }
 }
 
@@ -434,4 +438,36 @@ async fn a_guest_that_errors_on_every_link_up_is_relinked_with_backoff() {
     // (without the backoff it was one every ~60 ms: about fifty).
     assert!(accepts >= 2, "it relinks at all: {accepts}");
     assert!(accepts <= 10, "{accepts} relinks in {window:?}");
+}
+
+/// A guest's calls waiting for their answers count against its share of
+/// the bridge: past `upstream_per_instance` (100) in flight, its next calls
+/// are answered `BrokerUnavailable` at once — and its neighbour's casts are
+/// published as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_calls_in_flight_are_bounded_by_its_share() {
+    let mut s = scene().await;
+    let sink = unique("sink");
+    // Something takes the calls and never answers them.
+    let spy = Spy::start(&s.url, Some((&s.ex, &sink))).await;
+    for _ in 0..150 {
+        s.bad.send(LinkMsg::Req(call(&sink, None))).await;
+    }
+    let mut unavailable = 0;
+    while unavailable < 50 {
+        match s.bad.next().await {
+            LinkMsg::Rep(r) => {
+                let f = r.failure.expect("a failure");
+                assert_eq!(f.class, "BrokerUnavailable", "{f:?}");
+                assert!(f.message.contains("100 messages"), "{f:?}");
+                unavailable += 1;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    s.good_casts_arrive(0, 10).await;
+    // Exactly its share was published (the good casts above were published
+    // after all of these, on the same channel, in order).
+    let published = spy.drain().await.len();
+    assert_eq!(published, 100);
 }

@@ -60,7 +60,7 @@ pub(super) struct Session<'a> {
     /// them upstream (a guest's own ids never reach the broker, so no
     /// guest can collide with another's): (instance, the guest's msg_id,
     /// deadline).
-    calls: HashMap<String, (String, String, Instant)>,
+    calls: HashMap<String, PendingCall>,
     /// Unroutable guest casts: (first try, next try, the cast).
     retry: VecDeque<(Instant, Instant, Upstream)>,
 }
@@ -237,7 +237,7 @@ impl<'a> Session<'a> {
                     }
                     self.reconcile(&pub_ch).await?;
                     let now = Instant::now();
-                    self.calls.retain(|_, (_, _, d)| *d > now);
+                    self.calls.retain(|_, c| c.deadline > now);
                     while self.retry.front().is_some_and(|(_, next, _)| *next <= now) {
                         let Some((first, _, m)) = self.retry.pop_front() else { break };
                         if let Err(e) = self.upstream(&pub_ch, m.clone(), first).await {
@@ -277,7 +277,10 @@ impl<'a> Session<'a> {
         if !r.ending {
             return; // a heartbeat: the guest's own timeout applies
         }
-        let Some((instance, guest_id, _)) = self.calls.remove(&r.msg_id) else {
+        let Some(PendingCall {
+            instance, guest_id, ..
+        }) = self.calls.remove(&r.msg_id)
+        else {
             return debug!(msg_id = ?r.msg_id, "reply to an unknown or expired guest call dropped");
         };
         let r = crate::rpc::Reply {
@@ -360,7 +363,7 @@ impl<'a> Session<'a> {
                 self.proxy.bridge.update(|s| s.refused += 1);
                 if let Some(msg_id) = &request.msg_id {
                     self.calls
-                        .retain(|_, (i, g, _)| !(*i == instance && g == msg_id));
+                        .retain(|_, c| !(c.instance == instance && c.guest_id == *msg_id));
                 }
                 if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
                 {
@@ -405,7 +408,7 @@ impl<'a> Session<'a> {
                        reason = %why, "guest call refused by the broker");
                 if let Some(msg_id) = &request.msg_id {
                     self.calls
-                        .retain(|_, (i, g, _)| !(*i == instance && g == msg_id));
+                        .retain(|_, c| !(c.instance == instance && c.guest_id == *msg_id));
                 }
                 if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
                 {
@@ -439,7 +442,7 @@ impl<'a> Session<'a> {
             Upstream::Call {
                 instance,
                 request: r,
-                ..
+                ticket,
             } => {
                 let t = r
                     .timeout_ms
@@ -447,14 +450,16 @@ impl<'a> Session<'a> {
                     .min(self.cfg.upstream_call_timeout_ms);
                 let up_id = new_unique_id();
                 if let Some(msg_id) = &r.msg_id {
-                    self.calls.insert(
-                        up_id.clone(),
-                        (
-                            instance.clone(),
-                            msg_id.clone(),
-                            Instant::now() + Duration::from_millis(t),
-                        ),
-                    );
+                    // The ticket stays with the call until its answer comes
+                    // or it expires: a guest's calls in flight count
+                    // against its share too.
+                    let call = PendingCall {
+                        instance: instance.clone(),
+                        guest_id: msg_id.clone(),
+                        deadline: Instant::now() + Duration::from_millis(t),
+                        _ticket: ticket.clone(),
+                    };
+                    self.calls.insert(up_id.clone(), call);
                 }
                 let upstream = Request {
                     msg_id: Some(up_id),
@@ -798,4 +803,14 @@ enum Published {
     Unroutable,
     /// The broker would not take it (or AMQP cannot carry its names).
     Refused(String),
+}
+
+/// A guest's call published upstream, waiting for its reply.
+struct PendingCall {
+    instance: String,
+    /// The id the guest knows it by.
+    guest_id: String,
+    deadline: Instant,
+    /// Its claim on the instance's share of the bridge.
+    _ticket: Option<super::Ticket>,
 }

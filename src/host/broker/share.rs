@@ -1,6 +1,7 @@
 //! Each instance's share of the bridge: the guest messages one instance may
 //! have waiting for the broker at once — queued for the bridge, held while
-//! the broker is away, or retried while nothing consumes their topic. The
+//! the broker is away, retried while nothing consumes their topic, or (a
+//! call) published and waiting for its answer. The
 //! bridge's queue and hold are shared by every instance on the host; without
 //! a share, one guest's burst would fill them and its neighbours' messages
 //! would be refused (`BrokerUnavailable`) with the broker up.
