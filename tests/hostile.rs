@@ -45,7 +45,7 @@ methods = ["*"]
 /// server on `svc` the good guest casts to.
 struct Scene {
     w: World,
-    _proxy: Proc,
+    proxy: Proc,
     ctl: Ctl,
     good: FakeGuest,
     bad: FakeGuest,
@@ -79,7 +79,7 @@ async fn scene() -> Scene {
     wait_linked(&mut ctl, &bad_id, "bad").await;
     Scene {
         w,
-        _proxy: proxy,
+        proxy,
         ctl,
         good,
         bad,
@@ -470,4 +470,42 @@ async fn a_guests_calls_in_flight_are_bounded_by_its_share() {
     // after all of these, on the same channel, in order).
     let published = spy.drain().await.len();
     assert_eq!(published, 100);
+}
+
+/// Topic churn: a guest announcing a new topic set 12 times in a row gets
+/// at most a burst of them applied on the broker (queues declared and
+/// consumed), then the latest as the window allows — not 50 rounds of
+/// declarations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_churn_is_rate_limited_on_the_broker() {
+    let mut s = scene().await;
+    let bad_id = s.ctl.req(json!({"op": "links"})).await["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["profile"] == "hostile")
+        .map(|l| l["instance"].as_str().unwrap().to_string())
+        .unwrap();
+    // Spaced wider than the bridge's 200 ms reconcile tick, so that each
+    // would be applied on its own without the limit.
+    let churn: Vec<String> = (0..12).map(|i| format!("churn{i}")).collect();
+    for t in &churn {
+        s.bad.topics(&[t.as_str()]).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The last set is served in the end.
+    let last = format!("\"{}.{bad_id}\"", churn[11]);
+    let t = Instant::now();
+    while !s.proxy.log_text().contains(&last) {
+        assert!(t.elapsed() < BOUND, "the last topic set was never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = s.proxy.log_text();
+    let consumed = log
+        .lines()
+        .filter(|l| l.contains("consuming") && l.contains("churn") && l.contains(&bad_id))
+        .count();
+    // The burst (5), then the last set once the window allows.
+    assert!(consumed <= 5 + 1, "{consumed} churned queues consumed");
+    s.good_casts_arrive(0, 5).await;
 }

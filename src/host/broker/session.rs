@@ -7,7 +7,7 @@
 //! | object | kind | durable | arguments |
 //! |---|---|---|---|
 //! | control exchange | topic | `durable or quorum_queues` | |
-//! | `<topic>.<instance>` | queue | `durable or quorum_queues` | quorum: `x-queue-type` |
+//! | `<topic>.<instance>` | queue | `durable or quorum_queues` | quorum: `x-queue-type`; `x-expires` (only tether consumes these) |
 //! | `<topic>_fanout` | fanout exchange, auto-delete | `transient_quorum_queues` | |
 //! | `<topic>_fanout_<proxy id>` (classic) | queue | `transient_quorum_queues` | quorum, `x-expires` |
 //! | `<topic>_fanout` (stream) | queue, shared | yes | `x-queue-type: stream`, `x-max-age` |
@@ -40,7 +40,20 @@ use crate::rpc::{Failure, LinkMsg, Request, new_unique_id};
 struct InstConsumers {
     ch: Channel,
     tags: HashMap<String, ShortString>,
+    /// When its served topics last changed on the broker (the most recent
+    /// [`TOPIC_CHANGES_BURST`]).
+    changes: VecDeque<Instant>,
 }
+
+/// Changes of one instance's served topics applied on the broker (queues
+/// declared, bound, consumed, cancelled) per [`TOPIC_CHANGES_WINDOW`]; a
+/// guest announcing new topics faster has them applied as the window
+/// allows (the latest set wins), so topic churn cannot turn into a stream
+/// of declarations. An agent restart takes two (its topics forgotten, then
+/// announced again).
+pub const TOPIC_CHANGES_BURST: usize = 5;
+/// See [`TOPIC_CHANGES_BURST`].
+pub const TOPIC_CHANGES_WINDOW: Duration = Duration::from_secs(10);
 
 /// One broker connection's worth of state.
 pub(super) struct Session<'a> {
@@ -646,6 +659,7 @@ impl<'a> Session<'a> {
                 InstConsumers {
                     ch,
                     tags: HashMap::new(),
+                    changes: VecDeque::new(),
                 },
             );
         }
@@ -653,6 +667,22 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         let have: Vec<String> = c.tags.keys().cloned().collect();
+        let changed = have.len() != topics.len() || have.iter().any(|t| !topics.contains(t));
+        if !changed {
+            return Ok(());
+        }
+        let now = Instant::now();
+        while c
+            .changes
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= TOPIC_CHANGES_WINDOW)
+        {
+            c.changes.pop_front();
+        }
+        if c.changes.len() >= TOPIC_CHANGES_BURST {
+            return Ok(()); // applied when the window allows
+        }
+        c.changes.push_back(now);
         for t in have.iter().filter(|t| !topics.contains(t)) {
             if let Some(tag) = c.tags.remove(t) {
                 let _ = c.ch.basic_cancel(tag, BasicCancelOptions::default()).await;
@@ -670,6 +700,15 @@ impl<'a> Session<'a> {
                 args.insert(
                     "x-queue-type".into(),
                     AMQPValue::LongString("quorum".into()),
+                );
+            }
+            // Only tether consumes `<topic>.<instance>`: such a queue goes
+            // when unused for queue_expires_ms (the VM went, the topic was
+            // dropped), so topic churn does not fill the broker.
+            if self.cfg.queue_expires_ms > 0 {
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(self.cfg.queue_expires_ms as i64),
                 );
             }
             Self::declare_queue(&c.ch, "server queue", &q, self.cfg.server_durable(), args).await?;
