@@ -175,7 +175,7 @@ async fn slow_receiver_pauses_reading_without_ending_the_link() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("slow.sock");
     let mut ob = opts("b");
-    ob.recv_queue = 1;
+    ob.recv_queue_bytes = 1;
     let b = Link::spawn(
         UnixAcceptor::new(UnixListener::bind(&path).unwrap()),
         ob,

@@ -25,12 +25,6 @@ pub struct FakeGuest {
 impl FakeGuest {
     /// Listen on the instance's channel socket, as QEMU's chardev does.
     pub fn start(channels: &Path, uuid: &str) -> Self {
-        Self::start_with(channels, uuid, LinkOptions::default())
-    }
-
-    /// The same, with the link's options (a hostile guest's tiny window, a
-    /// receive queue that stops its reading early).
-    pub fn start_with(channels: &Path, uuid: &str, opts: LinkOptions) -> Self {
         let path = channels.join(format!("{uuid}.sock"));
         let _ = std::fs::remove_file(&path);
         let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
@@ -38,7 +32,7 @@ impl FakeGuest {
             UnixAcceptor::new(l),
             LinkOptions {
                 name: format!("fake-{uuid}"),
-                ..opts
+                ..LinkOptions::default()
             },
             tether::random_session_id(),
         );

@@ -61,9 +61,26 @@ pub struct LinkOptions {
     pub backoff_min: Duration,
     /// Reconnect delay cap.
     pub backoff_max: Duration,
-    /// Received events buffered for `recv` before reading stops (at least
-    /// 1, at most `u32::MAX`).
-    pub recv_queue: usize,
+    /// Bytes of received events buffered for `recv` before reading stops
+    /// (each counts its payload plus [`EVENT_OVERHEAD`]; at least 1, at most
+    /// `u32::MAX`): what one peer can make this process hold unread.
+    pub recv_queue_bytes: usize,
+}
+
+/// Default [`LinkOptions::recv_queue_bytes`]: 4 MiB, a send window's worth.
+pub const DEFAULT_RECV_QUEUE_BYTES: usize = 4 << 20;
+/// What an event costs in the receive queue beyond its payload (so a flood
+/// of empty messages is bounded too).
+pub const EVENT_OVERHEAD: usize = 64;
+
+/// What `e` costs in a receive queue of `cap` bytes (never more than `cap`:
+/// one event always fits).
+pub(crate) fn event_cost(e: &LinkEvent, cap: usize) -> usize {
+    let payload = match e {
+        LinkEvent::Message(b) => b.len(),
+        _ => 0,
+    };
+    payload.saturating_add(EVENT_OVERHEAD).min(cap)
 }
 
 impl Default for LinkOptions {
@@ -73,7 +90,7 @@ impl Default for LinkOptions {
             session: SessionConfig::default(),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
-            recv_queue: 1024,
+            recv_queue_bytes: DEFAULT_RECV_QUEUE_BYTES,
         }
     }
 }
@@ -272,12 +289,13 @@ impl LinkSender {
 /// The receiving half. Events come from the link task in batches —
 /// everything one read of the connection produced arrives together, so
 /// [`Self::try_recv`] after a [`Self::recv`] sees the rest of that read —
-/// and at most [`LinkOptions::recv_queue`] events wait here; past that the
+/// and at most [`LinkOptions::recv_queue_bytes`] wait here; past that the
 /// link stops reading.
 pub struct LinkReceiver {
     events: mpsc::UnboundedReceiver<Vec<LinkEvent>>,
     batch: VecDeque<LinkEvent>,
     room: Arc<Semaphore>,
+    cap: usize,
 }
 
 impl LinkReceiver {
@@ -302,7 +320,7 @@ impl LinkReceiver {
 
     fn pop(&mut self) -> Option<LinkEvent> {
         let e = self.batch.pop_front()?;
-        self.room.add_permits(1);
+        self.room.add_permits(event_cost(&e, self.cap));
         Some(e)
     }
 }
@@ -352,7 +370,8 @@ impl Link {
     /// process's random session id (see [`crate::random_session_id`]).
     pub fn spawn<C: Connector>(connector: C, opts: LinkOptions, session_id: SessionId) -> Self {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let room = Arc::new(Semaphore::new(task::queue_cap(&opts)));
+        let cap = task::queue_cap(&opts);
+        let room = Arc::new(Semaphore::new(cap));
         let (st_tx, st_rx) = watch::channel(LinkStatus::default());
         let (stop_tx, stop_rx) = oneshot::channel();
         let session = Session::new(opts.session.clone(), session_id, task::now());
@@ -380,6 +399,7 @@ impl Link {
                 events: ev_rx,
                 batch: VecDeque::new(),
                 room,
+                cap,
             },
             task: LinkTask {
                 handle,

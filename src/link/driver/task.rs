@@ -139,12 +139,12 @@ pub(crate) async fn run<C: Connector>(
             armed = Some(t);
         }
         let reading = d.pending.is_empty();
-        let batch = d.batch_len();
+        let (batch, cost) = d.batch_len();
         let shared = d.shared.clone();
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            permit = room.clone().acquire_many_owned(batch), if !reading => match permit {
+            permit = room.clone().acquire_many_owned(cost), if !reading => match permit {
                 Ok(p) => {
                     p.forget();
                     d.send_batch(batch);
@@ -365,8 +365,8 @@ impl Driver {
     /// pauses reading.
     fn flush_pending(&mut self) {
         while !self.pending.is_empty() {
-            let n = self.batch_len();
-            let taken = self.room.try_acquire_many(n).map(|p| p.forget());
+            let (n, cost) = self.batch_len();
+            let taken = self.room.try_acquire_many(cost).map(|p| p.forget());
             match taken {
                 Ok(()) => self.send_batch(n),
                 Err(TryAcquireError::NoPermits) => break,
@@ -376,16 +376,25 @@ impl Driver {
         }
     }
 
-    /// How many of the pending events go in the next batch (all of them,
-    /// up to the queue's size).
-    fn batch_len(&self) -> u32 {
-        let n = self.pending.len().min(queue_cap(&self.opts));
-        u32::try_from(n).unwrap_or(u32::MAX)
+    /// How many of the pending events go in the next batch, and their cost
+    /// (all of them, up to the queue's size; at least one).
+    fn batch_len(&self) -> (usize, u32) {
+        let cap = queue_cap(&self.opts);
+        let (mut n, mut cost) = (0usize, 0usize);
+        for e in &self.pending {
+            let c = super::event_cost(e, cap);
+            if n > 0 && cost.saturating_add(c) > cap {
+                break;
+            }
+            n += 1;
+            cost = cost.saturating_add(c);
+        }
+        (n, u32::try_from(cost).unwrap_or(u32::MAX))
     }
 
     /// Send the first `n` pending events, for which room was taken.
-    fn send_batch(&mut self, n: u32) {
-        let n = (n as usize).min(self.pending.len());
+    fn send_batch(&mut self, n: usize) {
+        let n = n.min(self.pending.len());
         let batch: Vec<LinkEvent> = self.pending.drain(..n).collect();
         if self.ev_tx.send(batch).is_err() {
             self.pending.clear();
@@ -515,7 +524,7 @@ fn add_stats(total: &mut DecodeStats, s: DecodeStats) {
     total.unknown_type += s.unknown_type;
 }
 
-/// The receive queue's size in events (see [`LinkOptions::recv_queue`]).
+/// The receive queue's size in bytes (see [`LinkOptions::recv_queue_bytes`]).
 pub(crate) fn queue_cap(opts: &LinkOptions) -> usize {
-    opts.recv_queue.clamp(1, u32::MAX as usize)
+    opts.recv_queue_bytes.clamp(1, u32::MAX as usize)
 }
