@@ -33,6 +33,11 @@ pub struct ProxyConfig {
     /// Bytes of control requests in progress, all connections together; a
     /// connection past it waits before its next request is read.
     pub max_control_bytes: usize,
+    /// Most bytes read from one guest's link per second: a guest flooding
+    /// its port costs the proxy a bounded share of CPU (past it the proxy
+    /// reads later; the guest's writes wait). Well above what RPC needs
+    /// (cast throughput over a real port is a few MB/s).
+    pub guest_read_bytes_per_sec: u64,
     /// Link limits and timers (the same for every instance).
     pub link: SessionConfig,
     /// What guests may send.
@@ -51,6 +56,7 @@ impl Default for ProxyConfig {
             max_links: 10_000,
             max_control_clients: 64,
             max_control_bytes: 64 << 20,
+            guest_read_bytes_per_sec: 32 << 20,
             link: SessionConfig::default(),
             policy: PolicyConfig::default(),
             broker: Default::default(),
@@ -78,6 +84,9 @@ impl Validate for ProxyConfig {
         }
         if self.max_links == 0 {
             return Err("max_links must be above 0".into());
+        }
+        if self.guest_read_bytes_per_sec != 0 && self.guest_read_bytes_per_sec < 1 << 20 {
+            return Err("guest_read_bytes_per_sec must be 0 (no limit) or at least 1 MiB/s".into());
         }
         if self.max_control_clients == 0 {
             return Err("max_control_clients must be above 0".into());

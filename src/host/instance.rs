@@ -85,12 +85,14 @@ impl Instance {
         hub: Arc<PolicyHub>,
         watch: broadcast::Sender<WatchEvent>,
         upstream: Option<Outlet>,
+        read_bytes_per_sec: u64,
     ) -> Arc<Self> {
         let link = Link::spawn(
             UnixConnector { path: socket },
             LinkOptions {
                 name: id.clone(),
                 session,
+                read_bytes_per_sec,
                 ..LinkOptions::default()
             },
             crate::random_session_id(),

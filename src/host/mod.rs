@@ -195,6 +195,7 @@ impl Proxy {
             self.policy.clone(),
             self.watch.clone(),
             self.upstream.clone(),
+            self.cfg.guest_read_bytes_per_sec,
         );
         m.insert(c.instance, inst);
     }

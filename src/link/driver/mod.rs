@@ -9,6 +9,7 @@
 
 mod connectors;
 mod task;
+pub mod throttle;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -65,6 +66,9 @@ pub struct LinkOptions {
     /// (each counts its payload plus [`EVENT_OVERHEAD`]; at least 1, at most
     /// `u32::MAX`): what one peer can make this process hold unread.
     pub recv_queue_bytes: usize,
+    /// Most bytes read from the peer per second (0: no limit): what a
+    /// flooding peer can cost this process ([`throttle`]).
+    pub read_bytes_per_sec: u64,
 }
 
 /// Default [`LinkOptions::recv_queue_bytes`]: 4 MiB, a send window's worth.
@@ -91,6 +95,7 @@ impl Default for LinkOptions {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             recv_queue_bytes: DEFAULT_RECV_QUEUE_BYTES,
+            read_bytes_per_sec: 0,
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::time::{Instant as TokioInstant, Sleep, sleep_until};
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info, trace, warn};
 
+use super::throttle::Throttled;
 use super::{ConnectFuture, Connector, LinkEvent, LinkOptions, LinkStatus, Shared};
 use crate::link::Frame;
 use crate::link::codec::{DecodeStats, FrameCodec};
@@ -42,7 +43,7 @@ pub(crate) fn now() -> std::time::Instant {
 }
 
 struct Conn<Io> {
-    reader: FramedRead<ReadHalf<Io>, FrameCodec>,
+    reader: FramedRead<Throttled<ReadHalf<Io>>, FrameCodec>,
     writer: WriteHalf<Io>,
     out: BytesMut,
     established: bool,
@@ -297,7 +298,11 @@ impl Driver {
         let (r, w) = tokio::io::split(io);
         let codec = FrameCodec::new(self.opts.session.max_payload);
         Conn {
-            reader: FramedRead::with_capacity(r, codec, READ_BUF),
+            reader: FramedRead::with_capacity(
+                Throttled::new(r, self.opts.read_bytes_per_sec),
+                codec,
+                READ_BUF,
+            ),
             writer: w,
             out: BytesMut::new(),
             established: false,
