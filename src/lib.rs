@@ -6,7 +6,9 @@
 //!   [`link::codec`] turn bytes into checksummed frames and resynchronise after
 //!   garbage; [`link::session`] is the I/O-free state machine (sequencing,
 //!   cumulative ACKs, send window, HELLO/resume, liveness, grace);
-//!   [`link::driver`] runs a session over any byte stream and reconnects.
+//!   [`link::driver`] runs a session over any byte stream, reconnects, and
+//!   bounds what a peer costs (a byte-bounded receive queue, a read rate
+//!   limit: [`link::driver::throttle`]).
 //! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
 //! - [`guest`]: the agent — the port, the router to sub-agents (with the
 //!   requests it holds for unserved topics, [`guest::holding`], and the
@@ -16,7 +18,8 @@
 //!   requests no sub-agent took yet, [`host::receipts`]), the control
 //!   socket, [`host::policy`] (the one enforcement point for guest traffic:
 //!   profiles, names, context, reply handles, audit) and [`host::broker`]
-//!   (oslo.messaging over RabbitMQ).
+//!   (oslo.messaging over RabbitMQ; each instance's share of it,
+//!   [`host::broker::share`]).
 //! - [`client`]: the Rust API for sub-agents.
 //! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers,
 //!   systemd notification; [`logbudget`]: what one peer may make a daemon
