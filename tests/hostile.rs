@@ -509,3 +509,49 @@ async fn topic_churn_is_rate_limited_on_the_broker() {
     assert!(consumed <= 5 + 1, "{consumed} churned queues consumed");
     s.good_casts_arrive(0, 5).await;
 }
+
+/// Fanouts reach every guest serving the topic at once, and a guest that
+/// never takes them holds nobody up: past the broker's prefetch (64) the
+/// good guest still gets every one, because a fanout is acknowledged once
+/// the slow guest had 5 s (the proxy keeps it for that guest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_takes_no_fanouts_holds_up_no_one_else() {
+    const FANOUTS: u64 = 100;
+    let mut s = scene().await;
+    let raw_id = random_uuid();
+    assign(&s.w, &raw_id, "profile = \"hostile\"\n");
+    let mut raw = RawGuest::start(&s.w.channels(), &raw_id, 4096).await;
+    raw.send(&LinkMsg::Topics {
+        topics: vec!["good".into()],
+    })
+    .await;
+    wait_linked(&mut s.ctl, &raw_id, "good").await;
+    fanout_consumed(&mut s.ctl, 1).await;
+    let mut c = OsloClient::start(&s.url, &s.ex);
+    for i in 0..FANOUTS {
+        let v = c
+            .op(json!({"op": "cast", "topic": "good", "fanout": true, "method": "news", "args": {"i": i}}))
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    // Each fanout by its unique id (a redelivery, if the hostile guest's
+    // link is reset meanwhile, comes with the same id: the real agent drops
+    // it).
+    let mut got = std::collections::BTreeMap::new();
+    let t = Instant::now();
+    while (got.len() as u64) < FANOUTS {
+        let r = s.good.next_request().await;
+        s.good
+            .send(LinkMsg::Took {
+                unique_id: r.unique_id.clone(),
+            })
+            .await;
+        assert_eq!(r.kind, Kind::Fanout, "{r:?}");
+        let i = r.args["i"].as_u64().unwrap();
+        let first = got.entry(i).or_insert_with(|| r.unique_id.clone());
+        assert_eq!(*first, r.unique_id, "a different fanout with the same i");
+        assert!(t.elapsed() < BOUND * 2, "fanouts stalled at {}", got.len());
+    }
+    let b = s.bridge().await;
+    assert!(b["fanouts_missed"].as_u64() >= Some(1), "{b}");
+}

@@ -274,6 +274,13 @@ impl Instance {
         lock(&self.log).allow(std::time::Instant::now())
     }
 
+    /// A warning about this guest, within its log budget.
+    pub fn log_warn(&self, what: &str) {
+        if let Some(suppressed) = self.may_log() {
+            warn!(instance = %self.id, suppressed, "{what}");
+        }
+    }
+
     /// Queue `bytes` for the guest without waiting (see [`OUTBOX_CAP`]).
     pub fn post(&self, bytes: bytes::Bytes) {
         if self.outbox.try_send(bytes).is_err() {

@@ -121,6 +121,22 @@ async fn guest_took(inst: &Instance, taken: Taken, grace: Duration) -> bool {
 
 type Taken = tokio::sync::oneshot::Receiver<Outcome>;
 
+/// How long a fanout waits to enter one guest's link (room in its table of
+/// untaken requests): a guest that takes nothing misses the fanout rather
+/// than hold it up for the others.
+pub const FANOUT_QUEUE_BOUND: Duration = Duration::from_secs(2);
+/// How long a fanout's acknowledgement waits for one guest to take it;
+/// past that the proxy keeps it for that guest (and gives it to a
+/// restarted agent) and acknowledges it for the others.
+pub const FANOUT_TAKE_BOUND: Duration = Duration::from_secs(5);
+
+/// One guest missed a fanout or was slow to take it: counted, and logged
+/// within the instance's log budget.
+fn missed(proxy: &Proxy, inst: &Instance, why: &str) {
+    proxy.bridge.update(|s| s.fanouts_missed += 1);
+    inst.log_warn(&format!("fanout: {why}"));
+}
+
 /// Queue `req` into `inst`'s link, in the order of the deliveries; bounded
 /// by [`GUEST_ACK_BOUND`] (a guest that takes nothing does not hold its
 /// consumer for ever).
@@ -199,26 +215,55 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
                 .into_iter()
                 .filter(|i| i.tx.status().established && i.topics().contains(&topic))
                 .collect();
-            let mut queued = Vec::with_capacity(targets.len());
-            for i in targets {
-                let t = queue_to(&i, &inc.request, None).await;
-                queued.push((i, t));
-            }
+            // Into every guest at once, each bounded: one guest that takes
+            // nothing does not hold the fanout up for the others.
+            let queued = futures_util::future::join_all(targets.into_iter().map(|i| {
+                let req = &inc.request;
+                async move {
+                    let t =
+                        tokio::time::timeout(FANOUT_QUEUE_BOUND, i.send_request(req, None)).await;
+                    (i, t)
+                }
+            }))
+            .await;
             let uid = inc.request.unique_id;
             return Some(Box::pin(async move {
                 let waits = queued.into_iter().map(|(i, t)| {
                     let uid = uid.clone();
+                    let proxy = proxy.clone();
                     async move {
-                        let ok = match t {
-                            Some(t) => guest_took(&i, t, grace).await,
-                            None => false,
+                        let fate = match t {
+                            Ok(Ok(rx)) => match tokio::time::timeout(
+                                FANOUT_TAKE_BOUND,
+                                guest_took(&i, rx, grace),
+                            )
+                            .await
+                            {
+                                Ok(true) => true,
+                                Ok(false) => false,
+                                // Queued, not yet taken: the proxy keeps it
+                                // for that guest (receipts); the others'
+                                // delivery is not held up by it.
+                                Err(_) => {
+                                    missed(&proxy, &i, "not taken in time; kept for it");
+                                    true
+                                }
+                            },
+                            Ok(Err(_)) => false,
+                            // Its table of untaken requests stayed full: it
+                            // misses this fanout (as an oslo server whose
+                            // fanout queue overflowed).
+                            Err(_) => {
+                                missed(&proxy, &i, "the guest takes nothing; not delivered to it");
+                                true
+                            }
                         };
-                        if !ok {
+                        if !fate {
                             // The broker gives it again (or, from a stream,
                             // it is missed): not kept for a new session.
                             i.withdraw(&uid);
                         }
-                        ok
+                        fate
                     }
                 });
                 let ok = futures_util::future::join_all(waits).await;

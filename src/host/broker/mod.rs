@@ -121,6 +121,10 @@ pub struct BridgeStatus {
     pub published: u64,
     /// Guest messages refused or dropped (each logged on the `audit` target).
     pub refused: u64,
+    /// Fanouts a guest did not take in time (`FANOUT_QUEUE_BOUND`: not
+    /// delivered to it; `FANOUT_TAKE_BOUND`: kept for it, acknowledged for
+    /// the others).
+    pub fanouts_missed: u64,
 }
 
 /// Shared handle on the bridge's status.
