@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::guest::{FakeGuest, RawGuest, assign, cast, policy, target};
+use support::guest::{FakeGuest, RawGuest, assign, cast, hello_frame, policy, target};
 use support::oslo::*;
 use support::*;
 use tether::rpc::{Kind, LinkMsg, Request, new_unique_id};
@@ -110,6 +110,20 @@ impl Scene {
         }
     }
 
+    /// A hand-driven guest with the hostile profile, asking for
+    /// `window_frames`, linked and serving `topic`.
+    async fn raw_guest(&mut self, topic: &str, window_frames: u32) -> (String, RawGuest) {
+        let id = random_uuid();
+        assign(&self.w, &id, "profile = \"hostile\"\n");
+        let mut raw = RawGuest::start(&self.w.channels(), &id, window_frames).await;
+        raw.send(&LinkMsg::Topics {
+            topics: vec![topic.into()],
+        })
+        .await;
+        wait_linked(&mut self.ctl, &id, topic).await;
+        (id, raw)
+    }
+
     async fn bridge(&mut self) -> Value {
         broker_status(&mut self.ctl).await
     }
@@ -173,14 +187,7 @@ async fn a_message_the_broker_refuses_fails_alone() {
 async fn a_guest_that_never_acknowledges_holds_up_no_one_else() {
     const CALLS: usize = 3000;
     let mut s = scene().await;
-    let raw_id = random_uuid();
-    assign(&s.w, &raw_id, "profile = \"hostile\"\n");
-    let mut raw = RawGuest::start(&s.w.channels(), &raw_id, 4).await;
-    raw.send(&LinkMsg::Topics {
-        topics: vec!["raw".into()],
-    })
-    .await;
-    wait_linked(&mut s.ctl, &raw_id, "raw").await;
+    let (raw_id, mut raw) = s.raw_guest("raw", 4).await;
     let nothing = unique("nothing");
     for _ in 0..CALLS {
         raw.send(&LinkMsg::Req(call(&nothing, None))).await;
@@ -272,20 +279,7 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
         f
     };
     let session = raw.session;
-    let hello = |base: u64| {
-        let h = tether::link::Hello {
-            version: tether::link::hello::PROTOCOL_VERSION,
-            capabilities: 0,
-            session,
-            peer_session: 0,
-            next_expected: 1,
-            send_base: base,
-            max_payload: 262_144,
-            window_frames: 4,
-            window_bytes: 262_144,
-        };
-        Frame::new(FrameType::Hello, 0, h.encode())
-    };
+    let hello = |base: u64| hello_frame(session, base, 4);
     for _ in 0..2000 {
         raw.frame(nack()).await;
     }
@@ -351,7 +345,6 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
 /// lines per second in the proxy's log and one that counts the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_cannot_flood_the_proxys_log() {
-    use tether::link::{Frame, FrameType};
     const HELLOS: u64 = 5000;
     let w = World::new();
     let proxy = w.proxy("");
@@ -360,18 +353,7 @@ async fn a_guest_cannot_flood_the_proxys_log() {
     let t = Instant::now();
     let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
     for n in 0..HELLOS {
-        let h = tether::link::Hello {
-            version: tether::link::hello::PROTOCOL_VERSION,
-            capabilities: 0,
-            session: 0x1000 + n,
-            peer_session: 0,
-            next_expected: 1,
-            send_base: 1,
-            max_payload: 262_144,
-            window_frames: 4,
-            window_bytes: 262_144,
-        };
-        raw.frame(Frame::new(FrameType::Hello, 0, h.encode())).await;
+        raw.frame(hello_frame(0x1000 + n, 1, 4)).await;
     }
     // Read to the end: the proxy has seen every HELLO once its peer
     // changes count them all.
@@ -416,19 +398,8 @@ async fn a_guest_that_errors_on_every_link_up_is_relinked_with_backoff() {
         use tokio::io::AsyncWriteExt;
         accepts += 1;
         let (_r, mut wr) = s.into_split();
-        let h = tether::link::Hello {
-            version: tether::link::hello::PROTOCOL_VERSION,
-            capabilities: 0,
-            session: 0x77,
-            peer_session: 0,
-            next_expected: 1,
-            send_base: 1,
-            max_payload: 262_144,
-            window_frames: 4,
-            window_bytes: 262_144,
-        };
         let mut b = bytes::BytesMut::new();
-        Frame::new(FrameType::Hello, 0, h.encode()).encode_into(&mut b);
+        hello_frame(0x77, 1, 4).encode_into(&mut b);
         Frame::new(FrameType::Error, 0, bytes::Bytes::from_static(b"go away")).encode_into(&mut b);
         let _ = wr.write_all(&b).await;
         // Keep the connection until the proxy drops it.
@@ -518,14 +489,7 @@ async fn topic_churn_is_rate_limited_on_the_broker() {
 async fn a_guest_that_takes_no_fanouts_holds_up_no_one_else() {
     const FANOUTS: u64 = 100;
     let mut s = scene().await;
-    let raw_id = random_uuid();
-    assign(&s.w, &raw_id, "profile = \"hostile\"\n");
-    let mut raw = RawGuest::start(&s.w.channels(), &raw_id, 4096).await;
-    raw.send(&LinkMsg::Topics {
-        topics: vec!["good".into()],
-    })
-    .await;
-    wait_linked(&mut s.ctl, &raw_id, "good").await;
+    let (_raw_id, _raw) = s.raw_guest("good", 4096).await;
     fanout_consumed(&mut s.ctl, 1).await;
     let mut c = OsloClient::start(&s.url, &s.ex);
     for i in 0..FANOUTS {

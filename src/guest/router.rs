@@ -58,6 +58,8 @@ pub const SUB_BACKLOG: usize = 4096;
 /// them are handled first, so a request and the cancel right behind it
 /// (its caller gave up while both waited in the channel) never run.
 pub const LINK_BATCH: usize = 64;
+/// The `refused` reason for a request the host cancelled.
+const CANCELLED: &str = "Cancelled: its caller gave up before a sub-agent took it";
 
 struct Sub {
     name: String,
@@ -281,7 +283,7 @@ impl Router {
                 }
                 let m = LinkMsg::Refused {
                     unique_id,
-                    reason: "Cancelled: its caller gave up before a sub-agent took it".into(),
+                    reason: CANCELLED.into(),
                 };
                 self.send(&m).await;
             }
@@ -376,7 +378,7 @@ impl Router {
             self.duplicates_dropped += 1;
             let m = LinkMsg::Refused {
                 unique_id: r.unique_id,
-                reason: "Cancelled: its caller gave up before a sub-agent took it".into(),
+                reason: CANCELLED.into(),
             };
             return self.send(&m).await;
         }

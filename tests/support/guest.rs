@@ -183,6 +183,23 @@ pub fn target(topic: &str, server: Option<&str>, exchange: Option<&str>) -> Targ
     }
 }
 
+/// A HELLO from a hand-driven guest: its `session`, the `send_base` and
+/// `window_frames` it likes (256 KiB payloads and window bytes).
+pub fn hello_frame(session: u64, send_base: u64, window_frames: u32) -> tether::link::Frame {
+    let h = tether::link::Hello {
+        version: tether::link::hello::PROTOCOL_VERSION,
+        capabilities: 0,
+        session,
+        peer_session: 0,
+        next_expected: 1,
+        send_base,
+        max_payload: 262_144,
+        window_frames,
+        window_bytes: 262_144,
+    };
+    tether::link::Frame::new(tether::link::FrameType::Hello, 0, h.encode())
+}
+
 /// A guest that speaks the link protocol by hand, frame by frame: it says
 /// HELLO with the window it likes, sends DATA without waiting for the
 /// proxy's window, reads (and discards) whatever the proxy sends, and never
@@ -229,23 +246,7 @@ impl RawGuest {
             received,
             drain,
         };
-        let h = tether::link::Hello {
-            version: tether::link::hello::PROTOCOL_VERSION,
-            capabilities: 0,
-            session,
-            peer_session: 0,
-            next_expected: 1,
-            send_base: 1,
-            max_payload: 262_144,
-            window_frames,
-            window_bytes: 262_144,
-        };
-        g.frame(tether::link::Frame::new(
-            tether::link::FrameType::Hello,
-            0,
-            h.encode(),
-        ))
-        .await;
+        g.frame(hello_frame(session, 1, window_frames)).await;
         g
     }
 
