@@ -12,6 +12,9 @@ use crate::link::SessionConfig;
 pub const DEFAULT_CHANNELS_DIR: &str = "/var/lib/tether/channels";
 /// Default control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tether/proxy.sock";
+/// Default read rate limit per guest link (see
+/// [`ProxyConfig::guest_read_bytes_per_sec`]).
+pub const DEFAULT_GUEST_READ_BYTES_PER_SEC: u64 = 4 << 20;
 
 /// Everything the proxy reads from its config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,8 +38,12 @@ pub struct ProxyConfig {
     pub max_control_bytes: usize,
     /// Most bytes read from one guest's link per second: a guest flooding
     /// its port costs the proxy a bounded share of CPU (past it the proxy
-    /// reads later; the guest's writes wait). Well above what RPC needs
-    /// (cast throughput over a real port is a few MB/s).
+    /// reads later; the guest's writes wait). The default, 4 MiB/s, is four
+    /// times what the default profile lets a guest originate (1 MB/s; the
+    /// rest it sends is answers and receipts for what the host sent it) and
+    /// keeps a flood of messages the policy denies to a few percent of a
+    /// core and a neighbour's call p99 within 2× idle (docs/BENCHMARKS.md;
+    /// at 32 MiB/s a denied-cast flood took 0.4 of a core and the p99 4–6×).
     pub guest_read_bytes_per_sec: u64,
     /// Link limits and timers (the same for every instance).
     pub link: SessionConfig,
@@ -56,7 +63,7 @@ impl Default for ProxyConfig {
             max_links: 10_000,
             max_control_clients: 64,
             max_control_bytes: 64 << 20,
-            guest_read_bytes_per_sec: 32 << 20,
+            guest_read_bytes_per_sec: DEFAULT_GUEST_READ_BYTES_PER_SEC,
             link: SessionConfig::default(),
             policy: PolicyConfig::default(),
             broker: Default::default(),
