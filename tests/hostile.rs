@@ -25,6 +25,14 @@ topics = ["good"]
 [[policy.profiles.default.targets]]
 topics = ["{svc}"]
 methods = ["*"]
+[policy.profiles.limited]
+mode = "cast"
+topics = ["*"]
+message_burst = 50.0
+messages_per_sec = 50.0
+[[policy.profiles.limited.targets]]
+topics = ["{svc}flood"]
+methods = ["*"]
 [policy.profiles.hostile]
 mode = "call"
 topics = ["*"]
@@ -129,6 +137,27 @@ impl Scene {
     }
 }
 
+/// The most memory a proxy may have held at once in these tests, KiB: its
+/// own start-up and the broker client (a debug build: about 20 MiB) plus,
+/// for each of the at most four instances that carry traffic in a test,
+/// the budgets docs/security.md states per instance — 4 MiB of unread
+/// received messages (`recv_queue_bytes`), 8 MiB of requests kept for it
+/// (receipts), 1,024 queued answers (the outbox, under 1 MiB) — and a
+/// partial frame (at most 256 KiB) for each of the slowloris test's ten
+/// trickling guests.
+const PROXY_PEAK_RSS_KIB: u64 = (24 + 4 * (4 + 8 + 1) + 3) * 1024;
+
+/// The proxy is up and never held more than [`PROXY_PEAK_RSS_KIB`].
+fn assert_contained(proxy: &mut Proc) {
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy died");
+    let peak = proxy.peak_rss_kib();
+    eprintln!("proxy peak RSS: {peak} KiB");
+    assert!(
+        peak <= PROXY_PEAK_RSS_KIB,
+        "the proxy held {peak} KiB at its peak (bound {PROXY_PEAK_RSS_KIB} KiB)"
+    );
+}
+
 fn call(topic: &str, exchange: Option<&str>) -> Request {
     Request {
         kind: Kind::Call,
@@ -175,6 +204,7 @@ async fn a_message_the_broker_refuses_fails_alone() {
     assert_eq!(b["connects"], 1, "the connection never went down: {b}");
     assert_eq!(b["refused"], 25, "{b}");
     assert!(b["published"].as_u64() >= Some(50), "{b}");
+    assert_contained(&mut s.proxy);
 }
 
 /// A guest that asks for the smallest window (4 frames) and never
@@ -213,6 +243,7 @@ async fn a_guest_that_never_acknowledges_holds_up_no_one_else() {
         l["unacked"], 4,
         "the proxy kept to the window it was given: {l}"
     );
+    assert_contained(&mut s.proxy);
 }
 
 /// The good guest still gets a call from the control socket and answers it.
@@ -337,7 +368,7 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
         back < 1 << 20,
         "{back} bytes sent back to the hostile guest"
     );
-    let _ = &mut proxy;
+    assert_contained(&mut proxy);
 }
 
 /// What a guest makes the proxy log is bounded per instance: 5,000 HELLOs,
@@ -377,6 +408,8 @@ async fn a_guest_cannot_flood_the_proxys_log() {
         "{lines} lines in {secs} s"
     );
     assert!(lines >= 1, "the first is logged");
+    let mut proxy = proxy;
+    assert_contained(&mut proxy);
 }
 
 /// A guest that answers every link-up with an ERROR frame is relinked with
@@ -385,7 +418,7 @@ async fn a_guest_cannot_flood_the_proxys_log() {
 async fn a_guest_that_errors_on_every_link_up_is_relinked_with_backoff() {
     use tether::link::{Frame, FrameType};
     let w = World::new();
-    let _proxy = w.proxy("");
+    let mut proxy = w.proxy("");
     let raw_id = random_uuid();
     let path = w.channels().join(format!("{raw_id}.sock"));
     let l = tokio::net::UnixListener::bind(&path).unwrap();
@@ -409,6 +442,7 @@ async fn a_guest_that_errors_on_every_link_up_is_relinked_with_backoff() {
     // (without the backoff it was one every ~60 ms: about fifty).
     assert!(accepts >= 2, "it relinks at all: {accepts}");
     assert!(accepts <= 10, "{accepts} relinks in {window:?}");
+    assert_contained(&mut proxy);
 }
 
 /// A guest's calls waiting for their answers count against its share of
@@ -441,6 +475,7 @@ async fn a_guests_calls_in_flight_are_bounded_by_its_share() {
     // after all of these, on the same channel, in order).
     let published = spy.drain().await.len();
     assert_eq!(published, 100);
+    assert_contained(&mut s.proxy);
 }
 
 /// Topic churn: a guest announcing a new topic set 12 times in a row gets
@@ -479,6 +514,7 @@ async fn topic_churn_is_rate_limited_on_the_broker() {
     // The burst (5), then the last set once the window allows.
     assert!(consumed <= 5 + 1, "{consumed} churned queues consumed");
     s.good_casts_arrive(0, 5).await;
+    assert_contained(&mut s.proxy);
 }
 
 /// Fanouts reach every guest serving the topic at once, and a guest that
@@ -518,4 +554,157 @@ async fn a_guest_that_takes_no_fanouts_holds_up_no_one_else() {
     }
     let b = s.bridge().await;
     assert!(b["fanouts_missed"].as_u64() >= Some(1), "{b}");
+    assert_contained(&mut s.proxy);
+}
+
+/// Slowloris: guests that trickle their frames a byte at a time. Ten of
+/// them each announce the longest payload and then send a byte every
+/// 20 ms; one more trickles a whole (short) frame. Meanwhile the good
+/// guest's calls and casts go on; the proxy holds at most one partial
+/// frame per link, and the frame that does complete, however slowly, is
+/// taken like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_that_trickle_their_frames_hold_up_no_one() {
+    use tether::link::{Frame, FrameType};
+    const TRICKLERS: usize = 10;
+    let mut s = scene().await;
+    let mut long = bytes::BytesMut::new();
+    Frame::new(
+        FrameType::Data,
+        0,
+        bytes::Bytes::from(vec![0u8; 200 * 1024]),
+    )
+    .encode_into(&mut long);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tricklers = vec![];
+    for _ in 0..TRICKLERS {
+        let (_, mut raw) = s.raw_guest("slow", 4).await;
+        let (long, stop) = (long.clone(), stop.clone());
+        tricklers.push(tokio::spawn(async move {
+            for b in long.chunks(1) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                raw.frame_bytes(b).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            raw
+        }));
+    }
+    // One frame, whole, a byte at a time (its first: sequence 1).
+    let (slow_id, mut slow) = s.raw_guest("slow0", 4).await;
+    let mut f = Frame::new(
+        FrameType::Data,
+        0,
+        LinkMsg::Topics {
+            topics: vec!["slow1".into()],
+        }
+        .to_bytes(),
+    );
+    f.seq = 2;
+    let mut whole = bytes::BytesMut::new();
+    f.encode_into(&mut whole);
+    let whole_frame = tokio::spawn(async move {
+        for b in whole.chunks(1) {
+            slow.frame_bytes(b).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slow
+    });
+    // The good guest meanwhile: casts published, a call answered.
+    for round in 0..3 {
+        s.good_casts_arrive(round * 10, 10).await;
+        let sock = s.w.ctl_sock();
+        let good_id = s.ctl.req(json!({"op": "links"})).await["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["profile"] == "default")
+            .map(|l| l["instance"].as_str().unwrap().to_string())
+            .unwrap();
+        good_guest_answers(&mut s.ctl, &mut s.good, &good_id, sock).await;
+    }
+    let _slow = whole_frame.await.unwrap();
+    wait_linked(&mut s.ctl, &slow_id, "slow1").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tricklers {
+        t.await.unwrap();
+    }
+    assert_contained(&mut s.proxy);
+}
+
+/// A guest casting as fast as it can at a target its profile allows, past
+/// its rate limit (50 messages a second): what is over the limit is refused
+/// back to it, each cast once and none silently — every cast is either
+/// published or refused — the denials are counted, and the good guest's
+/// casts go on being published meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cast_flood_at_the_rate_limit_hurts_no_one_else() {
+    const FLOOD: usize = 5000;
+    const GOOD: u64 = 20;
+    let mut s = scene().await;
+    let flood_topic = format!("{}flood", s.svc);
+    let mut flood_server = OsloServer::start(&s.url, &s.ex, &flood_topic, "flood-1").await;
+    let id = random_uuid();
+    assign(&s.w, &id, "profile = \"limited\"\n");
+    let mut g = FakeGuest::start(&s.w.channels(), &id);
+    g.topics(&["limited"]).await;
+    wait_linked(&mut s.ctl, &id, "limited").await;
+    let published0 = s.bridge().await["published"].as_u64().unwrap();
+    let t = Instant::now();
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..FLOOD {
+        let mut r = cast(target(&flood_topic, None, None), "record", json!({}));
+        r.args = json!({"i": i});
+        sent.insert(r.unique_id.clone(), i);
+        g.send(LinkMsg::Req(r)).await;
+    }
+    // The good guest's casts meanwhile.
+    s.good_casts_arrive(0, GOOD).await;
+    let (rtx, mut rrx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = tokio::spawn(async move {
+        loop {
+            if rtx.send(g.next_refusal().await).is_err() {
+                break;
+            }
+        }
+    });
+    let mut refused = std::collections::BTreeSet::new();
+    let passed = loop {
+        while let Ok((unique_id, reason)) = rrx.try_recv() {
+            assert_eq!(reason, "Denied: message rate limit exceeded");
+            let i = sent.get(&unique_id).expect("a refusal for a cast it sent");
+            assert!(refused.insert(*i), "refused twice: {i}");
+        }
+        let published = s.bridge().await["published"].as_u64().unwrap();
+        let passed = (published - published0 - GOOD) as usize;
+        assert!(refused.len() + passed <= FLOOD);
+        if refused.len() + passed == FLOOD {
+            break passed;
+        }
+        assert!(
+            t.elapsed() < BOUND * 2,
+            "{} refused, {passed} published of {FLOOD}",
+            refused.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    collector.abort();
+    let secs = t.elapsed().as_secs_f64();
+    // What passed: the burst and the rate for the time the flood took.
+    assert!(
+        passed as f64 <= 50.0 + 50.0 * (secs + 1.0),
+        "{passed} of {FLOOD} passed in {secs:.1} s"
+    );
+    let l = s.ctl.link(&id).await;
+    assert_eq!(l["denied"], refused.len(), "{l}");
+    // The published ones reached their server, each once, none refused.
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < passed {
+        let m = flood_server.next(BOUND).await;
+        let i = m["args"]["i"].as_u64().unwrap() as usize;
+        assert!(!refused.contains(&i), "{i} was refused and published");
+        assert!(got.insert(i), "{i} published twice");
+    }
+    assert_contained(&mut s.proxy);
 }

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, oneshot};
@@ -33,6 +34,15 @@ pub type WatchEvent = Value;
 /// is dropped and counted (`outbox_dropped`); its own calls then time out in
 /// the guest.
 pub const OUTBOX_CAP: usize = 1024;
+
+/// How long an instance's own task waits for room in its outbox for the
+/// answers it makes itself (refusals at the enforcement point): a guest
+/// that reads its link gets every refusal however fast it sends — its
+/// sending slows to the pace it takes them — while one that does not read
+/// cannot wedge its own link (its unread answers block the task that would
+/// read its acknowledgements): past this wait the answer is dropped and
+/// counted like any other.
+const OWN_POST_WAIT: Duration = Duration::from_secs(5);
 
 /// A call delivered into the guest, waiting for its reply.
 struct Pending {
@@ -287,6 +297,20 @@ impl Instance {
             let n = self.outbox_dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 warn!(instance = %self.id, dropped = n + 1, "the guest does not read its link: answers and refusals for it are dropped");
+            }
+        }
+    }
+
+    /// Queue `bytes` for the guest from this instance's own task, waiting
+    /// (at most [`OWN_POST_WAIT`]) for room.
+    async fn post_own(&self, bytes: bytes::Bytes) {
+        match tokio::time::timeout(OWN_POST_WAIT, self.outbox.send(bytes)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                let n = self.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    warn!(instance = %self.id, dropped = n + 1, "the guest does not read its link: answers and refusals for it are dropped");
+                }
             }
         }
     }
@@ -658,12 +682,18 @@ async fn on_request(
         inst.audit(request_record(&r, "deny", Some(reason.clone())), size);
         // A refused call still gets its one answer; a refused cast a
         // notice, so the sub-agent that cast learns why.
-        return match r.msg_id {
-            Some(msg_id) if r.kind == Kind::Call => {
-                answer(inst, msg_id, r.reply_to, Failure::tether("Denied", reason))
-            }
-            _ => refuse_cast(inst, r.unique_id, format!("Denied: {reason}")),
+        let m = match r.msg_id {
+            Some(msg_id) if r.kind == Kind::Call => LinkMsg::Rep(Reply::new(
+                msg_id,
+                r.reply_to,
+                Err(Failure::tether("Denied", reason)),
+            )),
+            _ => LinkMsg::Refused {
+                unique_id: r.unique_id,
+                reason: format!("Denied: {reason}"),
+            },
         };
+        return inst.post_own(m.to_bytes()).await;
     }
     // Context is the host's: allowed guest keys, static context, identity.
     r.ctx = enforcer.context(&r.ctx);
@@ -712,15 +742,18 @@ async fn on_request(
             NotTaken::Full => "too many guest messages wait for the broker".to_string(),
         };
         debug!(instance = %inst.id, reason = %why, "guest request refused");
-        match msg_id {
-            Some(msg_id) => answer(
-                inst,
+        let m = match msg_id {
+            Some(msg_id) => LinkMsg::Rep(Reply::new(
                 msg_id,
                 reply_to,
-                Failure::tether("BrokerUnavailable", why),
-            ),
-            None => refuse_cast(inst, unique_id, format!("BrokerUnavailable: {why}")),
-        }
+                Err(Failure::tether("BrokerUnavailable", why)),
+            )),
+            None => LinkMsg::Refused {
+                unique_id,
+                reason: format!("BrokerUnavailable: {why}"),
+            },
+        };
+        inst.post_own(m.to_bytes()).await;
     }
 }
 
