@@ -13,7 +13,8 @@
 //! - [`guest`]: the agent — the port, the router to sub-agents (with the
 //!   requests it holds for unserved topics, [`guest::holding`], and the
 //!   journal of taken requests, [`guest::journal`]), the sub-agent socket,
-//!   the supervisor.
+//!   the supervisor (and the user and group a sub-agent runs as,
+//!   [`guest::identity`]).
 //! - [`host`]: the proxy — channels, one [`host::instance`] per VM (with its
 //!   requests no sub-agent took yet, [`host::receipts`]), the control
 //!   socket, [`host::policy`] (the one enforcement point for guest traffic:

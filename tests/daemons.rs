@@ -980,3 +980,122 @@ async fn start_requests_cannot_swap_the_program_or_preload_code() {
     );
     wait_linked(&mut ctl, U1, "swapped").await;
 }
+
+/// A sub-agent runs as the user and group its start request names when the
+/// agent's config allows them: its process has exactly those credentials
+/// (supplementary groups included), it reaches the sub-agent socket
+/// through the socket's group, and it still dies with the agent. Users and
+/// groups the config does not list are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_agent_runs_as_the_user_it_is_allowed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let w = World::new();
+    // `nobody` must reach the sub-agent socket in the test's directory.
+    std::fs::set_permissions(w.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("group nogroup");
+    let _proxy = w.proxy("");
+    let (py, sub) = (python3(), example_subagent());
+    let sock = w.path("agent.sock");
+    let cfg = w.path("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"port = "unix-listen:{}"
+subagent_socket = {sock:?}
+subagent_socket_group = "nogroup"
+state_dir = {:?}
+[supervisor]
+allowed_executables = ["{py}"]
+allowed_users = ["nobody"]
+allowed_groups = ["nogroup"]
+[[subagents]]
+name = "demo"
+argv = ["{py}", "{sub}"]
+env = {{ SUBAGENT_TOPICS = "demo" }}
+"#,
+            w.channels().join(format!("{U1}.sock")).display(),
+            w.path("state"),
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn("agent", AGENT, &["-c", cfg.to_str().unwrap()], &w.path(""));
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!(m.mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), nogroup.gid.as_raw());
+
+    let start = |name: &str, who: Value| {
+        let mut r = json!({"op": "start_agent", "instance": U1, "name": name, "argv": [py, sub],
+                           "env": {"SUBAGENT_TOPICS": name}, "restart": "never"});
+        for (k, v) in who.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    for (who, says) in [
+        (json!({"user": "root"}), "not in allowed_users"),
+        (json!({"group": "root"}), "not in allowed_groups"),
+        (
+            json!({"user": "nobody", "group": "root"}),
+            "not in allowed_groups",
+        ),
+    ] {
+        let v = ctl.req(start("refused", who)).await;
+        assert_eq!(v["error"]["class"], "SupervisorError", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    let v = ctl.req(start("nobodys", json!({"user": "nobody"}))).await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    let pid = v["result"]["pid"].as_u64().unwrap();
+    // It registered: it connected to the socket through its group.
+    wait_linked(&mut ctl, U1, "nobodys").await;
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "nobodys", "method": "add", "args": {"a": 2, "b": 40}}))
+        .await;
+    assert_eq!(v["result"], 42, "{v}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("Uid:"), vec![nobody.uid.as_raw(); 4], "{status}");
+    assert_eq!(ids("Gid:"), vec![nobody.gid.as_raw(); 4], "{status}");
+    assert_eq!(ids("Groups:"), vec![nogroup.gid.as_raw()], "{status}");
+    // The parent-death signal survived the change of credentials (the
+    // kernel clears it on one): a sub-agent that would not notice the agent
+    // is gone (this one only sleeps) dies with it.
+    let mut sleeper = start("sleeper", json!({"user": "nobody"}));
+    sleeper["argv"] = json!([py, "-c", "import time; time.sleep(600)"]);
+    let v = ctl.req(sleeper).await;
+    assert_eq!(v["result"]["state"], "running", "{v}");
+    let pid = v["result"]["pid"].as_u64().unwrap();
+    agent.kill9();
+    let t = std::time::Instant::now();
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = st
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        if matches!(state, None | Some("Z") | Some("X")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the sub-agent outlived the agent: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -96,6 +96,12 @@ enum Cmd {
         /// Environment, KEY=VALUE (repeatable).
         #[arg(long = "env")]
         env: Vec<String>,
+        /// Run it as this user (the agent's allowed_users must list it).
+        #[arg(long)]
+        user: Option<String>,
+        /// Run it with this group (the agent's allowed_groups must list it).
+        #[arg(long)]
+        group: Option<String>,
         /// Program and arguments (after --).
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -167,6 +173,8 @@ fn request(args: &Args) -> Result<Value, String> {
             name,
             restart,
             env,
+            user,
+            group,
             argv,
         } => {
             let mut envs = serde_json::Map::new();
@@ -177,8 +185,10 @@ fn request(args: &Args) -> Result<Value, String> {
                 envs.insert(k.into(), json!(v));
             }
             let mut r = json!({"op": "start_agent", "instance": instance, "name": name, "argv": argv, "env": envs});
-            if let Some(p) = restart {
-                r["restart"] = json!(p);
+            for (k, v) in [("restart", restart), ("user", user), ("group", group)] {
+                if let Some(v) = v {
+                    r[k] = json!(v);
+                }
             }
             r
         }

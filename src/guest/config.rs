@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub port: String,
     /// The sub-agent socket path (created with mode 0600).
     pub subagent_socket: PathBuf,
+    /// A group given access to the sub-agent socket (mode 0660), for
+    /// sub-agents that run as another user than the agent's.
+    pub subagent_socket_group: Option<String>,
     /// Longest JSON line accepted on the sub-agent socket (bytes).
     pub max_line: usize,
     /// Link limits and timers.
@@ -48,6 +51,7 @@ impl Default for AgentConfig {
         Self {
             port: DEFAULT_PORT.into(),
             subagent_socket: DEFAULT_SUBAGENT_SOCKET.into(),
+            subagent_socket_group: None,
             max_line: 1024 * 1024,
             link: SessionConfig::default(),
             supervisor: SupervisorConfig::default(),

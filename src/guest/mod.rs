@@ -7,11 +7,13 @@
 //!   backpressure, receipts (`took`).
 //! - [`holding`]: requests waiting for a sub-agent to serve their topic.
 //! - [`journal`]: the taken requests, kept across agent restarts.
-//! - [`supervisor`]: the built-in `tether.supervisor` target.
+//! - [`supervisor`]: the built-in `tether.supervisor` target; [`identity`]:
+//!   the user and group a sub-agent runs as.
 //! - [`config`]: the agent's TOML config.
 
 pub mod config;
 pub mod holding;
+pub mod identity;
 pub mod journal;
 pub mod port;
 pub mod router;
@@ -65,8 +67,8 @@ pub async fn run(
     let journal = std::sync::Arc::new(std::sync::Mutex::new(journal::Journal::open(
         &cfg.state_dir,
     )?));
-    let listener =
-        subagent::bind(&cfg.subagent_socket).map_err(|source| AgentError::SubagentSocket {
+    let listener = subagent::bind(&cfg.subagent_socket, cfg.subagent_socket_group.as_deref())
+        .map_err(|source| AgentError::SubagentSocket {
             path: cfg.subagent_socket.clone(),
             source,
         })?;

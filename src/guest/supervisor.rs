@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::identity::{self, Identity};
 use crate::rpc::Failure;
 
 /// The topic of the built-in supervisor target.
@@ -76,6 +77,12 @@ pub struct SupervisorConfig {
     /// ending in `*`. Dynamic-loader and interpreter start-up variables
     /// (`LD_*`, …: [`NEVER_ENV`]) are refused whatever this says.
     pub allowed_env: Vec<String>,
+    /// Users a start request may ask a sub-agent to run as. Empty: start
+    /// requests may not name a user (their sub-agents run as the agent).
+    pub allowed_users: Vec<String>,
+    /// Groups a start request may ask for (besides the named user's own
+    /// primary group). Empty: none.
+    pub allowed_groups: Vec<String>,
     /// Grace between SIGTERM and SIGKILL on stop (ms).
     pub stop_grace_ms: u64,
     /// First restart delay (ms).
@@ -93,6 +100,8 @@ impl Default for SupervisorConfig {
         Self {
             allowed_executables: vec![],
             allowed_env: DEFAULT_ALLOWED_ENV.iter().map(|s| s.to_string()).collect(),
+            allowed_users: vec![],
+            allowed_groups: vec![],
             stop_grace_ms: 5_000,
             backoff_min_ms: 500,
             backoff_max_ms: 30_000,
@@ -132,6 +141,15 @@ pub struct StartSpec {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// The user to run as (a name; default: the agent's user). A start
+    /// request may name only users in `allowed_users`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The group to run as (a name; default: the user's primary group, or
+    /// the agent's). A start request may name only groups in
+    /// `allowed_groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// Where a child stands.
@@ -265,10 +283,35 @@ impl Supervisor {
         Ok(())
     }
 
+    fn check_identity(&self, spec: &StartSpec) -> Result<(), Failure> {
+        let cfg = self.cfg();
+        if let Some(u) = spec
+            .user
+            .as_ref()
+            .filter(|u| !cfg.allowed_users.contains(u))
+        {
+            return Err(bad(format!(
+                "user '{u}' is not in allowed_users of the agent's config"
+            )));
+        }
+        if let Some(g) = spec
+            .group
+            .as_ref()
+            .filter(|g| !cfg.allowed_groups.contains(g))
+        {
+            return Err(bad(format!(
+                "group '{g}' is not in allowed_groups of the agent's config"
+            )));
+        }
+        Ok(())
+    }
+
     /// Start a sub-agent on a request (from the host): its program must be
-    /// allowed, and so must each variable of its environment.
+    /// allowed, and so must each variable of its environment and the user
+    /// and group it asks for.
     pub async fn start(&self, spec: StartSpec) -> Result<Value, Failure> {
         self.check_env(&spec.env)?;
+        self.check_identity(&spec)?;
         self.start_checked(spec).await
     }
 
@@ -285,6 +328,9 @@ impl Supervisor {
         }
         let program = spec.argv.first().ok_or_else(|| bad("argv is empty"))?;
         let program = self.check_allowed(program)?;
+        // Names that do not resolve are refused now, with the reason (each
+        // start resolves them again).
+        identity::resolve(spec.user.as_deref(), spec.group.as_deref()).map_err(bad)?;
         let mut children = self.children.lock().await;
         if let Some(c) = children.get(&spec.name) {
             let st = lock(&c.status).state;
@@ -390,14 +436,20 @@ fn status_json(name: &str, s: &Status) -> Value {
 /// long as the agent): one killed with requests it had not confirmed must
 /// not go on handling them while the restarted agent hands them to a new
 /// sub-agent. systemd's control-group kill does the same on a restart.
+/// It first takes the credentials it runs with, if any (the kernel clears
+/// the parent-death signal on a change of credentials).
 #[allow(unsafe_code)]
-fn die_with_the_agent(cmd: &mut Command) {
+fn prepare_child(cmd: &mut Command, who: Option<Identity>) {
     let parent = std::process::id();
     // SAFETY: the closure runs in the child between fork and exec and calls
-    // only prctl(2) and getppid(2), both async-signal-safe; it allocates
-    // nothing and touches no lock.
+    // only setgroups(2), setgid(2), setuid(2), prctl(2) and getppid(2), all
+    // async-signal-safe; it allocates nothing (the group list was built
+    // before the fork) and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(who) = &who {
+                who.assume()?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             // The agent died before the prctl: go no further.
             if nix::unistd::getppid().as_raw() as u32 != parent {
@@ -444,12 +496,26 @@ async fn run_child(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        die_with_the_agent(&mut cmd);
+        let who = identity::resolve(spec.user.as_deref(), spec.group.as_deref());
+        let who = match who {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(subagent = %name, reason = %e, "cannot start the sub-agent");
+                None
+            }
+        };
+        prepare_child(&mut cmd, who.clone().flatten());
         if let Some(d) = &spec.cwd {
             cmd.current_dir(d);
         }
         let started = Instant::now();
-        let (failed, exit) = match cmd.spawn() {
+        let spawned = match who {
+            Some(_) => cmd.spawn(),
+            None => Err(std::io::Error::other(
+                "its user or group no longer resolves",
+            )),
+        };
+        let (failed, exit) = match spawned {
             Err(e) => (true, format!("spawn failed: {e}")),
             Ok(mut child) => {
                 let pid = child.id();

@@ -110,6 +110,8 @@ enum CtlRequest {
         env: Map<String, Value>,
         cwd: Option<String>,
         restart: Option<String>,
+        user: Option<String>,
+        group: Option<String>,
         timeout_ms: Option<u64>,
     },
     StopAgent {
@@ -362,15 +364,22 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
             env,
             cwd,
             restart,
+            user,
+            group,
             timeout_ms,
         } => {
             let mut args = json!({"name": name, "argv": argv, "env": env});
             if let Value::Object(m) = &mut args {
-                if let Some(c) = cwd {
-                    m.insert("cwd".into(), json!(c));
-                }
-                if let Some(r) = restart {
-                    m.insert("restart".into(), json!(r));
+                let optional = [
+                    ("cwd", cwd),
+                    ("restart", restart),
+                    ("user", user),
+                    ("group", group),
+                ];
+                for (k, v) in optional {
+                    if let Some(v) = v {
+                        m.insert(k.into(), json!(v));
+                    }
                 }
             }
             call(p, Invoke::supervisor(instance, "start", args, timeout_ms)).await

@@ -143,7 +143,11 @@ mod tests {
             sizes.push(t.read(&mut buf).await.unwrap());
         }
         let small = sizes.iter().filter(|n| **n < SCRATCH / 2).count();
-        assert!(small <= 2, "{small} small reads of {}: {sizes:?}", sizes.len());
+        assert!(
+            small <= 2,
+            "{small} small reads of {}: {sizes:?}",
+            sizes.len()
+        );
         // And still at the rate: about 2 MiB in 2 s.
         let total: usize = sizes.iter().sum();
         assert!(total <= (2 << 20) + 2 * SCRATCH, "{total}");
