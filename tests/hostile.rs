@@ -478,6 +478,48 @@ async fn a_guests_calls_in_flight_are_bounded_by_its_share() {
     assert_contained(&mut s.proxy);
 }
 
+/// The share is bounded in bytes too: calls of 200 KiB each, waiting for
+/// answers that never come, hold at most `upstream_bytes_per_instance`
+/// (4 MiB: about 20 of them); the next are answered `BrokerUnavailable` at
+/// once, and the neighbour's casts are published as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_bytes_in_flight_are_bounded_by_its_share() {
+    const CALLS: usize = 40;
+    const ARGS: usize = 200 * 1024;
+    let mut s = scene().await;
+    let sink = unique("sink");
+    let spy = Spy::start(&s.url, Some((&s.ex, &sink))).await;
+    let big = "x".repeat(ARGS);
+    for _ in 0..CALLS {
+        let mut r = call(&sink, None);
+        r.args = json!({"blob": big});
+        s.bad.send(LinkMsg::Req(r)).await;
+    }
+    let mut unavailable = 0;
+    let fit = (4 << 20) / ARGS;
+    while unavailable < CALLS - fit {
+        match s.bad.next().await {
+            LinkMsg::Rep(r) => {
+                let f = r.failure.expect("a failure");
+                assert_eq!(f.class, "BrokerUnavailable", "{f:?}");
+                assert!(f.message.contains("bytes of messages"), "{f:?}");
+                unavailable += 1;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    s.good_casts_arrive(0, 10).await;
+    // What was published: the calls that fit in 4 MiB, each a little over
+    // 200 KiB on the link.
+    let published = spy.drain().await.len();
+    assert_eq!(published, CALLS - unavailable);
+    assert!(
+        (fit - 2..=fit).contains(&published),
+        "{published} published"
+    );
+    assert_contained(&mut s.proxy);
+}
+
 /// Topic churn: a guest announcing a new topic set 12 times in a row gets
 /// at most a burst of them applied on the broker (queues declared and
 /// consumed), then the latest as the window allows — not 50 rounds of

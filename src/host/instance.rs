@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
+use super::broker::share::ShareUsed;
 use super::broker::{NotTaken, Outlet, Upstream};
 use super::policy::audit::{Record, clip};
 use super::policy::enforcer::{TopicsDecision, topics_for};
@@ -620,7 +621,7 @@ fn on_reply(inst: &Instance, mut r: Reply, size: usize, enforcer: &mut Enforcer,
             r.reply_to = Some(o.reply_q);
             let _ = out.watch.send(json!({"instance": inst.id, "reply": r}));
             match &out.upstream {
-                Some(up) if up.offer(Upstream::Reply(r)).is_ok() => {
+                Some(up) if up.offer(Upstream::Reply(r), size).is_ok() => {
                     inst.rerouted.fetch_add(1, Ordering::Relaxed);
                     inst.audit(record("reply", "allow", Some("sealed handle".into())), size);
                 }
@@ -734,10 +735,13 @@ async fn on_request(
             ticket: None,
         }
     };
-    if let Err(not) = up.offer(m) {
+    if let Err(not) = up.offer(m, size) {
         let why = match not {
-            NotTaken::ShareUsed(n) => {
+            NotTaken::ShareUsed(ShareUsed::Messages(n)) => {
                 format!("this instance already has {n} messages waiting for the broker")
+            }
+            NotTaken::ShareUsed(ShareUsed::Bytes(n)) => {
+                format!("this instance already has {n} bytes of messages waiting for the broker")
             }
             NotTaken::Full => "too many guest messages wait for the broker".to_string(),
         };

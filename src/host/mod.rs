@@ -82,13 +82,16 @@ impl Proxy {
     ) -> Result<Arc<Self>, ProxyError> {
         let bridge = Arc::new(broker::StatusCell::default());
         let policy = policy::store::PolicyHub::new(&cfg.policy, &cfg.broker.control_exchange)?;
-        let share = cfg.broker.upstream_per_instance;
+        let share = (
+            cfg.broker.upstream_per_instance,
+            cfg.broker.upstream_bytes_per_instance,
+        );
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             instances: Mutex::new(BTreeMap::new()),
             gone_since: Mutex::default(),
             watch: broadcast::channel(WATCH_BUFFER).0,
-            upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone(), share)),
+            upstream: upstream.map(|tx| broker::Outlet::new(tx, bridge.clone(), share.0, share.1)),
             bridge,
             policy: Arc::new(policy),
             config_path,

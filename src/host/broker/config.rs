@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     /// the bridge, held, or retried): one guest's burst cannot use up the
     /// hold its neighbours need (`BrokerUnavailable` for the guest past it).
     pub upstream_per_instance: usize,
+    /// And the most bytes (of guest messages, as sent on the link) one
+    /// instance may have waiting: a hundred maximal messages would be 25 MiB.
+    pub upstream_bytes_per_instance: usize,
     /// Longest a guest's call to the control plane may wait for its reply
     /// when the guest did not say, ms.
     pub upstream_call_timeout_ms: u64,
@@ -70,6 +73,7 @@ impl Default for BrokerConfig {
             reconnect_max_ms: 10_000,
             upstream_hold: 1_000,
             upstream_per_instance: 100,
+            upstream_bytes_per_instance: 4 << 20,
             upstream_call_timeout_ms: 60_000,
         }
     }
@@ -106,6 +110,11 @@ impl BrokerConfig {
         }
         if self.upstream_per_instance == 0 {
             return Err("broker.upstream_per_instance must be at least 1".into());
+        }
+        if self.upstream_bytes_per_instance < 1 << 20 {
+            return Err(
+                "broker.upstream_bytes_per_instance must be at least 1048576 (1 MiB)".into(),
+            );
         }
         if self.stream_fanout && !self.transient_quorum_queues {
             return Err(

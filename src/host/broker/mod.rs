@@ -41,7 +41,7 @@ use super::instance::{answer, refuse_cast};
 use crate::lock;
 use crate::rpc::{Failure, Reply, Request};
 use session::Session;
-use share::{Shares, Ticket};
+use share::{ShareUsed, Shares, Ticket};
 
 /// How often consumers are reconciled with the instances' links and topics.
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
@@ -145,7 +145,8 @@ impl StatusCell {
 
 /// Where instances hand guest messages to the bridge (a bounded queue of
 /// `upstream_hold`, of which each instance may use its share,
-/// `upstream_per_instance`); what does not fit is counted as refused.
+/// `upstream_per_instance` messages and `upstream_bytes_per_instance`
+/// bytes); what does not fit is counted as refused.
 #[derive(Clone)]
 pub struct Outlet {
     tx: mpsc::Sender<Upstream>,
@@ -156,37 +157,43 @@ pub struct Outlet {
 /// Why [`Outlet::offer`] did not take a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotTaken {
-    /// The instance already has its share of messages waiting.
-    ShareUsed(usize),
+    /// The instance already has its share waiting.
+    ShareUsed(ShareUsed),
     /// The bridge's queue is full.
     Full,
 }
 
 impl Outlet {
     /// An outlet into `tx`, counting refusals in `status`, with shares of
-    /// `per_instance` messages.
-    pub fn new(tx: mpsc::Sender<Upstream>, status: Arc<StatusCell>, per_instance: usize) -> Self {
+    /// `per_instance` messages and `bytes_per_instance` bytes.
+    pub fn new(
+        tx: mpsc::Sender<Upstream>,
+        status: Arc<StatusCell>,
+        per_instance: usize,
+        bytes_per_instance: usize,
+    ) -> Self {
         Self {
             tx,
             status,
-            shares: Shares::new(per_instance),
+            shares: Shares::new(per_instance, bytes_per_instance),
         }
     }
 
-    /// Queue `m` for the bridge, charged to its instance's share.
-    pub fn offer(&self, mut m: Upstream) -> Result<(), NotTaken> {
+    /// Queue `m` (`bytes` long on the link) for the bridge, charged to its
+    /// instance's share.
+    pub fn offer(&self, mut m: Upstream, bytes: usize) -> Result<(), NotTaken> {
         let res = match &mut m {
             Upstream::Cast {
                 instance, ticket, ..
             }
             | Upstream::Call {
                 instance, ticket, ..
-            } => match self.shares.take(instance) {
-                Some(t) => {
+            } => match self.shares.take(instance, bytes) {
+                Ok(t) => {
                     *ticket = Some(t);
                     Ok(())
                 }
-                None => Err(NotTaken::ShareUsed(self.shares.cap())),
+                Err(used) => Err(NotTaken::ShareUsed(used)),
             },
             Upstream::Reply(_) => Ok(()),
         };
