@@ -371,6 +371,81 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
     assert_contained(&mut proxy);
 }
 
+/// A header that announces `len` payload bytes, with a valid header
+/// checksum (so only the length can make the proxy refuse it).
+fn header_announcing(len: u32) -> Vec<u8> {
+    use tether::link::{Frame, FrameType};
+    let mut b = bytes::BytesMut::new();
+    Frame::new(FrameType::Data, 0, bytes::Bytes::from_static(b"x")).encode_into(&mut b);
+    let mut h = b[..36].to_vec();
+    h[24..28].copy_from_slice(&len.to_be_bytes());
+    let hcrc = crc32c::crc32c(&h[..32]);
+    h[32..36].copy_from_slice(&hcrc.to_be_bytes());
+    h
+}
+
+/// Garbage, impossible headers and an acknowledgement of frames never
+/// sent, from a hand-driven guest next to a good one: the proxy skips the
+/// garbage (and counts it), refuses headers announcing 4 GiB, 16 MiB + 1 or
+/// more than the negotiated maximum before allocating anything for them,
+/// takes the guest's next real frame, and logs and ignores an
+/// acknowledgement of what it never sent — staying up, within its memory
+/// bound, serving the good guest throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_impossible_frames_cost_a_bounded_amount() {
+    use tether::link::{Frame, FrameType};
+    const JUNK: usize = 4 << 20;
+    let w = World::new();
+    let mut proxy = w.proxy("");
+    let mut ctl = w.ctl().await;
+    let (good_id, raw_id) = (random_uuid(), random_uuid());
+    let mut g = FakeGuest::start(&w.channels(), &good_id);
+    g.topics(&["good"]).await;
+    wait_linked(&mut ctl, &good_id, "good").await;
+    let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
+    let mut rng = tether::testing::SplitMix64::new(11);
+    let junk: Vec<u8> = (0..JUNK / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    raw.frame_bytes(&junk).await;
+    for len in [
+        u32::MAX,
+        tether::link::frame::MAX_PAYLOAD_HARD + 1,
+        tether::link::config::DEFAULT_MAX_PAYLOAD + 1,
+    ] {
+        raw.frame_bytes(&header_announcing(len)).await;
+        raw.frame_bytes(&junk[..1000]).await;
+    }
+    // A real frame: once the proxy has it, it has read all of the above.
+    raw.send(&LinkMsg::Topics {
+        topics: vec!["raw".into()],
+    })
+    .await;
+    wait_linked(&mut ctl, &raw_id, "raw").await;
+    let l = ctl.link(&raw_id).await;
+    let skipped = l["garbage_bytes"].as_u64().unwrap() as usize;
+    assert!(skipped >= JUNK, "{skipped} bytes skipped: {l}");
+    good_guest_answers(&mut ctl, &mut g, &good_id, w.ctl_sock()).await;
+    assert_contained(&mut proxy);
+    // An acknowledgement of a frame the proxy never sent: a protocol error,
+    // logged (within the link's log budget) and ignored; the link goes on.
+    raw.frame(Frame::new(FrameType::Ack, 1 << 40, bytes::Bytes::new()))
+        .await;
+    raw.send(&LinkMsg::Topics {
+        topics: vec!["raw2".into()],
+    })
+    .await;
+    wait_linked(&mut ctl, &raw_id, "raw2").await;
+    assert!(
+        proxy
+            .log_text()
+            .contains("peer acknowledged sequence 1099511627776"),
+        "the protocol error is logged"
+    );
+    good_guest_answers(&mut ctl, &mut g, &good_id, w.ctl_sock()).await;
+    assert_contained(&mut proxy);
+}
+
 /// What a guest makes the proxy log is bounded per instance: 5,000 HELLOs,
 /// each with a new session id (one log line each, before), leave a few
 /// lines per second in the proxy's log and one that counts the rest.
