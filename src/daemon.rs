@@ -71,6 +71,35 @@ pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::ne
     Ok(l)
 }
 
+/// Bind a UNIX socket for local clients ([`bind_unix`], mode 0600); with
+/// `group`, then give that group access (0660) — for operators in that
+/// group (the control socket) or sub-agents running as other users (the
+/// sub-agent socket). A group that does not exist leaves the socket 0600
+/// (closed; root still connects), with a warning: the daemon does not
+/// refuse to start over it.
+pub fn bind_unix_for(
+    path: &std::path::Path,
+    group: Option<&str>,
+) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let l = bind_unix(path, 0o600)?;
+    if let Some(g) = group {
+        match nix::unistd::Group::from_name(g) {
+            Ok(Some(grp)) => {
+                nix::unistd::chown(path, None, Some(grp.gid))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            }
+            Ok(None) => {
+                tracing::warn!(group = g, socket = ?path, "no such group: the socket stays 0600")
+            }
+            Err(e) => {
+                tracing::warn!(group = g, socket = ?path, error = %e, "cannot look up the group: the socket stays 0600")
+            }
+        }
+    }
+    Ok(l)
+}
+
 /// The daemons' runtime: two worker threads (the machines tether runs on are
 /// small, and one link task per VM needs no more).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

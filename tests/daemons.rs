@@ -1099,3 +1099,48 @@ env = {{ SUBAGENT_TOPICS = "demo" }}
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `control_socket_group`: operators in that group use `tetherctl` without
+/// root — the socket is 0660 of that group, on every start of the proxy —
+/// and a user outside it is refused by the file's permissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_in_the_control_sockets_group_need_no_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let w = World::new();
+    std::fs::set_permissions(w.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("group nogroup");
+    let as_nobody = |gid: u32| {
+        std::process::Command::new(CTL)
+            .args(["--socket", w.ctl_sock().to_str().unwrap(), "links"])
+            .uid(nobody.uid.as_raw())
+            .gid(gid)
+            .output()
+            .unwrap()
+    };
+    for round in 0..2 {
+        let mut proxy = w.proxy("control_socket_group = \"nogroup\"");
+        let m = std::fs::metadata(w.ctl_sock()).unwrap();
+        assert_eq!(
+            (m.mode() & 0o777, m.gid()),
+            (0o660, nogroup.gid.as_raw()),
+            "start {round}"
+        );
+        let out = as_nobody(nogroup.gid.as_raw());
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        // Not in the group (here with root's group, gid 0): the socket's
+        // permissions refuse it.
+        let out = as_nobody(0);
+        assert_ne!(out.status.code(), Some(0), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("ermission denied"),
+            "{out:?}"
+        );
+        proxy.terminate();
+    }
+}

@@ -203,30 +203,10 @@ impl Handover {
 /// reads: backpressure, not drops.
 pub const SUB_QUEUE: usize = 256;
 
-/// Bind the socket with mode 0600 (see [`crate::daemon::bind_unix`]); with
-/// `group`, then give that group access (0660), for sub-agents that run as
-/// another user. A group that does not exist leaves the socket 0600 (closed:
-/// sub-agents running as the agent's user still connect), with a warning —
-/// the agent does not refuse to start over it: without it the VM has no
-/// control channel at all.
+/// Bind the socket with mode 0600, or 0660 for `group`
+/// ([`crate::daemon::bind_unix_for`]).
 pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let l = crate::daemon::bind_unix(path, 0o600)?;
-    if let Some(g) = group {
-        match nix::unistd::Group::from_name(g) {
-            Ok(Some(grp)) => {
-                nix::unistd::chown(path, None, Some(grp.gid))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-            }
-            Ok(None) => {
-                tracing::warn!(group = g, socket = ?path, "no such group: the sub-agent socket stays 0600")
-            }
-            Err(e) => {
-                tracing::warn!(group = g, socket = ?path, error = %e, "cannot look up the group: the sub-agent socket stays 0600")
-            }
-        }
-    }
-    Ok(l)
+    crate::daemon::bind_unix_for(path, group)
 }
 
 /// Accept sub-agents forever, one task each.

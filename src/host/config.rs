@@ -24,6 +24,9 @@ pub struct ProxyConfig {
     pub channels_dir: PathBuf,
     /// The control socket (mode 0600).
     pub control_socket: PathBuf,
+    /// A group given access to the control socket (mode 0660): operators
+    /// in it use `tetherctl` without root.
+    pub control_socket_group: Option<String>,
     /// Longest JSON line accepted on the control socket (bytes).
     pub max_line: usize,
     /// Default time a call or a cast acknowledgement may take (ms).
@@ -58,6 +61,7 @@ impl Default for ProxyConfig {
         Self {
             channels_dir: DEFAULT_CHANNELS_DIR.into(),
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
+            control_socket_group: None,
             max_line: 1024 * 1024,
             default_timeout_ms: 30_000,
             max_links: 10_000,

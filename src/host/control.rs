@@ -151,9 +151,10 @@ impl CtlError {
     }
 }
 
-/// Bind the socket with mode 0600 (see [`crate::daemon::bind_unix`]).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    crate::daemon::bind_unix(path, 0o600)
+/// Bind the socket with mode 0600, or 0660 for `group`
+/// ([`crate::daemon::bind_unix_for`]).
+pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
+    crate::daemon::bind_unix_for(path, group)
 }
 
 /// Serve control clients forever: at most `max_control_clients` at once,

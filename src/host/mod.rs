@@ -271,8 +271,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     mut reload: mpsc::Receiver<()>,
 ) -> Result<(), ProxyError> {
-    let listener =
-        control::bind(&cfg.control_socket).map_err(|source| ProxyError::ControlSocket {
+    let listener = control::bind(&cfg.control_socket, cfg.control_socket_group.as_deref())
+        .map_err(|source| ProxyError::ControlSocket {
             path: cfg.control_socket.clone(),
             source,
         })?;
