@@ -1,0 +1,218 @@
+//! The shipping artefacts, each checked by its own tool: the systemd units
+//! (`systemd-analyze verify`, and the proxy's hardening score), the
+//! cloud-init files (`cloud-init schema`), the libvirt domain
+//! (`virt-xml-validate`), the Debian packages (`lintian`, their contents).
+//! The packages are built by `scripts/package` (the test command runs it
+//! first). Booting them is `tests/image.rs`.
+//!
+//! A missing tool fails the test (the test command installs them).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Run `cmd`, which must exist; its status, stdout and stderr.
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (scripts/test installs it): {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// The units with their `ExecStart=` pointing at this build's binaries
+/// (verify checks that each command exists), under their own names.
+fn units_here(dir: &Path) -> Vec<PathBuf> {
+    let bins = root().join("target/debug");
+    let mut out = vec![];
+    for u in [
+        "packaging/agent/tether-agent.service",
+        "packaging/proxy/tether-proxy.service",
+    ] {
+        let text = std::fs::read_to_string(root().join(u)).unwrap();
+        let text = text.replace("/usr/bin/tether-", &format!("{}/tether-", bins.display()));
+        let p = dir.join(Path::new(u).file_name().unwrap());
+        std::fs::write(&p, text).unwrap();
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn the_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_here(dir.path());
+    let (ok, out, err) = run(Command::new("systemd-analyze").arg("verify").args(&units));
+    assert!(ok && out.is_empty() && err.is_empty(), "{out}{err}");
+}
+
+/// The proxy's unit keeps its hardening: `systemd-analyze security` rates
+/// it 2.2 ("OK"); a change that loosens it shows here.
+#[test]
+fn the_proxy_unit_stays_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_here(dir.path());
+    let (_, out, err) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&units[1]));
+    let line = out
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no score: {out}{err}"));
+    let score: f64 = line
+        .split("tether-proxy.service: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(score <= 2.5, "{line}");
+}
+
+#[test]
+fn the_cloud_init_files_pass_the_schema() {
+    for f in ["cloud-init/user-data.yaml", "cloud-init/vendor-data.yaml"] {
+        let (ok, out, err) = run(Command::new("cloud-init")
+            .args(["schema", "--config-file"])
+            .arg(root().join(f)));
+        assert!(ok && out.contains("Valid cloud-config"), "{f}: {out}{err}");
+    }
+}
+
+#[test]
+fn the_libvirt_domain_validates_and_carries_the_channel() {
+    let domain = root().join("packaging/libvirt/domain.xml");
+    let (ok, out, err) = run(Command::new("virt-xml-validate").arg(&domain).arg("domain"));
+    assert!(ok, "{out}{err}");
+    // The channel element documented on its own is the domain's.
+    let strip = |s: &str| -> String {
+        let mut t = s.to_string();
+        while let (Some(a), Some(b)) = (t.find("<!--"), t.find("-->")) {
+            t.replace_range(a..b + 3, "");
+        }
+        t.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let channel =
+        strip(&std::fs::read_to_string(root().join("packaging/libvirt/channel.xml")).unwrap());
+    let domain = strip(&std::fs::read_to_string(&domain).unwrap());
+    assert!(channel.starts_with("<channel type='unix'>"), "{channel}");
+    assert!(
+        domain.contains(&channel),
+        "the domain's channel differs:\n{channel}"
+    );
+}
+
+/// Whether an ELF64 little-endian executable has a PT_INTERP program
+/// header (asks for a dynamic loader).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u = |at: usize, n: usize| -> usize {
+        elf[at..at + n]
+            .iter()
+            .rev()
+            .fold(0usize, |a, b| (a << 8) | *b as usize)
+    };
+    assert_eq!(&elf[..4], b"\x7fELF");
+    let (phoff, phentsize, phnum) = (u(0x20, 8), u(0x36, 2), u(0x38, 2));
+    (0..phnum).any(|i| u(phoff + i * phentsize, 4) == 3)
+}
+
+fn package(name: &str) -> PathBuf {
+    let p = root().join(format!("target/debian/{name}_0.1.0-1_amd64.deb"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/package",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn the_packages_are_lintian_clean() {
+    for name in ["tether-agent", "tether-proxy"] {
+        // Every remaining tag is overridden with its reason
+        // (packaging/lintian/).
+        let (ok, out, err) = run(Command::new("lintian")
+            .args(["--tag-display-limit", "0", "--fail-on", "error,warning"])
+            .arg(package(name)));
+        let tags: Vec<&str> = out
+            .lines()
+            .chain(err.lines())
+            .filter(|l| l.contains(": "))
+            .collect();
+        assert!(ok && tags.is_empty(), "{name}: {tags:#?}");
+    }
+}
+
+#[test]
+fn the_packages_install_where_debian_expects() {
+    let files = |name: &str| {
+        let (ok, out, err) = run(Command::new("dpkg-deb").arg("-c").arg(package(name)));
+        assert!(ok, "{err}");
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .map(|p| p.trim_start_matches('.').to_string())
+            .collect::<Vec<_>>()
+    };
+    let agent = files("tether-agent");
+    for p in [
+        "/usr/bin/tether-agent",
+        "/usr/lib/systemd/system/tether-agent.service",
+        "/usr/lib/udev/rules.d/60-tether-agent.rules",
+        "/usr/lib/tmpfiles.d/tether-agent.conf",
+        "/etc/tether/agent.toml",
+        "/usr/share/tether/examples/subagent.py",
+    ] {
+        assert!(
+            agent.iter().any(|f| f == p),
+            "tether-agent lacks {p}: {agent:#?}"
+        );
+    }
+    let proxy = files("tether-proxy");
+    for p in [
+        "/usr/bin/tether-proxy",
+        "/usr/bin/tetherctl",
+        "/usr/lib/systemd/system/tether-proxy.service",
+        "/usr/lib/sysusers.d/tether.conf",
+        "/usr/lib/tmpfiles.d/tether-proxy.conf",
+        "/etc/tether/proxy.toml",
+    ] {
+        assert!(
+            proxy.iter().any(|f| f == p),
+            "tether-proxy lacks {p}: {proxy:#?}"
+        );
+    }
+    // The agent is static: it runs in any image, whatever its libc.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package("tether-agent"))
+        .arg(dir.path()));
+    assert!(ok, "{err}");
+    let elf = std::fs::read(dir.path().join("usr/bin/tether-agent")).unwrap();
+    assert!(
+        !has_interpreter(&elf),
+        "the packaged agent asks for a dynamic loader"
+    );
+    assert!(has_interpreter(
+        &std::fs::read(root().join("target/debug/tether-proxy")).unwrap()
+    ));
+    // Its own config passes its own check.
+    let (ok, out, err) = run(Command::new(dir.path().join("usr/bin/tether-agent"))
+        .args(["--check-config", "-c"])
+        .arg(dir.path().join("etc/tether/agent.toml")));
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package("tether-proxy"))
+        .arg(dir.path()));
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(Command::new(dir.path().join("usr/bin/tether-proxy"))
+        .args(["--check-config", "-c"])
+        .arg(dir.path().join("etc/tether/proxy.toml")));
+    assert!(ok, "{out}{err}");
+}
