@@ -417,6 +417,7 @@ pub async fn wait_linked_for(
 }
 
 pub mod guest;
+pub mod image;
 pub mod oslo;
 pub mod vm;
 

@@ -1,0 +1,217 @@
+//! A real Debian 12 guest (systemd, udev, cloud-init; `scripts/guest-image`)
+//! under TCG, with a NoCloud seed, the tether port as a channel of the
+//! proxy, and a root shell on a second virtio-serial port the test drives.
+//! Killed by PID on drop; every wait bounded.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+/// The image's directory (built and cached by `scripts/guest-image`, which
+/// the test command runs; running it here too makes a test run alone work).
+pub fn image_dir() -> PathBuf {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-image"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/guest-image");
+    assert!(out.status.success(), "scripts/guest-image failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A built Debian package of this checkout (`scripts/package`).
+pub fn deb(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/debian/{name}_0.1.0-1_amd64.deb"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/package",
+        p.display()
+    );
+    p
+}
+
+/// A NoCloud seed (volume `cidata`) with `user-data`, a `meta-data` for
+/// `instance`, and `extra` files (packages) beside them.
+pub fn seed(dir: &Path, instance: &str, user_data: &str, extra: &[PathBuf]) -> PathBuf {
+    let src = dir.join("seed");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("user-data"), user_data).unwrap();
+    std::fs::write(
+        src.join("meta-data"),
+        format!("instance-id: {instance}\nlocal-hostname: tether-guest\n"),
+    )
+    .unwrap();
+    for f in extra {
+        std::fs::copy(f, src.join(f.file_name().unwrap())).unwrap();
+    }
+    let iso = dir.join("seed.iso");
+    let st = Command::new("genisoimage")
+        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+        .arg(&iso)
+        .arg(&src)
+        .status()
+        .expect("genisoimage (apt-get install genisoimage)");
+    assert!(st.success());
+    iso
+}
+
+pub struct ImageVm {
+    child: Child,
+    pub console: PathBuf,
+    shell: PathBuf,
+}
+
+impl ImageVm {
+    /// Boot the image (writes go to a throw-away snapshot) with `seed`,
+    /// the tether port's chardev at `channel`.
+    pub fn boot(dir: &Path, image: &Path, seed: &Path, channel: &Path) -> Self {
+        let console = dir.join("image-console.log");
+        let shell = dir.join("image-shell.sock");
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
+            .arg("-kernel")
+            .arg(image.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(image.join("initrd.img"))
+            .args(["-append", "root=LABEL=tether-root rw console=ttyS0 panic=-1"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,snapshot=on",
+                image.join("base.raw").display()
+            ))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .args(["-device", "virtio-serial-pci,id=vser0"])
+            .arg("-chardev")
+            .arg(format!("socket,id=ch0,path={},server=on,wait=off", channel.display()))
+            .args(["-device", "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0"])
+            .arg("-chardev")
+            .arg(format!("socket,id=ch1,path={},server=on,wait=off", shell.display()))
+            .args(["-device", "virtserialport,chardev=ch1,name=org.tether.shell.0,id=port1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 is required: apt-get install -y --no-install-recommends qemu-system-x86");
+        Self {
+            child,
+            console,
+            shell,
+        }
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// The guest's root shell (waits, bounded, until the guest runs it).
+    pub async fn shell(&self, bound: Duration) -> Shell {
+        let t = Instant::now();
+        let s = loop {
+            if let Ok(s) = tokio::net::UnixStream::connect(&self.shell).await {
+                break s;
+            }
+            assert!(t.elapsed() < bound, "no QEMU shell socket");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (r, w) = s.into_split();
+        let mut sh = Shell {
+            lines: tokio::io::BufReader::new(r).lines(),
+            w,
+            n: 0,
+        };
+        // The shell starts once systemd has booted far enough: ask until
+        // it answers.
+        loop {
+            let left = bound.saturating_sub(t.elapsed());
+            assert!(
+                !left.is_zero(),
+                "the guest's shell never answered:\n{}",
+                self.console()
+            );
+            if let Ok(out) =
+                tokio::time::timeout(Duration::from_secs(5).min(left), sh.run_inner("echo ready"))
+                    .await
+            {
+                // Earlier tries, read late, may come first.
+                if out.0 == 0 && out.1.ends_with("ready") {
+                    return sh;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ImageVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A root shell in the guest.
+pub struct Shell {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+    n: u64,
+}
+
+impl Shell {
+    async fn run_inner(&mut self, cmd: &str) -> (i32, String) {
+        self.n += 1;
+        let end = format!("__tether_end_{}__", self.n);
+        let line = format!("{cmd}\necho {end} $?\n");
+        self.w.write_all(line.as_bytes()).await.unwrap();
+        let mut out = vec![];
+        loop {
+            let l = self
+                .lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the guest's shell ended");
+            if let Some(rc) = l.strip_prefix(&format!("{end} ")) {
+                return (rc.trim().parse().unwrap_or(-1), out.join("\n"));
+            }
+            out.push(l);
+        }
+    }
+
+    /// Run `cmd` (bounded by `bound`): its exit status and output.
+    pub async fn run_for(&mut self, cmd: &str, bound: Duration) -> (i32, String) {
+        tokio::time::timeout(bound, self.run_inner(cmd))
+            .await
+            .unwrap_or_else(|_| panic!("`{cmd}` in the guest took over {bound:?}"))
+    }
+
+    /// Run `cmd` (within 60 s), which must succeed; its output.
+    pub async fn ok(&mut self, cmd: &str) -> String {
+        let (rc, out) = self.run_for(cmd, Duration::from_secs(60)).await;
+        assert_eq!(rc, 0, "`{cmd}` in the guest: {out}");
+        out
+    }
+
+    /// `systemctl show -p PROP --value UNIT`.
+    pub async fn prop(&mut self, unit: &str, prop: &str) -> String {
+        self.ok(&format!("systemctl show -p {prop} --value {unit}"))
+            .await
+    }
+
+    /// Wait (bounded) until `cmd`'s output is `want`.
+    pub async fn until(&mut self, cmd: &str, want: &str, bound: Duration) {
+        let t = Instant::now();
+        loop {
+            let (_, out) = self.run_for(cmd, bound).await;
+            if out.trim() == want {
+                return;
+            }
+            assert!(t.elapsed() < bound, "`{cmd}` said {out:?}, not {want:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
