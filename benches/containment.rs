@@ -206,11 +206,25 @@ async fn hostile_here(path: std::path::PathBuf, flood: Flood) -> Hostile {
     let l = tokio::net::UnixListener::bind(path).unwrap();
     let (s, _) = l.accept().await.expect("the proxy connects");
     let (mut r, mut w) = s.into_split();
+    // It reads what the proxy sends and acknowledges it (the ACK rides on
+    // its next write), as a real peer does: a flood's refusals then come
+    // back to it instead of backing up in its own outbox and receive queue.
+    // The rewind flood does not: it needs a window the proxy must resend.
+    let acks = !matches!(flood, Flood::Rewinds);
+    let acked = Arc::new(AtomicU64::new(0));
+    let got = acked.clone();
     tokio::spawn(async move {
-        let mut b = vec![0u8; 65536];
-        while let Ok(n) = r.read(&mut b).await {
+        use tokio_util::codec::Decoder;
+        let mut codec = tether::link::FrameCodec::new(262_144);
+        let mut b = BytesMut::with_capacity(65536);
+        while let Ok(n) = r.read_buf(&mut b).await {
             if n == 0 {
                 break;
+            }
+            while let Ok(Some(f)) = codec.decode(&mut b) {
+                if f.kind == FrameType::Data {
+                    got.fetch_max(f.seq, Ordering::Relaxed);
+                }
             }
         }
     });
@@ -276,6 +290,14 @@ async fn hostile_here(path: std::path::PathBuf, flood: Flood) -> Hostile {
                         hello(n_session).encode_into(&mut buf);
                     }
                 }
+            }
+            if acks {
+                Frame::new(
+                    FrameType::Ack,
+                    acked.load(Ordering::Relaxed),
+                    bytes::Bytes::new(),
+                )
+                .encode_into(&mut buf);
             }
             if w.write_all(&buf).await.is_err() {
                 break;
