@@ -132,6 +132,21 @@ impl Scene {
         (id, raw)
     }
 
+    /// The hostile guest's next `n` messages are its calls answered
+    /// `BrokerUnavailable`, past the bound `why` names.
+    async fn bad_calls_unavailable(&mut self, n: usize, why: &str) {
+        for _ in 0..n {
+            match self.bad.next().await {
+                LinkMsg::Rep(r) => {
+                    let f = r.failure.expect("a failure");
+                    assert_eq!(f.class, "BrokerUnavailable", "{f:?}");
+                    assert!(f.message.contains(why), "{f:?}");
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+    }
+
     async fn bridge(&mut self) -> Value {
         broker_status(&mut self.ctl).await
     }
@@ -533,18 +548,7 @@ async fn a_guests_calls_in_flight_are_bounded_by_its_share() {
     for _ in 0..150 {
         s.bad.send(LinkMsg::Req(call(&sink, None))).await;
     }
-    let mut unavailable = 0;
-    while unavailable < 50 {
-        match s.bad.next().await {
-            LinkMsg::Rep(r) => {
-                let f = r.failure.expect("a failure");
-                assert_eq!(f.class, "BrokerUnavailable", "{f:?}");
-                assert!(f.message.contains("100 messages"), "{f:?}");
-                unavailable += 1;
-            }
-            m => panic!("unexpected {m:?}"),
-        }
-    }
+    s.bad_calls_unavailable(50, "100 messages").await;
     s.good_casts_arrive(0, 10).await;
     // Exactly its share was published (the good casts above were published
     // after all of these, on the same channel, in order).
@@ -570,19 +574,10 @@ async fn a_guests_bytes_in_flight_are_bounded_by_its_share() {
         r.args = json!({"blob": big});
         s.bad.send(LinkMsg::Req(r)).await;
     }
-    let mut unavailable = 0;
     let fit = (4 << 20) / ARGS;
-    while unavailable < CALLS - fit {
-        match s.bad.next().await {
-            LinkMsg::Rep(r) => {
-                let f = r.failure.expect("a failure");
-                assert_eq!(f.class, "BrokerUnavailable", "{f:?}");
-                assert!(f.message.contains("bytes of messages"), "{f:?}");
-                unavailable += 1;
-            }
-            m => panic!("unexpected {m:?}"),
-        }
-    }
+    let unavailable = CALLS - fit;
+    s.bad_calls_unavailable(unavailable, "bytes of messages")
+        .await;
     s.good_casts_arrive(0, 10).await;
     // What was published: the calls that fit in 4 MiB, each a little over
     // 200 KiB on the link.
