@@ -981,16 +981,11 @@ async fn start_requests_cannot_swap_the_program_or_preload_code() {
     wait_linked(&mut ctl, U1, "swapped").await;
 }
 
-/// A sub-agent runs as the user and group its start request names when the
-/// agent's config allows them: its process has exactly those credentials
-/// (supplementary groups included), it reaches the sub-agent socket
-/// through the socket's group, and it still dies with the agent. Users and
-/// groups the config does not list are refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sub_agent_runs_as_the_user_it_is_allowed() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+/// A test directory `nobody` can reach its sockets in, and the user
+/// `nobody` and group `nogroup` the tests run clients as.
+fn world_for_nobody() -> (World, nix::unistd::User, nix::unistd::Group) {
+    use std::os::unix::fs::PermissionsExt;
     let w = World::new();
-    // `nobody` must reach the sub-agent socket in the test's directory.
     std::fs::set_permissions(w.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
     let nobody = nix::unistd::User::from_name("nobody")
         .unwrap()
@@ -998,6 +993,18 @@ async fn a_sub_agent_runs_as_the_user_it_is_allowed() {
     let nogroup = nix::unistd::Group::from_name("nogroup")
         .unwrap()
         .expect("group nogroup");
+    (w, nobody, nogroup)
+}
+
+/// A sub-agent runs as the user and group its start request names when the
+/// agent's config allows them: its process has exactly those credentials
+/// (supplementary groups included), it reaches the sub-agent socket
+/// through the socket's group, and it still dies with the agent. Users and
+/// groups the config does not list are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_agent_runs_as_the_user_it_is_allowed() {
+    use std::os::unix::fs::MetadataExt;
+    let (w, nobody, nogroup) = world_for_nobody();
     let _proxy = w.proxy("");
     let (py, sub) = (python3(), example_subagent());
     let sock = w.path("agent.sock");
@@ -1105,16 +1112,9 @@ env = {{ SUBAGENT_TOPICS = "demo" }}
 /// and a user outside it is refused by the file's permissions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_in_the_control_sockets_group_need_no_root() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
-    let w = World::new();
-    std::fs::set_permissions(w.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let nobody = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("user nobody");
-    let nogroup = nix::unistd::Group::from_name("nogroup")
-        .unwrap()
-        .expect("group nogroup");
+    let (w, nobody, nogroup) = world_for_nobody();
     let as_nobody = |gid: u32| {
         std::process::Command::new(CTL)
             .args(["--socket", w.ctl_sock().to_str().unwrap(), "links"])

@@ -261,6 +261,15 @@ async fn a_guest_that_never_acknowledges_holds_up_no_one_else() {
     assert_contained(&mut s.proxy);
 }
 
+/// A well-behaved guest on `w`'s proxy, linked and serving `good`.
+async fn good_guest(w: &World, ctl: &mut Ctl) -> (String, FakeGuest) {
+    let id = random_uuid();
+    let g = FakeGuest::start(&w.channels(), &id);
+    g.topics(&["good"]).await;
+    wait_linked(ctl, &id, "good").await;
+    (id, g)
+}
+
 /// The good guest still gets a call from the control socket and answers it.
 async fn good_guest_answers(
     ctl: &mut Ctl,
@@ -301,10 +310,8 @@ async fn link_floods_and_tricks_cost_the_proxy_little_and_hurt_no_one() {
     let w = World::new();
     let mut proxy = w.proxy("");
     let mut ctl = w.ctl().await;
-    let (good_id, raw_id) = (random_uuid(), random_uuid());
-    let mut g = FakeGuest::start(&w.channels(), &good_id);
-    g.topics(&["good"]).await;
-    wait_linked(&mut ctl, &good_id, "good").await;
+    let (good_id, mut g) = good_guest(&w, &mut ctl).await;
+    let raw_id = random_uuid();
     let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
     raw.send(&LinkMsg::Topics {
         topics: vec!["raw".into()],
@@ -413,10 +420,8 @@ async fn garbage_and_impossible_frames_cost_a_bounded_amount() {
     let w = World::new();
     let mut proxy = w.proxy("");
     let mut ctl = w.ctl().await;
-    let (good_id, raw_id) = (random_uuid(), random_uuid());
-    let mut g = FakeGuest::start(&w.channels(), &good_id);
-    g.topics(&["good"]).await;
-    wait_linked(&mut ctl, &good_id, "good").await;
+    let (good_id, mut g) = good_guest(&w, &mut ctl).await;
+    let raw_id = random_uuid();
     let mut raw = RawGuest::start(&w.channels(), &raw_id, 4).await;
     let mut rng = tether::testing::SplitMix64::new(11);
     let junk: Vec<u8> = (0..JUNK / 8)
