@@ -11,7 +11,9 @@
 //! - the proxy's RSS with 20 flooding neighbours against none.
 //!
 //! `cargo bench --bench containment` prints Markdown rows for
-//! docs/BENCHMARKS.md; `-- --quick` does a fraction of the work.
+//! docs/BENCHMARKS.md; `-- --quick` does a fraction of the work;
+//! `-- --only casts|garbage|headers` runs that one flood of the first table
+//! and nothing else (to profile it: `TETHER_BENCH_FLOOD_SECS` lengthens it).
 
 mod common;
 
@@ -210,9 +212,12 @@ async fn hostile_here(path: std::path::PathBuf, flood: Flood) -> Hostile {
     // its next write), as a real peer does: a flood's refusals then come
     // back to it instead of backing up in its own outbox and receive queue.
     // The rewind flood does not: it needs a window the proxy must resend.
+    // It also sends again from where a NACK says (the proxy drops what it
+    // cannot take while it waits for this guest's ACKs).
     let acks = !matches!(flood, Flood::Rewinds);
     let acked = Arc::new(AtomicU64::new(0));
-    let got = acked.clone();
+    let resume = Arc::new(AtomicU64::new(0));
+    let (got, nacked) = (acked.clone(), resume.clone());
     tokio::spawn(async move {
         use tokio_util::codec::Decoder;
         let mut codec = tether::link::FrameCodec::new(262_144);
@@ -224,6 +229,8 @@ async fn hostile_here(path: std::path::PathBuf, flood: Flood) -> Hostile {
             while let Ok(Some(f)) = codec.decode(&mut b) {
                 if f.kind == FrameType::Data {
                     got.fetch_max(f.seq, Ordering::Relaxed);
+                } else if f.kind == FrameType::Ack && f.flags & flags::NACK != 0 {
+                    nacked.store(f.ack + 1, Ordering::Relaxed);
                 }
             }
         }
@@ -251,6 +258,10 @@ async fn hostile_here(path: std::path::PathBuf, flood: Flood) -> Hostile {
         let mut n_session = session;
         while !st.load(Ordering::Relaxed) {
             buf.clear();
+            let from = resume.swap(0, Ordering::Relaxed);
+            if acks && from != 0 {
+                seq = from;
+            }
             for _ in 0..64 {
                 match flood {
                     Flood::Casts => {
@@ -322,7 +333,12 @@ impl Hostile {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     let n = if quick { 100 } else { 5000 };
     let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async move {
@@ -334,15 +350,21 @@ fn main() {
         wait_linked(&mut ctl, GOOD, "good").await;
         let _ = good_rtt(&mut ctl, n / 10).await; // warm-up
         let idle_rss = rss_kib(pid);
-        let flood_secs = if quick { 0.5 } else { 3.0 };
+        let flood_secs = std::env::var("TETHER_BENCH_FLOOD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(if quick { 0.5 } else { 3.0 });
         println!("| neighbour | good guest's call RTT p50 / p99, idle just before | same, under the flood | p99 / idle p99 | proxy CPU per MB of hostile input (flood alone) | hostile input read |");
         println!("|---|---|---|---|---|---|");
         let floods = [
-            ("cast flood (denied by its policy)", Flood::Casts),
-            ("random garbage", Flood::Garbage),
-            ("long headers with bad checksums", Flood::BadHeaders),
+            ("casts", "cast flood (denied by its policy)", Flood::Casts),
+            ("garbage", "random garbage", Flood::Garbage),
+            ("headers", "long headers with bad checksums", Flood::BadHeaders),
         ];
-        for (i, (what, f)) in floods.iter().enumerate() {
+        for (i, (name, what, f)) in floods.iter().enumerate() {
+            if only.as_ref().is_some_and(|o| o != name) {
+                continue;
+            }
             // The idle baseline right before each flood, so that the
             // machine's state (frequency, other work) is the same.
             let idle = stats(good_rtt(&mut ctl, n).await);
@@ -365,6 +387,9 @@ fn main() {
                 cpu / mb.max(1e-9),
                 mb / secs
             );
+        }
+        if only.is_some() {
+            return;
         }
         // Resends under a NACK + HELLO flood: casts into the hostile guest
         // (never acknowledged) give the proxy a window to resend.

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::guest::{FakeGuest, RawGuest, assign, cast, hello_frame, policy, target};
+use support::guest::{FakeGuest, FloodGuest, RawGuest, assign, cast, hello_frame, policy, target};
 use support::oslo::*;
 use support::*;
 use tether::rpc::{Kind, LinkMsg, Request, new_unique_id};
@@ -824,4 +824,63 @@ async fn a_cast_flood_at_the_rate_limit_hurts_no_one_else() {
         assert!(got.insert(i), "{i} published twice");
     }
     assert_contained(&mut s.proxy);
+}
+
+/// A guest that floods casts its policy denies, faster than the proxy can
+/// refuse them through the small window it asks for, while it reads its link, acknowledges what it reads and
+/// sends again what a NACK asks for, as a real peer does: every cast gets
+/// its refusal, each once, and nothing is dropped. The proxy's receive
+/// queue fills with casts it must refuse, its refusals wait for the guest's
+/// window, and the guest's acknowledgements sit in the stream behind its
+/// casts: a proxy that stopped reading whenever its receive queue was full
+/// would wait for them for ever (it did: the link stood still, one refusal
+/// dropped every 5 s). No broker: the policy refuses the casts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_denied_casts_gets_every_refusal_and_its_link_moves() {
+    // Well over what the proxy's receive queue holds (4 MiB: about 17,000
+    // of these casts).
+    const FLOOD: usize = 40_000;
+    let w = World::new();
+    let id = random_uuid();
+    let _ = policy(&w, "", "");
+    assign(&w, &id, "profile = \"quiet\"\n");
+    let mut proxy = w.proxy(&policy(
+        &w,
+        "",
+        "[policy.profiles.quiet]\ntopics = [\"*\"]\nmessage_burst = 1000000.0\nmessages_per_sec = 1000000.0\nbyte_burst = 1000000000.0\nbytes_per_sec = 1000000000.0\n",
+    ));
+    let mut ctl = w.ctl().await;
+    // A window of 256 frames: the proxy's refusals wait for the guest's
+    // ACKs, which come after what the guest wrote before them.
+    let mut g = FloodGuest::start(&w.channels(), &id, 256, "quiet", FLOOD, || {
+        cast(target("anything", None, None), "m", json!({}))
+    })
+    .await;
+    let mut refused = std::collections::HashSet::new();
+    let t = Instant::now();
+    while refused.len() < FLOOD {
+        let (unique_id, reason) = tokio::time::timeout(BOUND, g.refusals.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no refusal within {BOUND:?}; {} so far", refused.len()))
+            .expect("the flooding guest's link ended");
+        assert!(reason.starts_with("Denied: "), "{reason}");
+        assert!(
+            g.sent.contains(&unique_id),
+            "a refusal for a cast it never sent"
+        );
+        assert!(refused.insert(unique_id), "refused twice");
+        // A liveness bound (this takes seconds): a wedged link still lets
+        // a refusal through every 5 s, never all of them.
+        assert!(
+            t.elapsed() < BOUND * 4,
+            "{} of {FLOOD} refused: {}",
+            refused.len(),
+            ctl.link(&id).await
+        );
+    }
+    let l = ctl.link(&id).await;
+    assert_eq!(l["denied"], FLOOD, "{l}");
+    assert_eq!(l["outbox_dropped"], 0, "no refusal was dropped: {l}");
+    eprintln!("{FLOOD} refused in {:.1} s: {l}", t.elapsed().as_secs_f64());
+    assert_contained(&mut proxy);
 }

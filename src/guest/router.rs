@@ -352,6 +352,7 @@ impl Router {
                 "delivered": s.stats.delivered,
                 "duplicates": s.stats.duplicates,
                 "out_of_order": s.stats.out_of_order,
+                "discarded_full": s.stats.discarded_full,
                 "before_hello": s.stats.before_hello,
                 "established": s.stats.established,
                 "peer_changes": s.stats.peer_changes,

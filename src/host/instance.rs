@@ -334,6 +334,7 @@ impl Instance {
             "resent": s.stats.resent,
             "duplicates": s.stats.duplicates,
             "rewinds_deferred": s.stats.rewinds_deferred,
+            "discarded_full": s.stats.discarded_full,
             "pings": s.stats.pings,
             "peer_changes": s.stats.peer_changes,
             "delivered": s.stats.delivered,

@@ -110,6 +110,10 @@ pub struct SessionStats {
     /// Rewinds of the send cursor put off by [`MIN_REWIND_INTERVAL`] (a
     /// climbing count means the peer asks for resends far too often).
     pub rewinds_deferred: u64,
+    /// In-order DATA frames dropped unacknowledged because the owner's
+    /// receive queue was full (see [`Session::set_receiving`]); the peer
+    /// sends them again after the NACK that follows.
+    pub discarded_full: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +165,10 @@ pub struct Session {
     nack_now: bool,
     /// The `expected` value a NACK was last sent for (one NACK per gap).
     nacked_at: u64,
+    /// The owner takes what arrives (see [`Session::set_receiving`]).
+    receiving: bool,
+    /// DATA was dropped while not receiving: NACK once receiving again.
+    discarded: bool,
     // --- peer limits (after a HELLO) ---
     peer_max_payload: Option<u32>,
     peer_window: Option<(u32, u32)>,
@@ -221,6 +229,8 @@ impl Session {
             ack_now: false,
             nack_now: false,
             nacked_at: 0,
+            receiving: true,
+            discarded: false,
             peer_max_payload: None,
             peer_window: None,
             conn: Conn::Down { since: now },
@@ -309,7 +319,32 @@ impl Session {
             || (self.unacked.len() < f && self.unacked_bytes.saturating_add(len) <= b)
     }
 
+    /// Someone waits for room in the send window (a `send` was refused
+    /// with [`SendError::WindowFull`] and the window has not opened since).
+    pub fn window_wanted(&self) -> bool {
+        self.window_was_full
+    }
+
     // ------------------------------------------------------------ inputs
+
+    /// Whether the owner can take delivered messages now. While it cannot,
+    /// an in-order DATA frame is dropped unacknowledged (counted in
+    /// [`SessionStats::discarded_full`]) instead of delivered, and no NACK
+    /// is sent for gaps; once it can again, one NACK asks the peer to send
+    /// from `expected` again. The driver reads on while its queue is full
+    /// only when its own sends wait for the peer's window: the peer's
+    /// acknowledgements may sit in the stream behind DATA it cannot take,
+    /// and not reading them would leave both sides waiting for ever.
+    pub fn set_receiving(&mut self, receiving: bool) {
+        if receiving && !self.receiving && self.discarded && self.conn == Conn::Up {
+            self.nacked_at = self.expected;
+            self.nack_now = true;
+        }
+        if receiving {
+            self.discarded = false;
+        }
+        self.receiving = receiving;
+    }
 
     /// Queue a message. Returns its sequence number, or why it was refused.
     pub fn send(&mut self, payload: Bytes, _now: Instant) -> Result<u64, SendError> {
@@ -353,6 +388,8 @@ impl Session {
         self.pong_due = None;
         self.ack_now = false;
         self.nack_now = false;
+        // A new connection's HELLO tells the peer where to resume.
+        self.discarded = false;
         self.ack_deadline = None;
         self.in_flight_since = None;
         self.rewind_deferred = None;
@@ -406,6 +443,13 @@ impl Session {
     }
 
     fn on_data(&mut self, seq: u64, payload: Bytes, now: Instant) {
+        if !self.receiving && seq >= self.expected {
+            // No room with the owner: the peer sends it again after our
+            // NACK once there is (see `set_receiving`).
+            self.stats.discarded_full += 1;
+            self.discarded = true;
+            return;
+        }
         if seq == self.expected {
             // `expected` starts at most at MAX_SEQ (the HELLO's bound).
             let Some(next) = self.expected.checked_add(1) else {

@@ -490,3 +490,59 @@ fn a_nack_or_hello_flood_resends_at_most_a_window_per_interval() {
     p.tick(MIN_REWIND_INTERVAL);
     assert_eq!(data(&mut p), 4, "one resend when the interval is over");
 }
+
+#[test]
+fn data_the_owner_cannot_take_is_dropped_unacked_and_sent_again_after_a_nack() {
+    let mut p = Pair::new();
+    p.connect();
+    p.pump();
+    // b's owner has no room: what a sends is read (its ACKs count) but not
+    // delivered, not acknowledged, not NACKed.
+    p.b.set_receiving(false);
+    assert!(!p.b.window_wanted());
+    for i in 0..3 {
+        p.a.send(msg(i), p.now).unwrap();
+    }
+    p.pump();
+    assert!(p.got_b.is_empty());
+    assert_eq!(p.b.stats().discarded_full, 3);
+    assert_eq!(p.b.stats().delivered, 0);
+    assert_eq!(p.a.unacked_len(), 3);
+    // b's own sends still get through, and a's ACKs of them are read.
+    p.b.send(msg(9), p.now).unwrap();
+    p.pump();
+    p.tick(Duration::from_millis(100));
+    p.pump();
+    assert_eq!(p.got_a, vec![msg(9)]);
+    assert_eq!(p.b.unacked_len(), 0);
+    assert_eq!(p.b.stats().discarded_full, 3);
+    // Room again: one NACK, a resends from where b is, b takes them once.
+    p.tick(MIN_REWIND_INTERVAL);
+    p.b.set_receiving(true);
+    p.pump();
+    assert_eq!(p.got_b, vec![msg(0), msg(1), msg(2)]);
+    p.tick(Duration::from_millis(100));
+    p.pump();
+    assert_eq!(p.a.unacked_len(), 0);
+    assert_eq!(p.b.stats().duplicates, 0);
+}
+
+#[test]
+fn window_wanted_until_the_window_opens() {
+    let mut p = Pair::new();
+    p.connect();
+    p.pump();
+    for i in 0..4 {
+        p.a.send(msg(i), p.now).unwrap();
+    }
+    assert!(!p.a.window_wanted());
+    assert!(matches!(
+        p.a.send(msg(4), p.now),
+        Err(SendError::WindowFull)
+    ));
+    assert!(p.a.window_wanted());
+    p.pump();
+    p.tick(Duration::from_millis(100));
+    p.pump();
+    assert!(!p.a.window_wanted());
+}

@@ -25,6 +25,12 @@ pub struct FakeGuest {
 impl FakeGuest {
     /// Listen on the instance's channel socket, as QEMU's chardev does.
     pub fn start(channels: &Path, uuid: &str) -> Self {
+        Self::start_with(channels, uuid, LinkOptions::default())
+    }
+
+    /// [`FakeGuest::start`] with link options of its own (a session with a
+    /// small window, say); the name is set here.
+    pub fn start_with(channels: &Path, uuid: &str, opts: LinkOptions) -> Self {
         let path = channels.join(format!("{uuid}.sock"));
         let _ = std::fs::remove_file(&path);
         let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
@@ -32,7 +38,7 @@ impl FakeGuest {
             UnixAcceptor::new(l),
             LinkOptions {
                 name: format!("fake-{uuid}"),
-                ..LinkOptions::default()
+                ..opts
             },
             tether::random_session_id(),
         );
@@ -276,5 +282,159 @@ impl RawGuest {
 impl Drop for RawGuest {
     fn drop(&mut self) {
         self.drain.abort();
+    }
+}
+
+/// A guest that floods casts as fast as its socket takes them, by hand:
+/// pre-encoded DATA frames, as many as the proxy's window (1,024 frames)
+/// allows — which the proxy acknowledges on receipt — while it reads what
+/// the proxy sends, acknowledges it at once, collects the `refused`
+/// notices, and — as a real peer does — sends again from where a NACK
+/// says. It plays an agent far faster than the proxy can refuse (a debug
+/// build's [`FakeGuest`] is not).
+pub struct FloodGuest {
+    /// The unique ids of the casts sent.
+    pub sent: std::collections::HashSet<String>,
+    /// `refused` notices received: (unique_id, reason).
+    pub refusals: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// The proxy's default window: what [`FloodGuest`] keeps unacknowledged.
+const PROXY_WINDOW: u64 = 1024;
+
+impl FloodGuest {
+    /// Take the proxy's connection on the instance's channel socket, say
+    /// HELLO asking for `window_frames`, announce `topic`, then send the
+    /// casts `make` builds, `n` of them.
+    pub async fn start(
+        channels: &Path,
+        uuid: &str,
+        window_frames: u32,
+        topic: &str,
+        n: usize,
+        make: impl Fn() -> Request,
+    ) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tether::link::{Frame, FrameType, frame::flags};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::codec::Decoder;
+        let path = channels.join(format!("{uuid}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
+        let (s, _) = tokio::time::timeout(BOUND, l.accept())
+            .await
+            .expect("the proxy connects")
+            .unwrap();
+        let (mut r, mut w) = s.into_split();
+        let mut msgs = vec![LinkMsg::Topics {
+            topics: vec![topic.into()],
+        }];
+        let mut sent = std::collections::HashSet::new();
+        for _ in 0..n {
+            let c = make();
+            sent.insert(c.unique_id.clone());
+            msgs.push(LinkMsg::Req(c));
+        }
+        // What it received (to acknowledge), what the proxy acknowledged
+        // (its window), where a NACK asks it to resume (0: none); the
+        // reader wakes the writer for each.
+        let (got, acked, resume) = (
+            std::sync::Arc::new(AtomicU64::new(0)),
+            std::sync::Arc::new(AtomicU64::new(0)),
+            std::sync::Arc::new(AtomicU64::new(0)),
+        );
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (tx, refusals) = tokio::sync::mpsc::unbounded_channel();
+        let reader = {
+            let (got, acked, resume, wake) =
+                (got.clone(), acked.clone(), resume.clone(), wake.clone());
+            tokio::spawn(async move {
+                let mut codec = tether::link::FrameCodec::new(262_144);
+                let mut b = bytes::BytesMut::with_capacity(65536);
+                while let Ok(n) = r.read_buf(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                    while let Ok(Some(f)) = codec.decode(&mut b) {
+                        acked.fetch_max(f.ack, Ordering::Relaxed);
+                        match f.kind {
+                            FrameType::Data => {
+                                got.fetch_max(f.seq, Ordering::Relaxed);
+                                if let Ok(LinkMsg::Refused { unique_id, reason }) =
+                                    LinkMsg::from_bytes(&f.payload)
+                                {
+                                    let _ = tx.send((unique_id, reason));
+                                }
+                            }
+                            FrameType::Ack if f.flags & flags::NACK != 0 => {
+                                resume.store(f.ack + 1, Ordering::Relaxed)
+                            }
+                            _ => {}
+                        }
+                    }
+                    wake.notify_one();
+                }
+            })
+        };
+        let session = tether::random_session_id();
+        let writer = tokio::spawn(async move {
+            let mut b = bytes::BytesMut::new();
+            hello_frame(session, 1, window_frames).encode_into(&mut b);
+            let frames: Vec<Frame> = msgs
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut f = Frame::new(FrameType::Data, 0, m.to_bytes());
+                    f.seq = i as u64 + 1;
+                    f
+                })
+                .collect();
+            let (mut next, mut ack_sent) = (1u64, 0u64);
+            loop {
+                let from = resume.swap(0, Ordering::Relaxed);
+                if from != 0 {
+                    next = next.min(from);
+                }
+                // Up to 64 frames a write, within the proxy's window, then
+                // an ACK of what it got.
+                let limit = acked.load(Ordering::Relaxed) + PROXY_WINDOW;
+                for f in frames.iter().skip(next as usize - 1).take(64) {
+                    if f.seq > limit {
+                        break;
+                    }
+                    f.encode_into(&mut b);
+                    next += 1;
+                }
+                let ack = got.load(Ordering::Relaxed);
+                if ack > ack_sent {
+                    Frame::new(FrameType::Ack, ack, bytes::Bytes::new()).encode_into(&mut b);
+                    ack_sent = ack;
+                }
+                if b.is_empty() {
+                    // Nothing to send: until the proxy sends something.
+                    let _ = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+                    continue;
+                }
+                if w.write_all(&b).await.is_err() {
+                    break;
+                }
+                b.clear();
+            }
+        });
+        Self {
+            sent,
+            refusals,
+            reader,
+            writer,
+        }
+    }
+}
+
+impl Drop for FloodGuest {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
     }
 }

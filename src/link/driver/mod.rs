@@ -225,7 +225,12 @@ impl LinkSender {
                     self.shared.wake_task.notify_one();
                     return Ok(r);
                 }
-                Err(SendError::WindowFull) => notified.await,
+                Err(SendError::WindowFull) => {
+                    // The task reads on for the peer's ACKs while its
+                    // receive queue is full only if it knows we wait.
+                    self.shared.wake_task.notify_one();
+                    notified.await
+                }
                 Err(e) => return Err(e),
             }
         }

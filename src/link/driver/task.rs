@@ -4,7 +4,10 @@
 //! write at the same time never deadlock on full socket buffers. Frames are
 //! pulled from the session only while the write buffer is below
 //! [`WRITE_HIGH_WATER`], and no frame is read while events wait for the
-//! application: memory stays bounded by the session window plus one frame.
+//! application — unless our own sends wait for the peer's window: then
+//! frames are read for the acknowledgements they carry and their DATA is
+//! dropped unacknowledged, to be sent again ([`Session::set_receiving`]).
+//! Memory stays bounded by the session window plus one batch of frames.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -88,6 +91,9 @@ struct Driver {
     reset_by_peer: bool,
     /// When the connection was last established.
     up_at: Option<TokioInstant>,
+    /// A sender waits for the peer's window (as of the last housekeeping):
+    /// frames are read even while events wait for the application.
+    window_wanted: bool,
 }
 
 /// A connection the peer made us reset sooner than this after it came up
@@ -119,6 +125,7 @@ pub(crate) async fn run<C: Connector>(
         log: LogBudget::new(),
         reset_by_peer: false,
         up_at: None,
+        window_wanted: false,
     };
     let name = d.opts.name.clone();
     let mut backoff = d.opts.backoff_min;
@@ -139,13 +146,13 @@ pub(crate) async fn run<C: Connector>(
             trace!(link = %name, in_ms = t.saturating_duration_since(TokioInstant::now()).as_millis() as u64, "timer armed");
             armed = Some(t);
         }
-        let reading = d.pending.is_empty();
+        let reading = d.pending.is_empty() || d.window_wanted;
         let (batch, cost) = d.batch_len();
         let shared = d.shared.clone();
         tokio::select! {
             biased;
             _ = &mut stop => break,
-            permit = room.clone().acquire_many_owned(cost), if !reading => match permit {
+            permit = room.clone().acquire_many_owned(cost), if !d.pending.is_empty() => match permit {
                 Ok(p) => {
                     p.forget();
                     d.send_batch(batch);
@@ -158,6 +165,7 @@ pub(crate) async fn run<C: Connector>(
                     d.last_frame_unix_ms = crate::unix_ms();
                     let now = now();
                     let mut s = d.shared.lock();
+                    s.set_receiving(d.pending.is_empty());
                     for f in frames {
                         trace!(link = %name, kind = ?f.kind, seq = f.seq, ack = f.ack, "frame in");
                         s.on_frame(f, now);
@@ -318,6 +326,11 @@ impl Driver {
         let shared = self.shared.clone();
         let mut s = shared.lock();
         let (reconnect, window_open) = self.collect_events(&mut s, phase, name);
+        // Events to the application first: whether it has room decides
+        // whether the session takes DATA (and NACKs what it dropped).
+        self.flush_pending();
+        s.set_receiving(self.pending.is_empty());
+        self.window_wanted = s.window_wanted();
         if let Phase::Connected(c) = phase {
             if reconnect {
                 c.closing = true;
@@ -342,7 +355,6 @@ impl Driver {
         if window_open {
             self.shared.window.notify_waiters();
         }
-        self.flush_pending();
         deadline
     }
 
