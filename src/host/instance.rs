@@ -3,7 +3,7 @@
 //! ([`super::policy`]) first, and each decision is audited; the instance id
 //! comes from the channel's file name.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,14 +36,20 @@ pub type WatchEvent = Value;
 /// the guest.
 pub const OUTBOX_CAP: usize = 1024;
 
-/// How long an instance's own task waits for room in its outbox for the
-/// answers it makes itself (refusals at the enforcement point): a guest
+/// How long an instance's own task waits for room in the guest's window for
+/// the answers it makes itself (refusals at the enforcement point): a guest
 /// that reads its link gets every refusal however fast it sends — its
 /// sending slows to the pace it takes them — while one that does not read
-/// cannot wedge its own link (its unread answers block the task that would
-/// read its acknowledgements): past this wait the answer is dropped and
-/// counted like any other.
+/// cannot hold up its own task for longer: when the window takes nothing
+/// for this long, what that task owes is dropped and counted like any other
+/// answer (`outbox_dropped`).
 const OWN_POST_WAIT: Duration = Duration::from_secs(5);
+
+/// The most answers the instance's task makes itself (refusals) before it
+/// sends them: those of one read of the link go together — one lock of
+/// the link and one wake-up of its task for all, not one each — up to this
+/// many (as many as the outbox holds: the same bound on memory).
+const OWN_BATCH: usize = OUTBOX_CAP;
 
 /// A call delivered into the guest, waiting for its reply.
 struct Pending {
@@ -302,15 +308,21 @@ impl Instance {
         }
     }
 
-    /// Queue `bytes` for the guest from this instance's own task, waiting
-    /// (at most [`OWN_POST_WAIT`]) for room.
-    async fn post_own(&self, bytes: bytes::Bytes) {
-        match tokio::time::timeout(OWN_POST_WAIT, self.outbox.send(bytes)).await {
-            Ok(Ok(())) => {}
-            _ => {
-                let n = self.outbox_dropped.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() {
-                    warn!(instance = %self.id, dropped = n + 1, "the guest does not read its link: answers and refusals for it are dropped");
+    /// Send what this instance's own task owes the guest (see
+    /// [`OWN_BATCH`]), waiting for its window as long as it takes some
+    /// within [`OWN_POST_WAIT`]; what it does not take is dropped and
+    /// counted.
+    async fn post_own(&self, owed: &mut VecDeque<bytes::Bytes>) {
+        while !owed.is_empty() {
+            match tokio::time::timeout(OWN_POST_WAIT, self.tx.send_some(owed)).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    let k = owed.len() as u64;
+                    owed.clear();
+                    let n = self.outbox_dropped.fetch_add(k, Ordering::Relaxed);
+                    if (n + 1..=n + k).any(u64::is_power_of_two) {
+                        warn!(instance = %self.id, dropped = n + k, "the guest does not read its link: answers and refusals for it are dropped");
+                    }
                 }
             }
         }
@@ -428,32 +440,59 @@ async fn read_loop(
     mut enforcer: Enforcer,
     out: Outlets,
 ) {
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            LinkEvent::Message(b) => {
-                enforcer.refresh(inst.policy());
-                on_message(&inst, &b, &mut enforcer, &out).await
+    let mut owed = VecDeque::new();
+    let mut next = rx.recv().await;
+    while let Some(ev) = next {
+        // Refusals go out before news of the link (a new guest session
+        // must not get the old one's), and at most OWN_BATCH wait.
+        if !matches!(ev, LinkEvent::Message(_)) || owed.len() >= OWN_BATCH {
+            inst.post_own(&mut owed).await;
+        }
+        on_event(&inst, ev, &mut enforcer, &out, &mut owed);
+        // The rest of what the same read brought, then the refusals they
+        // earned, together.
+        next = match rx.try_recv() {
+            Some(ev) => Some(ev),
+            None => {
+                inst.post_own(&mut owed).await;
+                rx.recv().await
             }
-            LinkEvent::Up { peer } => {
-                if let Some(suppressed) = inst.may_log() {
-                    info!(instance = %inst.id, peer = format_args!("{peer:016x}"), suppressed, "guest linked")
-                }
+        };
+    }
+}
+
+/// One event of the guest's link; refusals it earns go to `owed`.
+fn on_event(
+    inst: &Arc<Instance>,
+    ev: LinkEvent,
+    enforcer: &mut Enforcer,
+    out: &Outlets,
+    owed: &mut VecDeque<bytes::Bytes>,
+) {
+    match ev {
+        LinkEvent::Message(b) => {
+            enforcer.refresh(inst.policy());
+            on_message(inst, &b, enforcer, out, owed)
+        }
+        LinkEvent::Up { peer } => {
+            if let Some(suppressed) = inst.may_log() {
+                info!(instance = %inst.id, peer = format_args!("{peer:016x}"), suppressed, "guest linked")
             }
-            LinkEvent::Down => {
-                if let Some(suppressed) = inst.may_log() {
-                    info!(instance = %inst.id, suppressed, "guest link down")
-                }
+        }
+        LinkEvent::Down => {
+            if let Some(suppressed) = inst.may_log() {
+                info!(instance = %inst.id, suppressed, "guest link down")
             }
-            LinkEvent::PeerChanged {
-                previous: Some(_), ..
-            } => new_guest_session(&inst),
-            LinkEvent::PeerChanged { previous: None, .. } => {}
-            LinkEvent::Expired { unacked } => {
-                const WHY: &str = "the guest was unreachable for longer than the grace period";
-                warn!(instance = %inst.id, lost = unacked.len(), "guest link expired after the grace period");
-                inst.receipts.lose_all(WHY);
-                inst.fail_pending(WHY, &HashSet::new());
-            }
+        }
+        LinkEvent::PeerChanged {
+            previous: Some(_), ..
+        } => new_guest_session(inst),
+        LinkEvent::PeerChanged { previous: None, .. } => {}
+        LinkEvent::Expired { unacked } => {
+            const WHY: &str = "the guest was unreachable for longer than the grace period";
+            warn!(instance = %inst.id, lost = unacked.len(), "guest link expired after the grace period");
+            inst.receipts.lose_all(WHY);
+            inst.fail_pending(WHY, &HashSet::new());
         }
     }
 }
@@ -489,8 +528,15 @@ fn new_guest_session(inst: &Arc<Instance>) {
     });
 }
 
-/// The enforcement point: every guest message passes here first.
-async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Outlets) {
+/// The enforcement point: every guest message passes here first. Refusals
+/// it makes itself go to `owed`.
+fn on_message(
+    inst: &Instance,
+    b: &[u8],
+    enforcer: &mut Enforcer,
+    out: &Outlets,
+    owed: &mut VecDeque<bytes::Bytes>,
+) {
     let size = b.len();
     let msg = match LinkMsg::from_bytes(b) {
         Ok(m) => m,
@@ -546,7 +592,7 @@ async fn on_message(inst: &Instance, b: &[u8], enforcer: &mut Enforcer, out: &Ou
             };
             inst.audit(r, size);
         }
-        LinkMsg::Req(r) => on_request(inst, r, size, enforcer, out).await,
+        LinkMsg::Req(r) => on_request(inst, r, size, enforcer, out, owed),
         LinkMsg::Cancel { unique_id } => {
             // Only the host cancels (its callers' requests).
             enforcer.charge_only(size);
@@ -672,12 +718,13 @@ fn on_topics(inst: &Instance, topics: Vec<String>, size: usize, enforcer: &mut E
     }
 }
 
-async fn on_request(
+fn on_request(
     inst: &Instance,
     mut r: Request,
     size: usize,
     enforcer: &mut Enforcer,
     out: &Outlets,
+    owed: &mut VecDeque<bytes::Bytes>,
 ) {
     if let Decision::Deny(reason) = enforcer.request(&r, size) {
         debug!(instance = %inst.id, reason = ?reason, "guest request refused");
@@ -695,7 +742,7 @@ async fn on_request(
                 reason: format!("Denied: {reason}"),
             },
         };
-        return inst.post_own(m.to_bytes()).await;
+        return owed.push_back(m.to_bytes());
     }
     // Context is the host's: allowed guest keys, static context, identity.
     r.ctx = enforcer.context(&r.ctx);
@@ -758,7 +805,7 @@ async fn on_request(
                 reason: format!("BrokerUnavailable: {why}"),
             },
         };
-        inst.post_own(m.to_bytes()).await;
+        owed.push_back(m.to_bytes());
     }
 }
 

@@ -348,22 +348,45 @@ impl Session {
 
     /// Queue a message. Returns its sequence number, or why it was refused.
     pub fn send(&mut self, payload: Bytes, _now: Instant) -> Result<u64, SendError> {
+        self.admit(payload.len())?;
+        Ok(self.push(payload))
+    }
+
+    /// Queue the message at the front of `q`, taking it out of `q` only if
+    /// it is queued (no copy of it either way). Like [`Self::send`];
+    /// `Ok(None)` when `q` is empty.
+    pub fn send_front(
+        &mut self,
+        q: &mut VecDeque<Bytes>,
+        _now: Instant,
+    ) -> Result<Option<u64>, SendError> {
+        let Some(len) = q.front().map(Bytes::len) else {
+            return Ok(None);
+        };
+        self.admit(len)?;
+        let payload = q.pop_front().unwrap_or_default();
+        Ok(Some(self.push(payload)))
+    }
+
+    /// Whether a message of `len` bytes may be queued now.
+    fn admit(&mut self, len: usize) -> Result<(), SendError> {
         let max = self.max_send_payload();
-        if payload.len() > max as usize {
-            return Err(SendError::TooLarge {
-                len: payload.len(),
-                max,
-            });
+        if len > max as usize {
+            return Err(SendError::TooLarge { len, max });
         }
-        if !self.can_send(payload.len()) {
+        if !self.can_send(len) {
             self.window_was_full = true;
             return Err(SendError::WindowFull);
         }
+        Ok(())
+    }
+
+    fn push(&mut self, payload: Bytes) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked_bytes += payload.len();
         self.unacked.push_back(payload);
-        Ok(seq)
+        seq
     }
 
     /// A new connection is up: say HELLO.

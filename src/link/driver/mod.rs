@@ -236,6 +236,48 @@ impl LinkSender {
         }
     }
 
+    /// Queue messages from the front of `msgs`, as many as the send window
+    /// takes, waiting until it takes at least one (when `msgs` is not
+    /// empty): one lock and one wake-up of the link task for all of them,
+    /// where [`Self::send`] takes one each. Returns how many were queued. A
+    /// message too large for the link fails the call (it stays at the front
+    /// when nothing was queued before it).
+    pub async fn send_some(&self, msgs: &mut VecDeque<Bytes>) -> Result<usize, SendError> {
+        loop {
+            let notified = self.shared.window.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.status.borrow().closed {
+                return Err(SendError::Closed);
+            }
+            let (mut n, mut wait) = (0, false);
+            let res = {
+                let mut s = self.shared.lock();
+                let now = task::now();
+                loop {
+                    match s.send_front(msgs, now) {
+                        Ok(Some(_)) => n += 1,
+                        Ok(None) => break Ok(()),
+                        Err(SendError::WindowFull) => {
+                            wait = true;
+                            break Ok(());
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+            };
+            if n > 0 || wait {
+                // Transmit them; or read on for the peer's ACKs (see send).
+                self.shared.wake_task.notify_one();
+            }
+            match res {
+                Err(e) if n == 0 => return Err(e),
+                _ if n > 0 || !wait => return Ok(n),
+                _ => notified.await,
+            }
+        }
+    }
+
     /// Wait until the peer acknowledged `r`. Fails if the session expired
     /// (the message is then in [`LinkEvent::Expired`]) or the link closed.
     pub async fn wait_acked(&self, r: SendReceipt) -> Result<(), SendError> {
