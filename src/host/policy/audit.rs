@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -28,10 +28,10 @@ const MAX_FIELD_CHARS: usize = 256;
 /// One decision.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Record {
-    /// The instance (host-side identity).
-    pub instance: String,
+    /// The instance (host-side identity; shared, not copied per record).
+    pub instance: Arc<str>,
     /// Its profile.
-    pub profile: String,
+    pub profile: Arc<str>,
     /// What the guest sent: `cast`, `call`, `reply`, `topics`,
     /// `malformed`, ...
     pub kind: &'static str,
@@ -78,7 +78,7 @@ struct Inner {
     since: Instant,
     seen: HashMap<Record, Seen>,
     /// Per instance: distinct records written, and records only counted.
-    per_instance: HashMap<String, (usize, u64)>,
+    per_instance: HashMap<Arc<str>, (usize, u64)>,
     write_failed: bool,
 }
 
@@ -137,7 +137,11 @@ impl Audit {
 
     /// Record one decision about a guest message of `bytes` bytes.
     pub fn record(&self, r: Record, bytes: usize) {
-        let now = Instant::now();
+        self.record_at(r, bytes, Instant::now())
+    }
+
+    /// [`Self::record`] as of `now`.
+    fn record_at(&self, r: Record, bytes: usize, now: Instant) {
         let mut g = lock(&self.inner);
         self.roll(&mut g, now);
         if let Some(s) = g.seen.get_mut(&r) {
@@ -163,8 +167,12 @@ impl Audit {
     /// Write the summaries of an interval that has ended (called
     /// periodically, so a flood that stops is still summarised).
     pub fn tick(&self) {
+        self.tick_at(Instant::now())
+    }
+
+    fn tick_at(&self, now: Instant) {
         let mut g = lock(&self.inner);
-        self.roll(&mut g, Instant::now());
+        self.roll(&mut g, now);
     }
 
     fn roll(&self, g: &mut Inner, now: Instant) {
@@ -270,17 +278,23 @@ mod tests {
     fn a_flood_is_summarised_and_bounded() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a/audit.jsonl");
-        let a = Audit::new(Some(p.clone()), Duration::from_millis(50), 3).unwrap();
+        // Time is given, not read: the records all fall in one interval
+        // however long a busy machine takes to write them.
+        let interval = Duration::from_secs(60);
+        let t0 = Instant::now();
+        // Its interval starts at t0 or just after.
+        let a = Audit::new(Some(p.clone()), interval, 3).unwrap();
         for _ in 0..10_000 {
-            a.record(rec("i1", "same"), 10);
+            a.record_at(rec("i1", "same"), 10, t0);
         }
         for n in 0..1000 {
-            a.record(rec("i1", &format!("m{n}")), 10);
+            a.record_at(rec("i1", &format!("m{n}")), 10, t0);
         }
-        a.record(rec("i2", "x\n\u{1b}[2J"), 1);
+        a.record_at(rec("i2", "x\n\u{1b}[2J"), 1, t0);
         assert_eq!(lines(&p).len(), 4, "3 distinct for i1, 1 for i2");
-        std::thread::sleep(Duration::from_millis(60));
-        a.tick();
+        a.tick_at(t0 + interval - Duration::from_millis(1));
+        assert_eq!(lines(&p).len(), 4, "the interval is not over yet");
+        a.tick_at(t0 + interval * 2);
         let l = lines(&p);
         assert_eq!(l.len(), 6, "{l:?}");
         let sum = l.iter().find(|v| v["repeated"] == 9_999).expect("summary");
