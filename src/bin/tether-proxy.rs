@@ -7,6 +7,13 @@ use clap::Parser;
 use tether::host::config::ProxyConfig;
 use tether::host::policy::PolicyStore;
 
+/// mimalloc rather than glibc's malloc: the enforcement point allocates and
+/// frees a few small strings per guest message (the parsed envelope, its
+/// audit record, the refusal), and under a guest's flood of them glibc's
+/// allocator was the largest single cost (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The tether host proxy: links every VM whose chardev socket is in the
 /// channels directory and serves the control socket.
 #[derive(Parser)]

@@ -66,6 +66,8 @@ struct Pending {
 pub struct Instance {
     /// The instance uuid (the channel socket's file stem).
     pub id: String,
+    /// [`Self::id`] for audit records (shared, not copied per record).
+    audit_id: Arc<str>,
     /// Sends to the guest.
     pub tx: LinkSender,
     topics: Mutex<Vec<String>>,
@@ -129,6 +131,7 @@ impl Instance {
             });
         }
         let inst = Arc::new(Self {
+            audit_id: id.as_str().into(),
             id,
             tx,
             topics: Mutex::new(vec![]),
@@ -394,7 +397,7 @@ impl Instance {
         if r.decision == "deny" {
             self.denied.fetch_add(1, Ordering::Relaxed);
         }
-        r.instance = self.id.clone();
+        r.instance = self.audit_id.clone();
         r.profile = self.policy().profile_name.clone();
         self.hub.audit.record(r, bytes);
     }
@@ -728,21 +731,21 @@ fn on_request(
 ) {
     if let Decision::Deny(reason) = enforcer.request(&r, size) {
         debug!(instance = %inst.id, reason = ?reason, "guest request refused");
-        inst.audit(request_record(&r, "deny", Some(reason.clone())), size);
         // A refused call still gets its one answer; a refused cast a
         // notice, so the sub-agent that cast learns why.
-        let m = match r.msg_id {
+        let m = match &r.msg_id {
             Some(msg_id) if r.kind == Kind::Call => LinkMsg::Rep(Reply::new(
-                msg_id,
-                r.reply_to,
-                Err(Failure::tether("Denied", reason)),
+                msg_id.clone(),
+                r.reply_to.clone(),
+                Err(Failure::tether("Denied", &reason)),
             )),
             _ => LinkMsg::Refused {
-                unique_id: r.unique_id,
+                unique_id: std::mem::take(&mut r.unique_id),
                 reason: format!("Denied: {reason}"),
             },
         };
-        return owed.push_back(m.to_bytes());
+        owed.push_back(m.to_bytes());
+        return inst.audit(request_record(&r, "deny", Some(reason)), size);
     }
     // Context is the host's: allowed guest keys, static context, identity.
     r.ctx = enforcer.context(&r.ctx);

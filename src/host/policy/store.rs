@@ -79,7 +79,7 @@ pub struct Effective {
     /// The instance.
     pub instance: String,
     /// The profile's name.
-    pub profile_name: String,
+    pub profile_name: Arc<str>,
     /// Where it came from.
     pub source: Source,
     /// The profile with the assignment's overrides.
@@ -306,7 +306,7 @@ methods = ["update_*"]
         let s = PolicyStore::load(&cfg(d.path()), "openstack").unwrap();
         let e = s.effective(I).unwrap();
         assert_eq!(
-            (e.profile_name.as_str(), e.profile.mode),
+            (&*e.profile_name, e.profile.mode),
             ("default", Mode::ReplyOnly)
         );
         assert!(e.profile.topics.is_empty(), "default: no topics");
