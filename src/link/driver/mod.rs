@@ -348,6 +348,10 @@ pub struct LinkReceiver {
     batch: VecDeque<LinkEvent>,
     room: Arc<Semaphore>,
     cap: usize,
+    /// Room taken out of the queue but not given back yet: given back when
+    /// the batch is done (or a quarter of the queue is owed), one
+    /// semaphore operation per batch rather than per event.
+    owed: usize,
 }
 
 impl LinkReceiver {
@@ -372,7 +376,10 @@ impl LinkReceiver {
 
     fn pop(&mut self) -> Option<LinkEvent> {
         let e = self.batch.pop_front()?;
-        self.room.add_permits(event_cost(&e, self.cap));
+        self.owed = self.owed.saturating_add(event_cost(&e, self.cap));
+        if self.batch.is_empty() || self.owed >= self.cap / 4 {
+            self.room.add_permits(std::mem::take(&mut self.owed));
+        }
         Some(e)
     }
 }
@@ -452,6 +459,7 @@ impl Link {
                 batch: VecDeque::new(),
                 room,
                 cap,
+                owed: 0,
             },
             task: LinkTask {
                 handle,
