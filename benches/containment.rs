@@ -372,11 +372,22 @@ fn main() {
             let h = hostile(dir.path(), &id, *f).await;
             let s = stats(good_rtt(&mut ctl, n).await);
             // The proxy's CPU for the flood alone: no good calls meanwhile.
+            let l0 = links_of(&mut ctl, &id).await;
             let (cpu0, sent0, t) = (cpu_secs(pid), h.sent(), Instant::now());
             tokio::time::sleep(Duration::from_secs_f64(flood_secs)).await;
             let (cpu, mb) = (cpu_secs(pid) - cpu0, (h.sent() - sent0) as f64 / 1e6);
             let secs = t.elapsed().as_secs_f64();
+            let l1 = links_of(&mut ctl, &id).await;
             h.stop().await;
+            // What the proxy did with the casts: refused them, or dropped
+            // them unread for the guest to resend (which would make the
+            // CPU per MB look better than handling them costs).
+            let delta = |k: &str| l1[k].as_u64().unwrap_or(0) - l0[k].as_u64().unwrap_or(0);
+            eprintln!(
+                "{what}: {:.0} denied/s, {:.0} DATA frames/s dropped unread (discarded_full)",
+                delta("denied") as f64 / secs,
+                delta("discarded_full") as f64 / secs
+            );
             println!(
                 "| {what} | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.2} | {:.4} CPU-s/MB | {:.1} MB/s |",
                 idle.1,
