@@ -459,19 +459,24 @@ mod tests {
     use futures_util::FutureExt;
     use std::os::unix::fs::MetadataExt;
 
-    /// How many epoll registrations in this process watch the file whose
-    /// inode is `ino` (from /proc/self/fdinfo: each `tfd:` line of an
-    /// epoll names the watched file's inode and the registration's data;
-    /// an epoll reachable through two descriptors shows the same lines
-    /// twice, counted once).
-    fn epolls_watching(ino: u64) -> usize {
-        let needle = format!(" ino:{ino:x} ");
+    /// How many epoll registrations in this process watch the file at
+    /// `path` (from /proc/self/fdinfo: each `tfd:` line of an epoll names
+    /// the watched file's inode and its filesystem's device, the kernel's
+    /// own encoding; an epoll reachable through two descriptors shows the
+    /// same lines twice, counted once).
+    fn epolls_watching(path: &Path) -> usize {
+        let m = std::fs::metadata(path).unwrap();
+        let (major, minor) = (
+            nix::sys::stat::major(m.dev()),
+            nix::sys::stat::minor(m.dev()),
+        );
+        let needle = format!(" ino:{:x} sdev:{:x}", m.ino(), (major << 20) | minor);
         std::fs::read_dir("/proc/self/fdinfo")
             .unwrap()
             .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
             .flat_map(|info| {
                 info.lines()
-                    .filter(|l| l.starts_with("tfd:") && l.contains(&needle))
+                    .filter(|l| l.starts_with("tfd:") && l.trim_end().ends_with(&needle))
                     .map(String::from)
                     .collect::<Vec<_>>()
             })
@@ -489,13 +494,12 @@ mod tests {
     async fn a_connected_port_is_watched_by_its_stream_alone() {
         let pty = nix::pty::openpty(None, None).unwrap();
         let path = nix::unistd::ttyname(&pty.slave).unwrap();
-        let ino = std::fs::metadata(&path).unwrap().ino();
         let mut port = VirtioPort::open(&path).unwrap();
-        assert_eq!(epolls_watching(ino), 0);
+        assert_eq!(epolls_watching(&path), 0);
         let stream = port.connect().await.unwrap();
-        assert_eq!(epolls_watching(ino), 1, "the stream's registration only");
+        assert_eq!(epolls_watching(&path), 1, "the stream's registration only");
         drop(stream);
-        assert_eq!(epolls_watching(ino), 0);
+        assert_eq!(epolls_watching(&path), 0);
         // "The host is not there": the terminal's buffer full, so the port
         // is not writable and connect waits for an edge.
         let mut f = port.file.try_clone().unwrap();
@@ -504,9 +508,9 @@ mod tests {
         assert!(!host_connected(&port.file));
         let mut wait = port.connect();
         assert!((&mut wait).now_or_never().is_none(), "it waits");
-        assert_eq!(epolls_watching(ino), 1, "the waiter's own epoll");
+        assert_eq!(epolls_watching(&path), 1, "the waiter's own epoll");
         drop(wait);
-        assert_eq!(epolls_watching(ino), 0, "given up halfway: none left");
+        assert_eq!(epolls_watching(&path), 0, "given up halfway: none left");
         drop(pty.master);
     }
 }
