@@ -57,6 +57,15 @@ pub fn hangups() -> tokio::sync::mpsc::Receiver<()> {
 /// renamed into place: a client never finds the path before it listens, nor
 /// with looser permissions.
 pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    bind_unix_owned(path, mode, None)
+}
+
+/// [`bind_unix`], the socket's group set too (before it appears at `path`).
+fn bind_unix_owned(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<nix::unistd::Gid>,
+) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -66,38 +75,40 @@ pub fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<tokio::ne
     let tmp = std::path::PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let l = tokio::net::UnixListener::bind(&tmp)?;
+    if gid.is_some() {
+        nix::unistd::chown(&tmp, None, gid)?;
+    }
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&tmp, path)?;
     Ok(l)
 }
 
 /// Bind a UNIX socket for local clients ([`bind_unix`], mode 0600); with
-/// `group`, then give that group access (0660) — for operators in that
-/// group (the control socket) or sub-agents running as other users (the
-/// sub-agent socket). A group that does not exist leaves the socket 0600
-/// (closed; root still connects), with a warning: the daemon does not
-/// refuse to start over it.
+/// `group`, give that group access (0660) — for operators in that group
+/// (the control socket) or sub-agents running as other users (the
+/// sub-agent socket). The socket appears at `path` with its final group
+/// and mode (set before the rename), so no client ever sees it otherwise.
+/// A group that does not exist leaves the socket 0600 (closed; root still
+/// connects), with a warning: the daemon does not refuse to start over it.
 pub fn bind_unix_for(
     path: &std::path::Path,
     group: Option<&str>,
 ) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let l = bind_unix(path, 0o600)?;
-    if let Some(g) = group {
-        match nix::unistd::Group::from_name(g) {
-            Ok(Some(grp)) => {
-                nix::unistd::chown(path, None, Some(grp.gid))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-            }
-            Ok(None) => {
-                tracing::warn!(group = g, socket = ?path, "no such group: the socket stays 0600")
-            }
-            Err(e) => {
-                tracing::warn!(group = g, socket = ?path, error = %e, "cannot look up the group: the socket stays 0600")
-            }
+    let gid = group.and_then(|g| match nix::unistd::Group::from_name(g) {
+        Ok(Some(grp)) => Some(grp.gid),
+        Ok(None) => {
+            tracing::warn!(group = g, socket = ?path, "no such group: the socket stays 0600");
+            None
         }
+        Err(e) => {
+            tracing::warn!(group = g, socket = ?path, error = %e, "cannot look up the group: the socket stays 0600");
+            None
+        }
+    });
+    match gid {
+        Some(gid) => bind_unix_owned(path, 0o660, Some(gid)),
+        None => bind_unix(path, 0o600),
     }
-    Ok(l)
 }
 
 /// The daemons' runtime: two worker threads (the machines tether runs on are

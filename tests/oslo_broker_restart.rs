@@ -176,7 +176,9 @@ async fn casts_untaken_when_the_broker_stops_are_redelivered_from_quorum_queues_
     let mut ctl = w.ctl().await;
     // oslo's option for the Python side (a durable control exchange).
     let mut c = OsloClient::start(&format!("{url}?rabbit_quorum_queue=true"), &ex);
-    served(&mut c, &topic, &u).await;
+    // Calls of `served` that timed out on a loaded machine may be taken
+    // and acknowledged after it returned: at most this many more.
+    let strays = served(&mut c, &topic, &u).await - 1;
     let base = broker_status(&mut ctl).await["delivered"].as_u64().unwrap();
 
     // The agent stops reading: the deliveries wait in the link, unacked.
@@ -205,9 +207,9 @@ async fn casts_untaken_when_the_broker_stops_are_redelivered_from_quorum_queues_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = broker_status(&mut ctl).await;
-    assert_eq!(
-        before["delivered"], base,
-        "acknowledged before taken: {before}"
+    assert!(
+        before["delivered"].as_u64().unwrap() - base <= strays,
+        "acknowledged before taken ({strays} calls of served could be late): {before}"
     );
 
     let guard = StartOnFailure;
@@ -220,17 +222,28 @@ async fn casts_untaken_when_the_broker_stops_are_redelivered_from_quorum_queues_
 
     // The quorum queue gives them all again; the agent confirms each from
     // its journal without running it, and the proxy acknowledges them.
+    // Each confirmed from the journal (the agent counts it before its
+    // receipt goes), then acknowledged to the broker.
+    let t = Instant::now();
+    loop {
+        let stats = ctl
+            .req(json!({"op": "call", "instance": u, "topic": "tether.agent", "method": "stats"}))
+            .await;
+        let dropped = stats["result"]["router"]["duplicates_dropped"].as_u64();
+        assert!(dropped <= Some(N), "more than one redelivery each: {stats}");
+        if dropped == Some(N) {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOUND * 2,
+            "redeliveries never all confirmed from the journal: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     broker_status_until(&mut ctl, "every redelivery acknowledged", |v| {
-        v["delivered"].as_u64() == Some(base + N)
+        v["delivered"].as_u64() >= Some(base + N)
     })
     .await;
-    let stats = ctl
-        .req(json!({"op": "call", "instance": u, "topic": "tether.agent", "method": "stats"}))
-        .await;
-    assert_eq!(
-        stats["result"]["router"]["duplicates_dropped"], N,
-        "each redelivery confirmed from the journal: {stats}"
-    );
     recorded_exactly_once(&w, &u, N, Duration::from_secs(5)).await;
     assert_eq!(ctl.link(&u).await["outstanding"], 0);
 }

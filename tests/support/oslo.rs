@@ -133,9 +133,13 @@ pub fn broker_section(url: &str, exchange: &str) -> String {
 
 /// Wait (bounded) until an oslo call to `topic` on `server` is answered:
 /// the instance is linked and the proxy consumes its queue.
-pub async fn served(c: &mut OsloClient, topic: &str, server: &str) {
+/// Returns how many calls it made: all but the last timed out on the
+/// caller's side, and may still be taken (and acknowledged) later.
+pub async fn served(c: &mut OsloClient, topic: &str, server: &str) -> u64 {
     let t = Instant::now();
+    let mut calls = 0;
     loop {
+        calls += 1;
         let v = c
             .op(
                 json!({"op": "call", "topic": topic, "server": server, "method": "echo",
@@ -143,7 +147,7 @@ pub async fn served(c: &mut OsloClient, topic: &str, server: &str) {
             )
             .await;
         if v["ok"] == true {
-            return;
+            return calls;
         }
         assert!(
             t.elapsed() < Duration::from_secs(60),
