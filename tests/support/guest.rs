@@ -14,6 +14,25 @@ use super::World;
 
 use super::BOUND;
 
+/// Listen on the instance's channel socket `<channels>/<uuid>.sock`, as
+/// QEMU's chardev does (replacing a stale one).
+fn listen(channels: &Path, uuid: &str) -> (PathBuf, tokio::net::UnixListener) {
+    let path = channels.join(format!("{uuid}.sock"));
+    let _ = std::fs::remove_file(&path);
+    let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
+    (path, l)
+}
+
+/// [`listen`], then take the proxy's connection (within [`BOUND`]).
+async fn accept_proxy(channels: &Path, uuid: &str) -> tokio::net::UnixStream {
+    let (_, l) = listen(channels, uuid);
+    let (s, _) = tokio::time::timeout(BOUND, l.accept())
+        .await
+        .expect("the proxy connects")
+        .unwrap();
+    s
+}
+
 /// A guest whose "virtio port" is `<channels>/<uuid>.sock`.
 pub struct FakeGuest {
     pub tx: LinkSender,
@@ -31,9 +50,7 @@ impl FakeGuest {
     /// [`FakeGuest::start`] with link options of its own (a session with a
     /// small window, say); the name is set here.
     pub fn start_with(channels: &Path, uuid: &str, opts: LinkOptions) -> Self {
-        let path = channels.join(format!("{uuid}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
+        let (path, l) = listen(channels, uuid);
         let Link { tx, rx, task } = Link::spawn(
             UnixAcceptor::new(l),
             LinkOptions {
@@ -225,13 +242,7 @@ impl RawGuest {
     /// and say HELLO asking for `window_frames`.
     pub async fn start(channels: &Path, uuid: &str, window_frames: u32) -> Self {
         use tokio::io::AsyncReadExt;
-        let path = channels.join(format!("{uuid}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
-        let (s, _) = tokio::time::timeout(BOUND, l.accept())
-            .await
-            .expect("the proxy connects")
-            .unwrap();
+        let s = accept_proxy(channels, uuid).await;
         let (mut r, w) = s.into_split();
         let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let got = received.clone();
@@ -320,13 +331,7 @@ impl FloodGuest {
         use tether::link::{Frame, FrameType, frame::flags};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         use tokio_util::codec::Decoder;
-        let path = channels.join(format!("{uuid}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let l = tokio::net::UnixListener::bind(&path).expect("bind the channel socket");
-        let (s, _) = tokio::time::timeout(BOUND, l.accept())
-            .await
-            .expect("the proxy connects")
-            .unwrap();
+        let s = accept_proxy(channels, uuid).await;
         let (mut r, mut w) = s.into_split();
         let mut msgs = vec![LinkMsg::Topics {
             topics: vec![topic.into()],

@@ -203,37 +203,16 @@ impl LinkSender {
     /// Queue a message, waiting while the send window is full. Returns once
     /// the message is in the window (it will be resent until acknowledged).
     pub async fn send(&self, msg: Bytes) -> Result<SendReceipt, SendError> {
-        loop {
-            let notified = self.shared.window.notified();
-            tokio::pin!(notified);
-            // Register before checking, so an opening between the check and
-            // the wait is not missed.
-            notified.as_mut().enable();
-            if self.status.borrow().closed {
-                return Err(SendError::Closed);
-            }
-            let res = {
-                let mut s = self.shared.lock();
-                let local = s.local_session();
-                s.send(msg.clone(), task::now()).map(|seq| SendReceipt {
-                    session: local,
-                    seq,
-                })
-            };
-            match res {
-                Ok(r) => {
-                    self.shared.wake_task.notify_one();
-                    return Ok(r);
-                }
-                Err(SendError::WindowFull) => {
-                    // The task reads on for the peer's ACKs while its
-                    // receive queue is full only if it knows we wait.
-                    self.shared.wake_task.notify_one();
-                    notified.await
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let mut q = VecDeque::from([msg]);
+        self.queue_with(|s, now| match s.send_front(&mut q, now) {
+            Ok(Some(seq)) => Ok(Some(SendReceipt {
+                session: s.local_session(),
+                seq,
+            })),
+            Ok(None) | Err(SendError::WindowFull) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
     }
 
     /// Queue messages from the front of `msgs`, as many as the send window
@@ -243,37 +222,48 @@ impl LinkSender {
     /// message too large for the link fails the call (it stays at the front
     /// when nothing was queued before it).
     pub async fn send_some(&self, msgs: &mut VecDeque<Bytes>) -> Result<usize, SendError> {
+        self.queue_with(|s, now| {
+            let mut n = 0;
+            loop {
+                match s.send_front(msgs, now) {
+                    Ok(Some(_)) => n += 1,
+                    Ok(None) => return Ok(Some(n)),
+                    Err(SendError::WindowFull) if n == 0 => return Ok(None),
+                    Err(SendError::WindowFull) => return Ok(Some(n)),
+                    Err(e) if n == 0 => return Err(e),
+                    Err(_) => return Ok(Some(n)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Run `queue` under the session lock until it gives a result (`None`:
+    /// the window is full, wait for it to open), waking the link task after
+    /// each try: to transmit what was queued, or — while we wait — to read
+    /// on for the peer's ACKs even if its receive queue is full (it does so
+    /// only if it knows we wait).
+    async fn queue_with<T>(
+        &self,
+        mut queue: impl FnMut(
+            &mut crate::link::Session,
+            std::time::Instant,
+        ) -> Result<Option<T>, SendError>,
+    ) -> Result<T, SendError> {
         loop {
             let notified = self.shared.window.notified();
             tokio::pin!(notified);
+            // Register before checking, so an opening between the check and
+            // the wait is not missed.
             notified.as_mut().enable();
             if self.status.borrow().closed {
                 return Err(SendError::Closed);
             }
-            let (mut n, mut wait) = (0, false);
-            let res = {
-                let mut s = self.shared.lock();
-                let now = task::now();
-                loop {
-                    match s.send_front(msgs, now) {
-                        Ok(Some(_)) => n += 1,
-                        Ok(None) => break Ok(()),
-                        Err(SendError::WindowFull) => {
-                            wait = true;
-                            break Ok(());
-                        }
-                        Err(e) => break Err(e),
-                    }
-                }
-            };
-            if n > 0 || wait {
-                // Transmit them; or read on for the peer's ACKs (see send).
-                self.shared.wake_task.notify_one();
-            }
+            let res = queue(&mut self.shared.lock(), task::now())?;
+            self.shared.wake_task.notify_one();
             match res {
-                Err(e) if n == 0 => return Err(e),
-                _ if n > 0 || !wait => return Ok(n),
-                _ => notified.await,
+                Some(r) => return Ok(r),
+                None => notified.await,
             }
         }
     }
