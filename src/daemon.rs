@@ -2,34 +2,86 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Log to stderr (journald picks it up), level from `RUST_LOG` or `default`.
+/// How the daemons write their log (`--log-format`, or `TETHER_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event: level, target, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`,
+    /// `spans`), for log shippers.
+    Json,
+}
+
+/// Log to stderr, level from `RUST_LOG` or `default`.
+///
+/// - Colours only on a terminal (and not when `NO_COLOR` is set): a file,
+///   a pipe or the journal gets no escape bytes.
+/// - Every line names its target (`tether::host::instance`, `audit`, …):
+///   `RUST_LOG` filters by it, and the audit trail is told apart by it.
+/// - Under journald (`JOURNAL_STREAM` names our stderr) text lines carry
+///   no timestamp: the journal stamps each line itself.
+///
 /// By default the AMQP client's own warnings are off: it warns once per
 /// message the broker returns (a guest's cast nothing consumes), which the
 /// bridge already counts and audits — one guest must not decide the log
 /// volume.
-pub fn init_logging(default: &str) {
+pub fn init_logging(default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default},lapin=error")));
-    let _ = tracing_subscriber::fmt()
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::stderr().is_terminal() && !no_color;
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(true)
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text if stderr_is_journal() => b.without_time().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn terminated() {
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM`
+/// to its `device:inode` (systemd.exec(5)); a redirected stderr no longer
+/// matches it.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    match std::fs::metadata("/proc/self/fd/2") {
+        Ok(m) => dev.parse() == Ok(m.dev()) && ino.parse() == Ok(m.ino()),
+        Err(_) => false,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called (inside the runtime), not when the future is first polled: a
+/// SIGTERM that comes while the daemon is still starting is then a clean
+/// shutdown as soon as it runs, not the signal's default (death, leaving
+/// its socket files behind).
+pub fn terminated() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot handle SIGTERM/SIGINT: stop with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
     }
 }
 

@@ -22,9 +22,10 @@
 //!   (oslo.messaging over RabbitMQ; each instance's share of it,
 //!   [`host::broker::share`]).
 //! - [`client`]: the Rust API for sub-agents.
-//! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers,
-//!   systemd notification; [`logbudget`]: what one peer may make a daemon
-//!   log.
+//! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers
+//!   (logging, signals, sockets), systemd notification and the watchdog;
+//!   [`backoff`]: the one jittered backoff every retry path uses;
+//!   [`logbudget`]: what one peer may make a daemon log.
 //! - [`testing`]: support for tests and benchmarks that want real sockets with
 //!   faults: a deterministic RNG and a fault-injecting UNIX socket relay.
 //!
@@ -38,6 +39,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -28,6 +28,55 @@ fn broker_args(args: &[&str]) {
     assert!(st.success(), "scripts/broker {args:?} failed");
 }
 
+/// A broker user of the proxy's own (the Python client stays `guest`),
+/// deleted when dropped: a test keeps the proxy away by taking this user's
+/// permissions for as long as it needs — not by a reconnect backoff it
+/// hopes is long enough.
+struct ProxyUser {
+    name: String,
+}
+
+impl ProxyUser {
+    fn new() -> Self {
+        let u = ProxyUser {
+            name: unique("proxy"),
+        };
+        broker_args(&["ctl", "add_user", &u.name, "tether-test"]);
+        u.allow();
+        u
+    }
+
+    fn allow(&self) {
+        broker_args(&[
+            "ctl",
+            "set_permissions",
+            "-p",
+            "/",
+            &self.name,
+            ".*",
+            ".*",
+            ".*",
+        ]);
+    }
+
+    fn deny(&self) {
+        broker_args(&["ctl", "clear_permissions", "-p", "/", &self.name]);
+    }
+
+    /// `url` (guest's) as this user.
+    fn url(&self, url: &str) -> String {
+        url.replacen("guest:guest@", &format!("{}:tether-test@", self.name), 1)
+    }
+}
+
+impl Drop for ProxyUser {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{}/scripts/broker", env!("CARGO_MANIFEST_DIR")))
+            .args(["ctl", "delete_user", &self.name])
+            .status();
+    }
+}
+
 /// Starts the broker again if the test fails while it is stopped, so the
 /// tests after it find it serving.
 struct StartOnFailure;
@@ -109,11 +158,12 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
     let ex = unique("ex");
     let topic = unique("sf");
     let w = World::new();
-    // A long reconnect backoff: the proxy stays away while fanouts come
-    // (20 s: the Python client reconnecting and publishing three fanouts
-    // takes well under that on a loaded machine; the test waits it out).
+    // The proxy connects as a user of its own, so that the test can keep
+    // it away (its permissions taken) while the Python client publishes.
+    let user = ProxyUser::new();
     let _proxy = w.proxy(&format!(
-        "[broker]\ntransport_url = {url:?}\ncontrol_exchange = {ex:?}\ntransient_quorum_queues = true\nstream_fanout = true\nreconnect_min_ms = 20000\nreconnect_max_ms = 20000\n"
+        "[broker]\ntransport_url = {:?}\ncontrol_exchange = {ex:?}\ntransient_quorum_queues = true\nstream_fanout = true\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n",
+        user.url(&url)
     ));
     let u = random_uuid();
     let _a = w.agent(&u, &w.channels().join(format!("{u}.sock")), &topic, "");
@@ -126,7 +176,9 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
     recorded_exactly_once(&w, &u, 1, Duration::from_secs(30)).await;
 
     // Cut every connection (the proxy's and the Python client's; the
-    // client reconnects by itself on its next publish).
+    // client reconnects by itself on its next publish), and keep the proxy
+    // out until the fanouts are in the stream.
+    user.deny();
     broker_args(&["ctl", "close_all_connections", "test: cut the proxy off"]);
     broker_status_until(&mut ctl, "the proxy noticing the cut", |v| {
         v["connected"] != true
@@ -141,6 +193,7 @@ async fn stream_fanouts_published_while_the_proxy_is_cut_off_arrive_once_after_i
         b["connected"], false,
         "the fanouts must go out while the proxy is away: {b}"
     );
+    user.allow();
     // It reconnects and reads on from after the last offset it handled:
     // the three missed fanouts arrive, and the first is not replayed.
     recorded_exactly_once(&w, &u, 4, Duration::from_secs(60)).await;

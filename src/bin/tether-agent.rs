@@ -26,6 +26,9 @@ struct Args {
     /// Override the state directory (the journal of taken requests).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Log format: text lines, or one JSON object per line.
+    #[arg(long, value_enum, env = "TETHER_LOG_FORMAT", default_value_t)]
+    log_format: tether::daemon::LogFormat,
 }
 
 fn load(args: &Args) -> anyhow::Result<AgentConfig> {
@@ -47,7 +50,7 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tether::daemon::init_logging("info");
+    tether::daemon::init_logging("info", args.log_format);
     let cfg = load(&args)?;
     if args.check_config {
         println!("config ok");
@@ -62,12 +65,16 @@ fn main() -> anyhow::Result<()> {
             .context("cannot install the SIGHUP handler")?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                // RELOADING=1 now; READY=1 once applied (by the agent) or
+                // refused (here).
+                tether::sd::reloading();
                 match load(&args) {
                     Ok(c) => {
                         let _ = tx.send(c).await;
                     }
                     Err(e) => {
-                        tracing::error!("config reload refused, keeping the running config: {e:#}")
+                        tracing::error!("config reload refused, keeping the running config: {e:#}");
+                        tether::sd::reloaded();
                     }
                 }
             }

@@ -31,11 +31,14 @@ struct Args {
     /// Override the control socket path.
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Log format: text lines, or one JSON object per line.
+    #[arg(long, value_enum, env = "TETHER_LOG_FORMAT", default_value_t)]
+    log_format: tether::daemon::LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tether::daemon::init_logging("info");
+    tether::daemon::init_logging("info", args.log_format);
     let mut cfg = match &args.config {
         Some(p) => ProxyConfig::load(p)?,
         None => ProxyConfig::default(),

@@ -93,10 +93,10 @@ pub async fn run(
             warn!(subagent = %s.name, error = %f.message, "configured sub-agent did not start");
         }
     }
-    crate::sd::notify("READY=1\nSTATUS=waiting for the host");
-    if let Some(every) = crate::sd::watchdog_interval() {
-        tokio::spawn(crate::sd::watchdog(every));
-    }
+    let (probe_handle, probe) = crate::sd::probe("router");
+    crate::sd::ready(router::STATUS_WAITING);
+    let watchdog = crate::sd::watchdog_interval()
+        .map(|every| tokio::spawn(crate::sd::watchdog(every, vec![probe_handle])));
     info!(port = %cfg.port, socket = %cfg.subagent_socket.display(), "tether-agent ready");
     let reloader = {
         let (sup, old) = (supervisor.clone(), cfg.clone());
@@ -108,6 +108,7 @@ pub async fn run(
                     subagents: old.subagents.clone(),
                     ..new
                 } != old;
+                crate::sd::reloaded();
                 if restart_needed {
                     warn!(
                         "config reloaded: the supervisor section applies now; other changes need a restart"
@@ -121,9 +122,12 @@ pub async fn run(
     let Link { tx, rx, task } = link;
     let grace = Duration::from_millis(cfg.unserved_grace_ms);
     let router = router::Router::new(tx.clone(), supervisor.clone(), journal, grace);
-    router.run(rx, sub_rx, shutdown).await;
+    router.run(rx, sub_rx, shutdown, probe).await;
     info!("shutting down: stopping sub-agents and flushing the link");
-    crate::sd::notify("STOPPING=1");
+    crate::sd::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     server.abort();
     reloader.abort();
     let grace = Duration::from_millis(cfg.supervisor.stop_grace_ms);

@@ -30,6 +30,16 @@ use crate::rpc::{
     DEDUP_WINDOW, DedupWindow, Failure, Kind, LinkMsg, Reply, Request, Target, new_unique_id,
 };
 
+/// `STATUS=` lines for the host link (`systemctl status tether-agent`).
+pub const STATUS_WAITING: &str = "waiting for the host";
+/// The link is up.
+const STATUS_LINKED: &str = "linked to the host";
+/// The link dropped; its session waits out the grace period.
+const STATUS_DOWN: &str = "host link down: reconnecting (nothing is lost within the grace period)";
+/// The grace period ran out.
+const STATUS_EXPIRED: &str =
+    "host link expired: waiting for the host (unacknowledged messages were lost)";
+
 /// Calls waiting for a sub-agent's answer, across all sub-agents: past this,
 /// new calls are refused with an error reply instead of growing the table.
 pub const MAX_INFLIGHT: usize = 4096;
@@ -173,6 +183,7 @@ impl Router {
         mut link_rx: LinkReceiver,
         mut subs: mpsc::Receiver<SubEvent>,
         shutdown: impl std::future::Future<Output = ()>,
+        mut probe: crate::sd::Probe,
     ) {
         tokio::pin!(shutdown);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -188,6 +199,7 @@ impl Router {
                     self.on_room(conn, permit.ok())
                 }
                 _ = sweep.tick() => self.sweep().await,
+                q = probe.asked() => crate::sd::Probe::answer(q),
             }
         }
     }
@@ -299,14 +311,18 @@ impl Router {
             // A new connection, or a new host proxy on the same connection (a
             // migration whose destination was connected beforehand: the guest
             // sees no disconnect): either way the host must learn our topics.
-            LinkEvent::Up { .. } | LinkEvent::PeerChanged { .. } => self.topics_changed().await,
+            LinkEvent::Up { .. } | LinkEvent::PeerChanged { .. } => {
+                crate::sd::status(STATUS_LINKED);
+                self.topics_changed().await
+            }
             LinkEvent::Expired { unacked } => {
+                crate::sd::status(STATUS_EXPIRED);
                 error!(
                     lost = unacked.len(),
                     "host link expired: messages to the host were not delivered"
                 )
             }
-            LinkEvent::Down => {}
+            LinkEvent::Down => crate::sd::status(STATUS_DOWN),
         }
     }
 

@@ -478,9 +478,10 @@ async fn run_child(
     };
     let cfg = current();
     let name = spec.name.clone();
-    let min = Duration::from_millis(cfg.backoff_min_ms);
-    let max = Duration::from_millis(cfg.backoff_max_ms.max(cfg.backoff_min_ms));
-    let mut backoff = min;
+    let mut backoff = crate::backoff::Backoff::new(
+        Duration::from_millis(cfg.backoff_min_ms),
+        Duration::from_millis(cfg.backoff_max_ms),
+    );
     loop {
         let mut cmd = Command::new(&program);
         // The checked file runs under the name it was asked by (a
@@ -491,8 +492,12 @@ async fn run_child(
         cmd.args(spec.argv.iter().skip(1))
             .envs(&spec.env)
             .env("TETHER_AGENT_SOCKET", &socket)
-            .env("TETHER_SUBAGENT_NAME", &name)
-            .stdin(Stdio::null())
+            .env("TETHER_SUBAGENT_NAME", &name);
+        // systemd's variables are the agent's, not the sub-agent's.
+        for v in crate::sd::CHILD_ENV {
+            cmd.env_remove(v);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -576,16 +581,16 @@ async fn run_child(
             return;
         }
         if started.elapsed() >= STABLE_RUN {
-            backoff = min;
+            backoff.reset();
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.wait()) => {}
             _ = stop.wait_for(Option::is_some) => {
                 lock(&status).state = ChildState::Stopped;
                 return;
             }
         }
-        backoff = backoff.saturating_mul(2).min(max);
+        backoff.grow();
         lock(&status).restarts += 1;
         if let Err(f) = allowed_program(&current(), &program.to_string_lossy()) {
             warn!(subagent = %name, reason = %f.message, "sub-agent not restarted: no longer allowed");

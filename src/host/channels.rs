@@ -76,49 +76,66 @@ pub enum ChannelEvent {
     Gone(String),
 }
 
-/// Report every channel already present, then every one that appears or goes.
-pub async fn watch(dir: PathBuf, out: mpsc::Sender<ChannelEvent>) -> std::io::Result<()> {
-    std::fs::create_dir_all(&dir)?;
-    let inotify = Inotify::init()?;
-    inotify.watches().add(
-        &dir,
-        WatchMask::CREATE
-            | WatchMask::MOVED_TO
-            | WatchMask::ATTRIB
-            | WatchMask::DELETE
-            | WatchMask::MOVED_FROM,
-    )?;
-    // Scan after the watch is in place, so nothing slips between the two.
-    for e in std::fs::read_dir(&dir)?.flatten() {
-        if let Some(c) = consider(&dir, &e.file_name())
-            && out.send(ChannelEvent::Appeared(c)).await.is_err()
-        {
-            return Ok(());
-        }
+/// The channels directory, watched: made by [`Watch::new`] (which fails
+/// when the directory cannot be watched — the proxy then does not start,
+/// rather than serve no VM), run by [`Watch::run`].
+pub struct Watch {
+    dir: PathBuf,
+    inotify: Inotify,
+}
+
+impl Watch {
+    /// Create `dir` if needed and watch it.
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let inotify = Inotify::init()?;
+        inotify.watches().add(
+            &dir,
+            WatchMask::CREATE
+                | WatchMask::MOVED_TO
+                | WatchMask::ATTRIB
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM,
+        )?;
+        Ok(Watch { dir, inotify })
     }
-    let mut events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
-    while let Some(ev) = events.next().await {
-        let ev = ev?;
-        let Some(name) = ev.name else { continue };
-        let gone = ev
-            .mask
-            .intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM);
-        let e = if gone {
-            match instance_id(&name) {
-                Some(i) => ChannelEvent::Gone(i),
-                None => continue,
+
+    /// Report every channel already present, then every one that appears
+    /// or goes, until `out` closes or the watch fails.
+    pub async fn run(self, out: mpsc::Sender<ChannelEvent>) -> std::io::Result<()> {
+        let Watch { dir, inotify } = self;
+        // Scan after the watch is in place, so nothing slips between the two.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if let Some(c) = consider(&dir, &e.file_name())
+                && out.send(ChannelEvent::Appeared(c)).await.is_err()
+            {
+                return Ok(());
             }
-        } else {
-            match consider(&dir, &name) {
-                Some(c) => ChannelEvent::Appeared(c),
-                None => continue,
-            }
-        };
-        if out.send(e).await.is_err() {
-            break;
         }
+        let mut events = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            let Some(name) = ev.name else { continue };
+            let gone = ev
+                .mask
+                .intersects(inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM);
+            let e = if gone {
+                match instance_id(&name) {
+                    Some(i) => ChannelEvent::Gone(i),
+                    None => continue,
+                }
+            } else {
+                match consider(&dir, &name) {
+                    Some(c) => ChannelEvent::Appeared(c),
+                    None => continue,
+                }
+            };
+            if out.send(e).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

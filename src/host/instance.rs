@@ -331,6 +331,12 @@ impl Instance {
         }
     }
 
+    /// Whether the link is up (connected and past its handshake).
+    pub fn linked(&self) -> bool {
+        let s = self.tx.status();
+        s.connected && s.established
+    }
+
     /// Status for `links`.
     pub fn status_json(&self) -> Value {
         let s = self.tx.status();

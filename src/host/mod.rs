@@ -45,6 +45,15 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The channels directory.
+    #[error("cannot watch the channels directory {path}")]
+    Channels {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The proxy's shared state.
@@ -254,6 +263,28 @@ impl Proxy {
         }
     }
 
+    /// The status line systemd shows: links up of instances known, the
+    /// broker's state, and whether new VMs are still noticed.
+    pub fn status_line(&self, watching: bool) -> String {
+        let all = self.instances();
+        let up = all.iter().filter(|i| i.linked()).count();
+        let mut s = format!("{up} of {} instances linked", all.len());
+        if self.cfg.broker.enabled() {
+            let b = self.bridge.get();
+            s.push_str(if b.connected {
+                "; broker connected"
+            } else {
+                "; broker away"
+            });
+        } else {
+            s.push_str("; no broker");
+        }
+        if !watching {
+            s.push_str("; channels directory NOT watched (new VMs are not noticed)");
+        }
+        s
+    }
+
     /// Close every link.
     pub async fn close_all(&self) {
         let all: Vec<_> = std::mem::take(&mut *self.map()).into_values().collect();
@@ -287,8 +318,13 @@ pub async fn run(
         up_rx.map(|rx| tokio::spawn(broker::run(proxy.clone(), proxy.cfg.broker.clone(), rx)));
     let (ch_tx, mut ch_rx) = mpsc::channel(1024);
     let dir = proxy.cfg.channels_dir.clone();
+    // Watched before READY: a proxy that cannot see its VMs does not start.
+    let watch = channels::Watch::new(dir.clone()).map_err(|source| ProxyError::Channels {
+        path: dir.clone(),
+        source,
+    })?;
     let watcher = tokio::spawn(async move {
-        if let Err(e) = channels::watch(dir.clone(), ch_tx).await {
+        if let Err(e) = watch.run(ch_tx).await {
             tracing::error!(dir = %dir.display(), error = %e, "cannot watch the channels directory");
         }
     });
@@ -302,32 +338,51 @@ pub async fn run(
             audit.tick();
         }
     });
-    crate::sd::notify("READY=1");
-    if let Some(every) = crate::sd::watchdog_interval() {
-        tokio::spawn(crate::sd::watchdog(every));
-    }
+    let (probe_handle, mut probe) = crate::sd::probe("proxy main loop");
+    let mut status = proxy.status_line(true);
+    crate::sd::ready(&status);
+    let watchdog = crate::sd::watchdog_interval()
+        .map(|every| tokio::spawn(crate::sd::watchdog(every, vec![probe_handle])));
     info!(channels = %proxy.cfg.channels_dir.display(), control = %proxy.cfg.control_socket.display(), "tether-proxy ready");
     tokio::pin!(shutdown);
     let mut watching = true;
     let mut forget = tokio::time::interval(forget_every(proxy.cfg.link.grace));
+    let mut refresh = tokio::time::interval(STATUS_EVERY);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = forget.tick() => proxy.forget_gone().await,
-            Some(()) = reload.recv() => match proxy.reload() {
-                Ok(n) => info!(changed = n, "policy reloaded"),
-                Err(e) => error!(error = %e, "reload refused; the running policy stays"),
-            },
+            _ = refresh.tick() => {
+                let now = proxy.status_line(watching);
+                if now != status {
+                    crate::sd::status(&now);
+                    status = now;
+                }
+            }
+            q = probe.asked(), if watching => crate::sd::Probe::answer(q),
+            Some(()) = reload.recv() => {
+                crate::sd::reloading();
+                match proxy.reload() {
+                    Ok(n) => info!(changed = n, "policy reloaded"),
+                    Err(e) => error!(error = %e, "reload refused; the running policy stays"),
+                }
+                crate::sd::ready(&status);
+            }
             c = ch_rx.recv(), if watching => match c {
                 Some(channels::ChannelEvent::Appeared(c)) => proxy.ensure(c),
                 Some(channels::ChannelEvent::Gone(id)) => proxy.gone(&id),
-                // The watcher ended (logged above): keep serving what we have.
+                // The watcher ended (logged above): keep serving what we
+                // have, say so, and stop answering the watchdog — under
+                // systemd the proxy is restarted and watches again.
                 None => watching = false,
             },
         }
     }
     info!("shutting down");
-    crate::sd::notify("STOPPING=1");
+    crate::sd::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     watcher.abort();
     server.abort();
     summaries.abort();
@@ -339,6 +394,11 @@ pub async fn run(
     let _ = std::fs::remove_file(&proxy.cfg.control_socket);
     Ok(())
 }
+
+/// How often the `STATUS=` line is recomputed (sent only when it changed):
+/// often enough for `systemctl status` to be current, rarely enough to cost
+/// nothing with thousands of instances.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often instances whose socket is gone are checked against the grace
 /// period: often enough to forget them soon after it (half of it, at most a

@@ -274,7 +274,10 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
     };
     let offsets = StreamOffsets::default();
     let mut held: VecDeque<Upstream> = VecDeque::new();
-    let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
+    let mut backoff = crate::backoff::Backoff::new(
+        Duration::from_millis(cfg.reconnect_min_ms),
+        Duration::from_millis(cfg.reconnect_max_ms),
+    );
     let status = &proxy.bridge;
     for attempt in 0usize.. {
         let Some(uri) = uris.get(attempt % uris.len()) else {
@@ -296,7 +299,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
                 // A connection that never got to serve (a refused
                 // declaration) keeps backing off rather than hammering.
                 if s.served {
-                    backoff = Duration::from_millis(cfg.reconnect_min_ms);
+                    backoff.reset();
                 }
                 warn!(broker = %shown, error = %why, held = held.len(), "broker connection lost; links stay up, reconnecting");
                 s.shutdown().await;
@@ -319,7 +322,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
             }
         }
         // While away: hold guest messages within the bound, refuse beyond.
-        let until = tokio::time::Instant::now() + backoff;
+        let until = tokio::time::Instant::now() + backoff.wait();
         loop {
             status.update(|s| s.held = held.len());
             tokio::select! {
@@ -330,7 +333,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
                 },
             }
         }
-        backoff = (backoff * 2).min(Duration::from_millis(cfg.reconnect_max_ms));
+        backoff.grow();
     }
 }
 

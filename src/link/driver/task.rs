@@ -98,7 +98,8 @@ struct Driver {
 
 /// A connection the peer made us reset sooner than this after it came up
 /// does not reset the reconnect backoff (it doubles): a guest that answers
-/// every link-up with an ERROR is relinked at most every `backoff_max`, not
+/// every link-up with an ERROR is relinked at most every `backoff_max / 2`
+/// (the backoff's jitter, [`crate::backoff`]), not
 /// every few milliseconds with consumers re-created each time.
 pub const STABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -128,7 +129,7 @@ pub(crate) async fn run<C: Connector>(
         window_wanted: false,
     };
     let name = d.opts.name.clone();
-    let mut backoff = d.opts.backoff_min;
+    let mut backoff = crate::backoff::Backoff::new(d.opts.backoff_min, d.opts.backoff_max);
     let mut phase: Phase<C::Io> = Phase::Connecting(start_connect(&mut connector));
     let mut timer = Box::pin(sleep_until(TokioInstant::now()));
     let room = d.room.clone();
@@ -182,12 +183,12 @@ pub(crate) async fn run<C: Connector>(
                     let was_up = d.disconnect(&mut phase, &name, &why);
                     let flapping = std::mem::take(&mut d.reset_by_peer)
                         && d.up_at.is_none_or(|t| t.elapsed() < STABLE_AFTER);
-                    backoff = if was_up && !flapping {
-                        d.opts.backoff_min
+                    if was_up && !flapping {
+                        backoff.reset();
                     } else {
-                        backoff.saturating_mul(2).min(d.opts.backoff_max)
-                    };
-                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff)));
+                        backoff.grow();
+                    }
+                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff.wait())));
                 }
                 IoStep::Retry => phase = Phase::Connecting(start_connect(&mut connector)),
             },
@@ -198,14 +199,14 @@ pub(crate) async fn run<C: Connector>(
                     && matches!(phase, Phase::Connected(_))
                 {
                     d.disconnect(&mut phase, &name, "the peer's endpoint is gone");
-                    backoff = d.opts.backoff_min;
-                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff)));
+                    backoff.reset();
+                    phase = Phase::Wait(Box::pin(tokio::time::sleep(backoff.wait())));
                 }
                 if d.shared.retry_now.swap(false, std::sync::atomic::Ordering::Relaxed)
                     && matches!(phase, Phase::Wait(_))
                 {
                     debug!(link = %name, "retrying at once");
-                    backoff = d.opts.backoff_min;
+                    backoff.reset();
                     phase = Phase::Connecting(start_connect(&mut connector));
                 }
             }

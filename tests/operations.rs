@@ -1,0 +1,405 @@
+//! What an operator's tools see of the daemons: systemd's notifications
+//! (played by a datagram socket of the test's) and the log's format on a
+//! file, a terminal, the journal and in JSON.
+
+mod support;
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+const U1: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
+
+/// systemd's notification socket, played by the test.
+struct Notify {
+    sock: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl Notify {
+    fn bind(path: &Path) -> Self {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(BOUND)).unwrap();
+        Notify {
+            sock,
+            path: path.to_owned(),
+        }
+    }
+
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.sock.recv(&mut buf).expect("no notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Messages until one has `line` as a whole line; returns that one.
+    fn until(&self, line: &str) -> String {
+        let t = Instant::now();
+        let mut seen = vec![];
+        loop {
+            assert!(t.elapsed() < BOUND, "no {line:?} among {seen:?}");
+            let m = self.next();
+            if m.lines().any(|l| l == line) {
+                return m;
+            }
+            seen.push(m);
+        }
+    }
+
+    /// Nothing waiting now.
+    fn none_waiting(&self) -> bool {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        let r = self.sock.recv(&mut buf);
+        self.sock.set_nonblocking(false).unwrap();
+        matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Start `bin` with `args` and extra environment, stderr to `name.log`.
+fn spawn_env(w: &World, name: &str, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let log = w.path(&format!("{name}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        name: name.into(),
+        log,
+    }
+}
+
+fn proxy_config(w: &World, channels: &Path, ctl: &Path) -> String {
+    let cfg = w.path("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "channels_dir = {channels:?}\ncontrol_socket = {ctl:?}\n{}",
+            lab_policy("")
+        ),
+    )
+    .unwrap();
+    cfg.to_str().unwrap().to_owned()
+}
+
+fn signal(p: &Proc, s: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid() as i32), s).unwrap();
+}
+
+/// READY=1 only once the proxy serves (its control socket answers the
+/// moment READY arrives), STATUS= following its links, watchdog pings
+/// while its main loop answers, RELOADING=1 then READY=1 around a SIGHUP,
+/// STOPPING=1 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_ready_only_when_serving_and_tells_systemd_what_it_does() {
+    let w = World::new();
+    let notify = Notify::bind(&w.path("notify.sock"));
+    let cfg = proxy_config(&w, &w.channels(), &w.ctl_sock());
+    let mut proxy = spawn_env(
+        &w,
+        "proxy",
+        PROXY,
+        &["-c", &cfg],
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let first = notify.next();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(
+        first
+            .lines()
+            .any(|l| l == "STATUS=0 of 0 instances linked; no broker"),
+        "{first:?}"
+    );
+    // READY means serving: the control socket is there and answers.
+    let mut ctl = Ctl::connect(&w.ctl_sock()).await;
+    assert_eq!(ctl.req(json!({"op": "links"})).await["ok"], true);
+
+    // STATUS follows the links.
+    let _agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
+    notify.until("STATUS=1 of 1 instances linked; no broker");
+    notify.until("WATCHDOG=1");
+
+    signal(&proxy, nix::sys::signal::Signal::SIGHUP);
+    let r = notify.until("RELOADING=1");
+    assert!(r.contains("MONOTONIC_USEC="), "{r:?}");
+    notify.until("READY=1");
+
+    assert_eq!(proxy.terminate(), Some(0), "{}", proxy.log_text());
+    notify.until("STOPPING=1");
+}
+
+/// A proxy that cannot watch its channels directory (it would serve no
+/// VM) says why and exits, and never tells systemd it is ready.
+#[test]
+fn a_proxy_that_cannot_watch_its_channels_directory_does_not_start() {
+    let w = World::new();
+    let notify = Notify::bind(&w.path("notify.sock"));
+    let not_a_dir = w.path("channels-is-a-file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let cfg = proxy_config(&w, &not_a_dir, &w.ctl_sock());
+    let mut proxy = spawn_env(
+        &w,
+        "proxy",
+        PROXY,
+        &["-c", &cfg],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
+    );
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = proxy.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < BOUND, "it kept running: {}", proxy.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let log = proxy.log_text();
+    assert!(
+        log.contains("cannot watch the channels directory") && log.contains("channels-is-a-file"),
+        "{log}"
+    );
+    assert!(notify.none_waiting(), "it told systemd something");
+}
+
+/// The agent: READY=1 with "waiting for the host", STATUS= as its host link
+/// comes and goes, RELOADING=1 then READY=1 around a SIGHUP — and none of
+/// systemd's variables in a sub-agent's environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_tells_systemd_about_its_host_link_and_keeps_its_variables_from_sub_agents() {
+    let w = World::new();
+    let notify = Notify::bind(&w.path("notify.sock"));
+    let py = python3();
+    let env_out = w.path("subagent-env.json");
+    let cfg = w.path("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"port = "unix-listen:{}"
+subagent_socket = {:?}
+state_dir = {:?}
+[supervisor]
+allowed_executables = ["{py}"]
+[[subagents]]
+name = "envdump"
+argv = ["{py}", "-c", "import json, os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(json.dumps(dict(os.environ))); os.rename(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(600)", "{}"]
+"#,
+            w.channels().join(format!("{U1}.sock")).display(),
+            w.path("agent.sock"),
+            w.path("state"),
+            env_out.display()
+        ),
+    )
+    .unwrap();
+    let agent = spawn_env(
+        &w,
+        "agent",
+        AGENT,
+        &["-c", cfg.to_str().unwrap()],
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+            ("LISTEN_FDS", "0"),
+        ],
+    );
+    let first = notify.next();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert!(
+        first.lines().any(|l| l == "STATUS=waiting for the host"),
+        "{first:?}"
+    );
+
+    wait_for_path(&env_out);
+    let env: Value = serde_json::from_str(&std::fs::read_to_string(&env_out).unwrap()).unwrap();
+    assert!(env.get("TETHER_AGENT_SOCKET").is_some(), "{env}");
+    for v in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+    ] {
+        assert!(env.get(v).is_none(), "{v} reached the sub-agent: {env}");
+    }
+
+    let mut proxy = w.proxy("");
+    notify.until("STATUS=linked to the host");
+    notify.until("WATCHDOG=1");
+    proxy.kill9();
+    notify.until("STATUS=host link down: reconnecting (nothing is lost within the grace period)");
+
+    signal(&agent, nix::sys::signal::Signal::SIGHUP);
+    let r = notify.until("RELOADING=1");
+    assert!(r.contains("MONOTONIC_USEC="), "{r:?}");
+    notify.until("READY=1");
+}
+
+fn wait_for_log(p: &Proc, want: &str) {
+    let t = Instant::now();
+    while !p.log_text().contains(want) {
+        assert!(t.elapsed() < BOUND, "no {want:?} in {}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Read `f` until `want` is in what was read or it ends; bounded by BOUND.
+fn read_until(mut f: std::fs::File, want: &'static str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the other side of a terminal closes.
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&all).contains(want) {
+                break;
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+    });
+    rx.recv_timeout(BOUND).expect("nothing read in time")
+}
+
+/// Start a proxy with its stderr on a new terminal; what it wrote there
+/// up to "tether-proxy ready".
+fn proxy_on_a_terminal(w: &World, n: u32, env: &[(&str, &str)]) -> String {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let dir = w.path(&format!("tty{n}"));
+    let cfg = proxy_config(w, &dir.join("channels"), &dir.join("ctl.sock"));
+    let mut cmd = Command::new(PROXY);
+    cmd.args(["-c", &cfg])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::from(pty.slave));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let _p = Proc {
+        child: cmd.spawn().unwrap(),
+        name: "proxy-tty".into(),
+        log: w.path("none"),
+    };
+    drop(cmd); // our copy of the terminal's other side
+    read_until(std::fs::File::from(pty.master), "tether-proxy ready")
+}
+
+/// Logs name their targets and carry no escape bytes off a terminal (a
+/// file here, the journal in production; colours stay on a terminal unless
+/// NO_COLOR); under journald (JOURNAL_STREAM names stderr) no timestamps;
+/// with `--log-format json` / TETHER_LOG_FORMAT one JSON object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_name_targets_colour_only_terminals_leave_timestamps_to_journald_and_do_json() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::new();
+    // To files: the linked pair's logs.
+    let mut proxy = w.proxy("");
+    let mut agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    proxy.terminate();
+    agent.terminate();
+    for (p, target) in [(&proxy, "tether::host"), (&agent, "tether::guest")] {
+        let log = p.log_text();
+        assert!(
+            !log.contains('\u{1b}'),
+            "escape bytes in {}: {log:?}",
+            p.name
+        );
+        assert!(
+            log.contains(target),
+            "no {target} target in {}: {log}",
+            p.name
+        );
+        // A timestamp leads each line (RFC 3339, this century).
+        let ready = log
+            .lines()
+            .find(|l| l.contains("ready"))
+            .unwrap_or_default();
+        assert!(ready.starts_with("20"), "{log}");
+    }
+
+    // On a terminal: colours, unless NO_COLOR.
+    assert!(proxy_on_a_terminal(&w, 1, &[]).contains("\u{1b}["));
+    let plain = proxy_on_a_terminal(&w, 2, &[("NO_COLOR", "1")]);
+    assert!(
+        !plain.contains('\u{1b}') && plain.contains("tether-proxy ready"),
+        "{plain:?}"
+    );
+
+    // Under journald: the journal stamps each line, so the lines do not.
+    let dir = w.path("journal");
+    let log = w.path("journal.log");
+    std::fs::File::create(&log).unwrap();
+    let m = std::fs::metadata(&log).unwrap();
+    let stream = format!("{}:{}", m.dev(), m.ino());
+    let cfg = proxy_config(&w, &dir.join("channels"), &dir.join("ctl.sock"));
+    let cmd = |env: &[(&str, &str)], log: &Path| {
+        let f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+        let mut c = Command::new(PROXY);
+        c.args(["-c", &cfg])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Proc {
+            child: c.spawn().unwrap(),
+            name: "proxy".into(),
+            log: log.to_owned(),
+        }
+    };
+    let mut p = cmd(&[("JOURNAL_STREAM", &stream)], &log);
+    wait_for_log(&p, "tether-proxy ready");
+    p.terminate();
+    let text = p.log_text();
+    assert!(text.contains("tether-proxy ready"), "{text}");
+    assert!(
+        text.lines().all(|l| l.trim_start().starts_with("INFO")
+            || l.trim_start().starts_with("WARN")
+            || l.trim_start().starts_with("ERROR")),
+        "{text}"
+    );
+
+    // JSON, one object per line.
+    let json_log = w.path("json.log");
+    std::fs::File::create(&json_log).unwrap();
+    let mut p = cmd(&[("TETHER_LOG_FORMAT", "json")], &json_log);
+    wait_for_log(&p, "tether-proxy ready");
+    p.terminate();
+    let text = p.log_text();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "tether-proxy ready"
+                && v["level"] == "INFO"
+                && v["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("tether::host"))
+                && v["timestamp"].is_string()),
+        "{text}"
+    );
+}
