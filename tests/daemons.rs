@@ -168,6 +168,48 @@ async fn tetherctl_output_and_exit_codes() {
     let (c, out, _) = tetherctl(&w, &["cast", U1, "demo", "record"]);
     assert_eq!(c, 0);
     assert!(out.contains("delivered"), "{out}");
+    // The global options go before or after the subcommand.
+    let (c, out, err) = tetherctl(&w, &["links", "--json", "--timeout-ms", "5000"]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["result"][0]["instance"], U1, "{v}");
+    // restart-agent: the same sub-agent, a new process, serving again.
+    let pid_of = |w: &World| {
+        let (c, out, err) = tetherctl(w, &["agents", U1, "--json"]);
+        assert_eq!(c, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["result"][0]["pid"].as_u64().unwrap()
+    };
+    let before = pid_of(&w);
+    let (c, out, err) = tetherctl(&w, &["restart-agent", U1, "py"]);
+    assert_eq!(c, 0, "{out}{err}");
+    assert!(out.contains("running"), "{out}");
+    assert_ne!(pid_of(&w), before, "a new process");
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    let t = std::time::Instant::now();
+    loop {
+        let (c, out, _) = tetherctl(
+            &w,
+            &["call", U1, "demo", "add", "--args", r#"{"a":2,"b":2}"#],
+        );
+        if c == 0 {
+            assert_eq!(out.trim(), "4");
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "the restarted sub-agent never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (c, _, err) = tetherctl(&w, &["restart-agent", U1, "nobody-by-this-name"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("nobody-by-this-name"), "{err}");
+    // Exit codes are in --help.
+    let (c, out, _) = tetherctl(&w, &["--help"]);
+    assert_eq!(c, 0);
+    assert!(
+        out.contains("Exit codes:") && out.contains("5  the proxy could not be reached"),
+        "{out}"
+    );
     // No proxy at all.
     let out = std::process::Command::new(CTL)
         .args(["--socket", "/nonexistent/ctl.sock", "links"])

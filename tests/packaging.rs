@@ -166,6 +166,7 @@ fn the_packages_install_where_debian_expects() {
         "/usr/lib/tmpfiles.d/tether-agent.conf",
         "/etc/tether/agent.toml",
         "/usr/share/tether/examples/subagent.py",
+        "/usr/share/man/man8/tether-agent.8.gz",
     ] {
         assert!(
             agent.iter().any(|f| f == p),
@@ -180,6 +181,12 @@ fn the_packages_install_where_debian_expects() {
         "/usr/lib/sysusers.d/tether.conf",
         "/usr/lib/tmpfiles.d/tether-proxy.conf",
         "/etc/tether/proxy.toml",
+        "/usr/share/man/man8/tether-proxy.8.gz",
+        "/usr/share/man/man1/tetherctl.1.gz",
+        "/usr/share/man/man1/tetherctl-restart-agent.1.gz",
+        "/usr/share/bash-completion/completions/tetherctl",
+        "/usr/share/zsh/vendor-completions/_tetherctl",
+        "/usr/share/fish/vendor_completions.d/tetherctl.fish",
     ] {
         assert!(
             proxy.iter().any(|f| f == p),
@@ -215,4 +222,46 @@ fn the_packages_install_where_debian_expects() {
         .args(["--check-config", "-c"])
         .arg(dir.path().join("etc/tether/proxy.toml")));
     assert!(ok, "{out}{err}");
+}
+
+/// The packaged manual pages render without warnings (`man --warnings`,
+/// as lintian runs it) and say what they should; the packaged bash
+/// completion registers itself and completes tetherctl's subcommands.
+#[test]
+fn the_manual_pages_render_and_the_completion_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tether-agent", "tether-proxy"] {
+        let (ok, _, err) = run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(package(name))
+            .arg(dir.path()));
+        assert!(ok, "{err}");
+    }
+    for (page, want) in [
+        ("man8/tether-agent.8.gz", "--check-config"),
+        ("man8/tether-proxy.8.gz", "--log-format"),
+        ("man1/tetherctl.1.gz", "Exit codes"),
+        ("man1/tetherctl-restart-agent.1.gz", "Restart a sub-agent"),
+    ] {
+        let path = dir.path().join("usr/share/man").join(page);
+        let (ok, out, err) = run(Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(&path)
+            .env("MANWIDTH", "80")
+            .env_remove("MAN_KEEP_FORMATTING"));
+        assert!(ok && err.trim().is_empty(), "{page}: {err}");
+        // man renders hyphens as U+2010 in UTF-8: compare without them.
+        let plain = out.replace('\u{2010}', "-");
+        assert!(plain.contains(want), "{page} lacks {want:?}: {plain}");
+    }
+    let script = dir
+        .path()
+        .join("usr/share/bash-completion/completions/tetherctl");
+    let (ok, out, err) = run(Command::new("bash").arg("-c").arg(format!(
+        "source {}; COMP_WORDS=(tetherctl rest); COMP_CWORD=1; COMP_LINE='tetherctl rest'; COMP_POINT=14; \
+         _tetherctl tetherctl rest tetherctl; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display()
+    )));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "restart-agent", "{out}{err}");
 }

@@ -9,7 +9,7 @@ use tether::guest::config::AgentConfig;
 /// The tether super-agent: owns the virtio-serial port, routes RPC to
 /// sub-agents and supervises them.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "tether-agent", version)]
 struct Args {
     /// Config file (TOML); defaults apply without one.
     #[arg(long, short)]
@@ -29,6 +29,9 @@ struct Args {
     /// Log format: text lines, or one JSON object per line.
     #[arg(long, value_enum, env = "TETHER_LOG_FORMAT", default_value_t)]
     log_format: tether::daemon::LogFormat,
+    /// Print the manual page (roff) and exit (for packaging).
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn load(args: &Args) -> anyhow::Result<AgentConfig> {
@@ -50,6 +53,13 @@ fn load(args: &Args) -> anyhow::Result<AgentConfig> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.man {
+        use clap::CommandFactory;
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut std::io::stdout())?;
+        return Ok(());
+    }
     tether::daemon::init_logging("info", args.log_format);
     let cfg = load(&args)?;
     if args.check_config {

@@ -17,7 +17,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The tether host proxy: links every VM whose chardev socket is in the
 /// channels directory and serves the control socket.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "tether-proxy", version)]
 struct Args {
     /// Config file (TOML); defaults apply without one.
     #[arg(long, short)]
@@ -34,10 +34,20 @@ struct Args {
     /// Log format: text lines, or one JSON object per line.
     #[arg(long, value_enum, env = "TETHER_LOG_FORMAT", default_value_t)]
     log_format: tether::daemon::LogFormat,
+    /// Print the manual page (roff) and exit (for packaging).
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.man {
+        use clap::CommandFactory;
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut std::io::stdout())?;
+        return Ok(());
+    }
     tether::daemon::init_logging("info", args.log_format);
     let mut cfg = match &args.config {
         Some(p) => ProxyConfig::load(p)?,

@@ -1,30 +1,36 @@
-//! tetherctl: the operator's CLI, over the proxy's control socket.
-//!
-//! Exit codes: 0 ok; 1 the remote side raised an error; 2 bad usage or a
-//! request the proxy refused as malformed; 3 timeout; 4 instance not
-//! connected; 5 the proxy could not be reached.
+//! tetherctl: the operator's CLI, over the proxy's control socket. Exit
+//! codes: [`EXIT_CODES`] (printed by `--help` and in the manual page).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+/// What each exit status means (for `--help` and the manual page).
+const EXIT_CODES: &str = "Exit codes:
+  0  ok
+  1  the guest's side failed: a sub-agent raised, or the request was refused or not delivered
+  2  bad usage, or a request the proxy refused as malformed
+  3  timeout: no answer in time (--timeout-ms)
+  4  the instance is not connected
+  5  the proxy could not be reached, or has too many clients";
+
 /// Talk to tether-proxy: call, cast and fan out into VMs, list links and
-/// sub-agents, start and stop sub-agents, watch what guests send.
+/// sub-agents, start, stop and restart sub-agents, watch what guests send.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "tetherctl", version, after_help = EXIT_CODES)]
 struct Args {
     /// The proxy's control socket.
-    #[arg(long, short, default_value = tether::host::config::DEFAULT_CONTROL_SOCKET, env = "TETHER_CONTROL_SOCKET")]
+    #[arg(long, short, global = true, default_value = tether::host::config::DEFAULT_CONTROL_SOCKET, env = "TETHER_CONTROL_SOCKET")]
     socket: PathBuf,
     /// Print the raw JSON response (for scripts).
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// How long to wait for an answer (ms); the proxy's default if unset.
-    #[arg(long)]
+    #[arg(long, global = true)]
     timeout_ms: Option<u64>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -116,8 +122,28 @@ enum Cmd {
         #[arg(long)]
         grace_ms: Option<u64>,
     },
+    /// Restart a sub-agent in an instance: stop it (its grace), then start
+    /// it again as it was started.
+    RestartAgent {
+        /// Instance uuid.
+        instance: String,
+        /// Its name.
+        name: String,
+    },
     /// Print every guest-originated cast as it arrives (until interrupted).
     Watch,
+    /// Print a completion script for a shell (bash, zsh, fish, elvish,
+    /// powershell), e.g. `tetherctl completions bash > /etc/bash_completion.d/tetherctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (tetherctl.1 and one per subcommand,
+    /// tetherctl-links.1 …) into a directory.
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 const EXIT_REMOTE: u8 = 1;
@@ -199,7 +225,13 @@ fn request(args: &Args) -> Result<Value, String> {
         } => {
             json!({"op": "stop_agent", "instance": instance, "name": name, "grace_ms": grace_ms})
         }
+        Cmd::RestartAgent { instance, name } => {
+            json!({"op": "restart_agent", "instance": instance, "name": name})
+        }
         Cmd::Watch => json!({"op": "watch"}),
+        Cmd::Completions { .. } | Cmd::Man { .. } => {
+            return Err("completions and man need no proxy".into());
+        }
     };
     if let (Some(t), false) = (
         args.timeout_ms,
@@ -479,8 +511,32 @@ async fn run(args: Args) -> u8 {
     }
 }
 
+/// `tetherctl completions` (to stdout) and `tetherctl man` (to files).
+fn generate(cmd: &Cmd) -> Option<ExitCode> {
+    let mut out = std::io::stdout();
+    let written = match cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Args::command(), "tetherctl", &mut out);
+            Ok(())
+        }
+        Cmd::Man { dir } => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Args::command(), dir)),
+        _ => return None,
+    };
+    Some(match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tetherctl: cannot write: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = generate(&args.cmd) {
+        return code;
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -120,6 +120,11 @@ enum CtlRequest {
         grace_ms: Option<u64>,
         timeout_ms: Option<u64>,
     },
+    RestartAgent {
+        instance: String,
+        name: String,
+        timeout_ms: Option<u64>,
+    },
     Watch,
 }
 
@@ -393,6 +398,14 @@ async fn handle(p: &Proxy, req: CtlRequest) -> Result<Value, CtlError> {
         } => {
             let args = json!({"name": name, "grace_ms": grace_ms});
             call(p, Invoke::supervisor(instance, "stop", args, timeout_ms)).await
+        }
+        CtlRequest::RestartAgent {
+            instance,
+            name,
+            timeout_ms,
+        } => {
+            let args = json!({ "name": name });
+            call(p, Invoke::supervisor(instance, "restart", args, timeout_ms)).await
         }
         CtlRequest::Watch => Err(err("bad_request", "watch is handled per connection")),
     }
