@@ -316,6 +316,18 @@ async fn logs_name_targets_colour_only_terminals_leave_timestamps_to_journald_an
     wait_linked(&mut ctl, U1, "demo").await;
     proxy.terminate();
     agent.terminate();
+    // Who used the control socket, by the kernel's account (SO_PEERCRED).
+    let log = proxy.log_text();
+    let me = format!(
+        "uid={} gid={}",
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("control client connected") && l.contains(&me)),
+        "{log}"
+    );
     for (p, target) in [(&proxy, "tether::host"), (&agent, "tether::guest")] {
         let log = p.log_text();
         assert!(

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Proxy;
 use super::receipts::Outcome;
@@ -167,10 +167,28 @@ pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
     let clients = Arc::new(Semaphore::new(proxy.cfg.max_control_clients));
     let bytes = Arc::new(Semaphore::new(proxy.cfg.max_control_bytes));
+    // Who connects is logged (the kernel's word for it: SO_PEERCRED), within
+    // a log budget: a client connecting in a loop does not decide the log's
+    // volume (the lines it costs past the budget are counted in the next).
+    let mut log = crate::logbudget::LogBudget::new();
     loop {
         match listener.accept().await {
             Ok((s, _)) => match clients.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    if let Some(suppressed) = log.allow(std::time::Instant::now()) {
+                        match s.peer_cred() {
+                            Ok(c) => info!(
+                                uid = c.uid(),
+                                gid = c.gid(),
+                                pid = c.pid(),
+                                suppressed,
+                                "control client connected"
+                            ),
+                            Err(e) => {
+                                warn!(error = %e, suppressed, "control client connected; its credentials are unknown")
+                            }
+                        }
+                    }
                     let (p, b) = (proxy.clone(), bytes.clone());
                     tokio::spawn(async move {
                         client(s, p, b).await;
