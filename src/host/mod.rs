@@ -45,6 +45,9 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The `[broker]` section.
+    #[error("{0}")]
+    Broker(String),
     /// The channels directory.
     #[error("cannot watch the channels directory {path}")]
     Channels {
@@ -297,11 +300,14 @@ impl Proxy {
 /// Run the proxy until `shutdown` resolves; each item of `reload` (SIGHUP)
 /// reloads the policy from `config_path` ([`Proxy::reload`]).
 pub async fn run(
-    cfg: ProxyConfig,
+    mut cfg: ProxyConfig,
     config_path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
     mut reload: mpsc::Receiver<()>,
 ) -> Result<(), ProxyError> {
+    // The transport URL's options override the [broker] section, as
+    // oslo's override [oslo_messaging_rabbit] (checked with the config).
+    cfg.broker = cfg.broker.with_url_options().map_err(ProxyError::Broker)?;
     let listener = control::bind(&cfg.control_socket, cfg.control_socket_group.as_deref())
         .map_err(|source| ProxyError::ControlSocket {
             path: cfg.control_socket.clone(),

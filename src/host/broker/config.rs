@@ -2,6 +2,29 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::url::TransportUrl;
+
+/// `url` with its passwords replaced by `***` (for messages and status).
+pub fn redacted(url: &str) -> String {
+    // user:password@ in each host of the netloc.
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (netloc, tail) = rest.split_at(end);
+    let hosts: Vec<String> = netloc
+        .split(',')
+        .map(|h| match h.rsplit_once('@') {
+            Some((cred, host)) => match cred.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => h.to_string(),
+            },
+            None => h.to_string(),
+        })
+        .collect();
+    format!("{scheme}://{}{tail}", hosts.join(","))
+}
+
 /// How the proxy meets RabbitMQ. An empty `transport_url` means no broker:
 /// the proxy serves its control socket only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,17 +108,89 @@ impl BrokerConfig {
         !self.transport_url.trim().is_empty()
     }
 
-    /// The AMQP URIs to try, in order.
-    pub fn amqp_uris(&self) -> Result<Vec<String>, String> {
-        parse_transport_url(&self.transport_url)
+    /// The transport URL, parsed as oslo parses it.
+    pub fn url(&self) -> Result<TransportUrl, String> {
+        let u = TransportUrl::parse(self.transport_url.trim()).map_err(|e| {
+            format!(
+                "broker.transport_url {:?}: {e}",
+                redacted(&self.transport_url)
+            )
+        })?;
+        if !matches!(u.transport.as_str(), "rabbit" | "amqp") {
+            return Err(format!(
+                "broker.transport_url: the transport is {:?}; tether-proxy speaks rabbit:// (AMQP 0-9-1)",
+                u.transport
+            ));
+        }
+        Ok(u)
     }
 
-    /// Check the section; `Err` says what is wrong.
+    /// The AMQP URIs to try, in order.
+    pub fn amqp_uris(&self) -> Result<Vec<String>, String> {
+        Ok(self.url()?.amqp_uris())
+    }
+
+    /// This section with the transport URL's query options applied over
+    /// it, as oslo.messaging lets them override `[oslo_messaging_rabbit]`:
+    /// the options in [`URL_OPTIONS`] are honoured; any other is refused
+    /// (a URL carrying an option tether ignored would declare queues
+    /// differently from the deployment's services, or quietly not do what
+    /// it says).
+    pub fn with_url_options(&self) -> Result<BrokerConfig, String> {
+        let mut c = self.clone();
+        if !self.enabled() {
+            return Ok(c);
+        }
+        for (k, v) in &self.url()?.query {
+            match k.as_str() {
+                "ssl" => {
+                    if oslo_bool(k, v)? {
+                        return Err(
+                            "broker.transport_url: ssl=true, but TLS is not supported by tether-proxy yet (refused rather than connect in clear text to a broker meant for TLS)"
+                                .into(),
+                        );
+                    }
+                }
+                "amqp_durable_queues" => c.durable = oslo_bool(k, v)?,
+                "rabbit_quorum_queue" => c.quorum_queues = oslo_bool(k, v)?,
+                "rabbit_transient_quorum_queue" => c.transient_quorum_queues = oslo_bool(k, v)?,
+                "rabbit_stream_fanout" => c.stream_fanout = oslo_bool(k, v)?,
+                "rabbit_transient_queues_ttl" => {
+                    c.queue_expires_ms = oslo_int(k, v, 0)?.saturating_mul(1000)
+                }
+                "rabbit_qos_prefetch_count" => {
+                    c.prefetch = u16::try_from(oslo_int(k, v, 1)?).map_err(|_| {
+                        format!("broker.transport_url option {k}={v:?} must be at most 65535")
+                    })?
+                }
+                "rabbit_retry_interval" => {
+                    c.reconnect_min_ms = oslo_int(k, v, 1)?.saturating_mul(1000)
+                }
+                "rabbit_interval_max" => {
+                    c.reconnect_max_ms = oslo_int(k, v, 1)?.saturating_mul(1000)
+                }
+                other => {
+                    return Err(format!(
+                        "broker.transport_url option {other:?} is not one tether-proxy honours ({}); remove it, or set its [broker] equivalent (docs/configuration.md)",
+                        URL_OPTIONS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Check the section, with the URL's options applied; `Err` says what
+    /// is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if !self.enabled() {
             return Ok(());
         }
-        self.amqp_uris()?;
+        let c = self.with_url_options()?;
+        c.check()
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.control_exchange.is_empty() || self.control_exchange.len() > 200 {
             return Err("broker.control_exchange must be 1-200 characters".into());
         }
@@ -144,51 +239,39 @@ impl BrokerConfig {
     }
 }
 
-/// `rabbit://u:p@h1:5672,u:p@h2:5672/vhost` → one `amqp://` URI per host.
-pub fn parse_transport_url(url: &str) -> Result<Vec<String>, String> {
-    let bad = |why: &str| format!("broker.transport_url {url:?}: {why}");
-    let rest = url
-        .strip_prefix("rabbit://")
-        .or_else(|| url.strip_prefix("amqp://"))
-        .ok_or_else(|| bad("must start with rabbit:// or amqp://"))?;
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    // oslo reads driver options from the query; this proxy takes its
-    // declaration flags from [broker]. TLS it cannot do yet: refusing is
-    // better than connecting in clear text to a broker meant for TLS.
-    for kv in query.split('&') {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        if k == "ssl" && matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on") {
-            return Err(bad("TLS (ssl=...) is not supported by tether-proxy yet"));
-        }
+/// The transport URL's query options tether honours, and where each goes.
+pub const URL_OPTIONS: [&str; 9] = [
+    "ssl",
+    "amqp_durable_queues",
+    "rabbit_quorum_queue",
+    "rabbit_transient_quorum_queue",
+    "rabbit_stream_fanout",
+    "rabbit_transient_queues_ttl",
+    "rabbit_qos_prefetch_count",
+    "rabbit_retry_interval",
+    "rabbit_interval_max",
+];
+
+/// oslo.config's boolean: `true`, `1`, `on`, `yes` or their opposites,
+/// any case.
+fn oslo_bool(k: &str, v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "on" | "yes" => Ok(true),
+        "false" | "0" | "off" | "no" => Ok(false),
+        _ => Err(format!(
+            "broker.transport_url option {k}={v:?} is not a boolean (true/false, 1/0, on/off, yes/no)"
+        )),
     }
-    let (hosts, vhost) = match rest.split_once('/') {
-        Some((h, v)) => (h, v),
-        None => (rest, ""),
-    };
-    let vhost = if vhost.is_empty() { "/" } else { vhost };
-    let vhost = vhost.replace('%', "%25").replace('/', "%2f");
-    let mut out = vec![];
-    for h in hosts.split(',') {
-        let h = h.trim();
-        if h.is_empty() {
-            return Err(bad("an empty host"));
-        }
-        let (cred, addr) = match h.rsplit_once('@') {
-            Some((c, a)) => (Some(c), a),
-            None => (None, h),
-        };
-        if addr.is_empty() {
-            return Err(bad("a host without an address"));
-        }
-        let addr = if addr.contains(':') {
-            addr.to_string()
-        } else {
-            format!("{addr}:5672")
-        };
-        let cred = cred.unwrap_or("guest:guest");
-        out.push(format!("amqp://{cred}@{addr}/{vhost}"));
+}
+
+/// oslo.config's integer, at least `min`.
+fn oslo_int(k: &str, v: &str, min: u64) -> Result<u64, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(format!(
+            "broker.transport_url option {k}={v:?} must be a whole number of at least {min}"
+        )),
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -196,24 +279,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn oslo_transport_urls() {
-        assert_eq!(
-            parse_transport_url("rabbit://u:p@h1:5673,v:q@h2/").unwrap(),
-            vec!["amqp://u:p@h1:5673/%2f", "amqp://v:q@h2:5672/%2f"]
-        );
-        assert_eq!(
-            parse_transport_url("rabbit://h/nova?ssl=0").unwrap(),
-            vec!["amqp://guest:guest@h:5672/nova"]
-        );
-        for bad in [
-            "http://h/",
-            "rabbit://",
-            "rabbit://a,,b/",
-            "rabbit://u:p@/",
-            "rabbit://h/?ssl=true",
+    fn url_options_override_the_section_or_are_refused() {
+        let c = BrokerConfig {
+            transport_url: "rabbit://u:secret@h/?rabbit_quorum_queue=true&rabbit_transient_queues_ttl=60&rabbit_qos_prefetch_count=7&amqp_durable_queues=Off&ssl=no".into(),
+            durable: true,
+            ..Default::default()
+        };
+        let e = c.with_url_options().unwrap();
+        assert!(e.quorum_queues && !e.durable);
+        assert_eq!((e.queue_expires_ms, e.prefetch), (60_000, 7));
+        assert!(c.validate().is_ok());
+        for (url, says) in [
+            ("rabbit://h/?ssl=true", "TLS"),
+            (
+                "rabbit://h/?heartbeat_rate=3",
+                "not one tether-proxy honours",
+            ),
+            ("rabbit://h/?rabbit_quorum_queue=maybe", "not a boolean"),
+            ("rabbit://h/?rabbit_qos_prefetch_count=0", "at least 1"),
+            (
+                "rabbit://h/?rabbit_qos_prefetch_count=70000",
+                "at most 65535",
+            ),
+            ("kafka://h/", "rabbit://"),
+            ("rabbit://u:secret@h:port/", "port"),
         ] {
-            assert!(parse_transport_url(bad).is_err(), "{bad}");
+            let c = BrokerConfig {
+                transport_url: url.into(),
+                ..Default::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains(says), "{url}: {err}");
+            assert!(!err.contains("secret"), "the password is not shown: {err}");
         }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redacted("rabbit://u:p@h1:1,v:q@h2/x?y=1"),
+            "rabbit://u:***@h1:1,v:***@h2/x?y=1"
+        );
+        assert_eq!(redacted("rabbit://h/"), "rabbit://h/");
     }
 
     #[test]

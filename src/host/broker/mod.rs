@@ -22,6 +22,7 @@ pub mod config;
 mod deliver;
 mod session;
 pub mod share;
+pub mod url;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -283,7 +284,7 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
         let Some(uri) = uris.get(attempt % uris.len()) else {
             return;
         };
-        let shown = redact(uri);
+        let shown = config::redacted(uri);
         status.update(|s| s.broker = shown.clone());
         match tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -377,17 +378,6 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
         Upstream::Reply(r) => {
             error!(msg_id = ?r.msg_id, "reply refused: broker unreachable and the hold is full")
         }
-    }
-}
-
-fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(s), Some(a)) if a > s => format!(
-            "{}***{}",
-            uri.get(..s + 3).unwrap_or_default(),
-            uri.get(a..).unwrap_or_default()
-        ),
-        _ => uri.to_string(),
     }
 }
 
