@@ -33,6 +33,24 @@ pub struct BrokerConfig {
     /// oslo's `transport_url`: `rabbit://user:pass@host:port[,user:pass@host2:port2]/vhost`.
     /// Several hosts: tried in turn (failover).
     pub transport_url: String,
+    /// oslo's `ssl`: TLS to the broker (rustls: TLS 1.2 or 1.3). The TLS
+    /// port (usually 5671) goes in the URL: as in oslo, a host without a
+    /// port is 5672.
+    pub ssl: bool,
+    /// oslo's `ssl_ca_file`: the CA certificates (PEM) the broker's
+    /// certificate must chain to; none: the system's
+    /// ([`SYSTEM_CA_FILE`]).
+    pub ssl_ca_file: Option<std::path::PathBuf>,
+    /// oslo's `ssl_cert_file`: this proxy's client certificate chain (PEM),
+    /// for brokers that ask for one (`verify_peer`); with `ssl_key_file`.
+    pub ssl_cert_file: Option<std::path::PathBuf>,
+    /// oslo's `ssl_key_file`: the client certificate's private key (PEM,
+    /// PKCS#8, PKCS#1 or SEC1).
+    pub ssl_key_file: Option<std::path::PathBuf>,
+    /// oslo's `ssl_version`: unset (negotiate the highest), `tlsv1_2` or
+    /// `sslv23` (both: TLS 1.2 or 1.3, whichever is highest); the versions
+    /// before TLS 1.2 are refused (rustls does not speak them).
+    pub ssl_version: Option<String>,
     /// oslo's `control_exchange`.
     pub control_exchange: String,
     /// oslo's `amqp_durable_queues`: the control exchange and the
@@ -84,6 +102,11 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             transport_url: String::new(),
+            ssl: false,
+            ssl_ca_file: None,
+            ssl_cert_file: None,
+            ssl_key_file: None,
+            ssl_version: None,
             control_exchange: "openstack".into(),
             durable: false,
             quorum_queues: false,
@@ -125,9 +148,65 @@ impl BrokerConfig {
         Ok(u)
     }
 
-    /// The AMQP URIs to try, in order.
+    /// The AMQP URIs to try, in order (`amqps://` with `ssl`).
     pub fn amqp_uris(&self) -> Result<Vec<String>, String> {
-        Ok(self.url()?.amqp_uris())
+        Ok(self.url()?.amqp_uris(self.ssl))
+    }
+
+    /// The TLS settings for the AMQP client, the files read now (so that
+    /// renewed certificates are picked up at the next connection); `None`
+    /// without `ssl`. `Err` names the file and what is wrong with it.
+    pub fn tls(&self) -> Result<Option<lapin::tcp::OwnedTLSConfig>, String> {
+        if !self.ssl {
+            return Ok(None);
+        }
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("broker.{what} {}: {e}", p.display()))
+        };
+        let pem_has = |what: &str, p: &std::path::Path, text: &str, kind: &str| {
+            if text.contains(&format!("-----BEGIN {kind}")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "broker.{what} {}: no PEM \"{kind}\" in it",
+                    p.display()
+                ))
+            }
+        };
+        let ca_path = self
+            .ssl_ca_file
+            .clone()
+            .unwrap_or_else(|| SYSTEM_CA_FILE.into());
+        let ca = read("ssl_ca_file", &ca_path)?;
+        pem_has("ssl_ca_file", &ca_path, &ca, "CERTIFICATE")?;
+        let identity = match (&self.ssl_cert_file, &self.ssl_key_file) {
+            (Some(c), Some(k)) => {
+                let pem = read("ssl_cert_file", c)?;
+                pem_has("ssl_cert_file", c, &pem, "CERTIFICATE")?;
+                let key = read("ssl_key_file", k)?;
+                if !key.contains("PRIVATE KEY-----") {
+                    return Err(format!(
+                        "broker.ssl_key_file {}: no PEM private key in it",
+                        k.display()
+                    ));
+                }
+                Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: pem.into_bytes(),
+                    key: key.into_bytes(),
+                })
+            }
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "broker.ssl_cert_file and broker.ssl_key_file go together (a client certificate and its key)"
+                        .into(),
+                );
+            }
+        };
+        Ok(Some(lapin::tcp::OwnedTLSConfig {
+            identity,
+            cert_chain: Some(ca),
+        }))
     }
 
     /// This section with the transport URL's query options applied over
@@ -143,14 +222,11 @@ impl BrokerConfig {
         }
         for (k, v) in &self.url()?.query {
             match k.as_str() {
-                "ssl" => {
-                    if oslo_bool(k, v)? {
-                        return Err(
-                            "broker.transport_url: ssl=true, but TLS is not supported by tether-proxy yet (refused rather than connect in clear text to a broker meant for TLS)"
-                                .into(),
-                        );
-                    }
-                }
+                "ssl" => c.ssl = oslo_bool(k, v)?,
+                "ssl_ca_file" => c.ssl_ca_file = Some(v.into()),
+                "ssl_cert_file" => c.ssl_cert_file = Some(v.into()),
+                "ssl_key_file" => c.ssl_key_file = Some(v.into()),
+                "ssl_version" => c.ssl_version = Some(v.clone()),
                 "amqp_durable_queues" => c.durable = oslo_bool(k, v)?,
                 "rabbit_quorum_queue" => c.quorum_queues = oslo_bool(k, v)?,
                 "rabbit_transient_quorum_queue" => c.transient_quorum_queues = oslo_bool(k, v)?,
@@ -191,6 +267,33 @@ impl BrokerConfig {
     }
 
     fn check(&self) -> Result<(), String> {
+        if !self.ssl
+            && (self.ssl_ca_file.is_some()
+                || self.ssl_cert_file.is_some()
+                || self.ssl_key_file.is_some()
+                || self.ssl_version.is_some())
+        {
+            return Err(
+                "broker.ssl_ca_file, ssl_cert_file, ssl_key_file and ssl_version need broker.ssl = true (or ssl=true in transport_url): without it they would do nothing"
+                    .into(),
+            );
+        }
+        if let Some(v) = &self.ssl_version {
+            match v.to_ascii_lowercase().as_str() {
+                "tlsv1_2" | "sslv23" => {}
+                "tlsv1" | "tlsv1_1" | "sslv2" | "sslv3" => {
+                    return Err(format!(
+                        "broker.ssl_version {v:?}: versions before TLS 1.2 are refused (insecure; rustls does not speak them)"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "broker.ssl_version {v:?}: not an ssl_version oslo.messaging knows (tlsv1_2, sslv23)"
+                    ));
+                }
+            }
+        }
+        self.tls()?;
         if self.control_exchange.is_empty() || self.control_exchange.len() > 200 {
             return Err("broker.control_exchange must be 1-200 characters".into());
         }
@@ -239,9 +342,17 @@ impl BrokerConfig {
     }
 }
 
+/// The CA certificates trusted when `ssl_ca_file` is not set: Debian's
+/// bundle of the system's CAs (the `ca-certificates` package).
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// The transport URL's query options tether honours, and where each goes.
-pub const URL_OPTIONS: [&str; 9] = [
+pub const URL_OPTIONS: [&str; 13] = [
     "ssl",
+    "ssl_ca_file",
+    "ssl_cert_file",
+    "ssl_key_file",
+    "ssl_version",
     "amqp_durable_queues",
     "rabbit_quorum_queue",
     "rabbit_transient_quorum_queue",
@@ -290,7 +401,21 @@ mod tests {
         assert_eq!((e.queue_expires_ms, e.prefetch), (60_000, 7));
         assert!(c.validate().is_ok());
         for (url, says) in [
-            ("rabbit://h/?ssl=true", "TLS"),
+            ("rabbit://h/?ssl=true&ssl_version=tlsv1_1", "before TLS 1.2"),
+            (
+                "rabbit://h/?ssl=true&ssl_version=tls9",
+                "not an ssl_version",
+            ),
+            (
+                "rabbit://h/?ssl_ca_file=/etc/hostname",
+                "need broker.ssl = true",
+            ),
+            ("rabbit://h/?ssl=1&ssl_ca_file=/nonexistent", "/nonexistent"),
+            ("rabbit://h/?ssl=1&ssl_ca_file=/etc/hostname", "no PEM"),
+            (
+                "rabbit://h/?ssl=1&ssl_cert_file=/etc/hostname",
+                "go together",
+            ),
             (
                 "rabbit://h/?heartbeat_rate=3",
                 "not one tether-proxy honours",

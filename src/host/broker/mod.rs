@@ -286,13 +286,8 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
         };
         let shown = config::redacted(uri);
         status.update(|s| s.broker = shown.clone());
-        match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Connection::connect(uri, ConnectionProperties::default()),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
+        match connect(uri, &cfg).await {
+            Ok(conn) => {
                 info!(broker = %shown, "connected to the broker");
                 status.update(|s| s.connects += 1);
                 let mut s = Session::new(&proxy, &cfg, &names, &offsets, conn);
@@ -313,13 +308,9 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
                     s.last_error = Some(why);
                 });
             }
-            Ok(Err(e)) => {
-                warn!(broker = %shown, error = %e, "cannot connect to the broker");
-                status.update(|s| s.last_error = Some(format!("cannot connect: {e}")));
-            }
-            Err(_) => {
-                warn!(broker = %shown, "broker connect timed out");
-                status.update(|s| s.last_error = Some("connect timed out".into()));
+            Err(why) => {
+                warn!(broker = %shown, error = %why, "cannot connect to the broker");
+                status.update(|s| s.last_error = Some(format!("cannot connect: {why}")));
             }
         }
         // While away: hold guest messages within the bound, refuse beyond.
@@ -335,6 +326,69 @@ pub async fn run(proxy: Arc<Proxy>, cfg: BrokerConfig, mut up_rx: mpsc::Receiver
             }
         }
         backoff.grow();
+    }
+}
+
+/// Open an AMQP connection to `uri` (over TLS with `ssl`, its certificate
+/// files read now, so renewed ones are used from the next connection on),
+/// within [`CONNECT_TIMEOUT`]. `Err` is the reason, worded for the operator.
+async fn connect(uri: &str, cfg: &BrokerConfig) -> Result<Connection, String> {
+    let tls = cfg.tls()?;
+    let props = ConnectionProperties::default();
+    let attempt = async {
+        match tls {
+            Some(tls) => {
+                let rt = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+                Connection::connect_with_config(uri, props, tls, rt).await
+            }
+            None => Connection::connect(uri, props).await,
+        }
+        .map_err(|e| explain_connect_error(&crate::error_chain(&e), cfg.ssl))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err("connect timed out".into()))
+}
+
+/// The AMQP client's reason, with what to check when it is about TLS.
+fn explain_connect_error(e: &str, tls: bool) -> String {
+    let l = e.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| l.contains(w));
+    if tls && has(&["certificaterequired"]) {
+        format!(
+            "TLS: the broker asks for a client certificate ({e}); set broker.ssl_cert_file and broker.ssl_key_file"
+        )
+    } else if tls && has(&["notvalidforname"]) {
+        format!(
+            "TLS: the broker's certificate does not name the host in transport_url ({e}); connect by a name or address it was issued for"
+        )
+    } else if tls
+        && has(&[
+            "invalid peer certificate",
+            "unknownissuer",
+            "badsignature",
+            "expired",
+        ])
+    {
+        format!(
+            "TLS: the broker's certificate was not accepted ({e}); check broker.ssl_ca_file (the CA that signed it)"
+        )
+    } else if tls && has(&["alert", "handshake", "corrupt message", "tls"]) {
+        format!("TLS handshake failed ({e}); is this port the broker's TLS listener?")
+    } else if !tls
+        && has(&[
+            "connection reset",
+            "unexpected end",
+            "eof",
+            "closed",
+            "broken pipe",
+        ])
+    {
+        format!(
+            "{e}; if this port is the broker's TLS listener, set broker.ssl = true (or ssl=true in transport_url)"
+        )
+    } else {
+        e.to_string()
     }
 }
 
@@ -384,4 +438,23 @@ async fn hold(proxy: &Proxy, cfg: &BrokerConfig, held: &mut VecDeque<Upstream>, 
 struct Names {
     reply_q: String,
     proxy_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_connect_error as explain;
+
+    #[test]
+    fn tls_failures_say_what_to_check() {
+        // The AMQP client's words, as seen against RabbitMQ (tests/tls.rs).
+        let e = "IO error: received fatal alert: CertificateRequired";
+        assert!(explain(e, true).contains("broker.ssl_cert_file"));
+        let e = "IO error: invalid peer certificate: UnknownIssuer";
+        assert!(explain(e, true).contains("broker.ssl_ca_file"));
+        let e = "IO error: invalid peer certificate: NotValidForName";
+        assert!(explain(e, true).contains("does not name the host"));
+        let e = "IO error: Connection reset by peer (os error 104)";
+        assert!(explain(e, false).contains("set broker.ssl = true"));
+        assert_eq!(explain("connection refused", false), "connection refused");
+    }
 }

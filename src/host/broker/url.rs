@@ -82,8 +82,10 @@ impl TransportUrl {
         })
     }
 
-    /// One AMQP URI per host, in order, for the AMQP client.
-    pub fn amqp_uris(&self) -> Vec<String> {
+    /// One AMQP URI per host, in order, for the AMQP client (`amqps://`
+    /// with `tls`).
+    pub fn amqp_uris(&self, tls: bool) -> Vec<String> {
+        let scheme = if tls { "amqps" } else { "amqp" };
         let vhost = match self.virtual_host.as_deref() {
             None | Some("") => "/",
             Some(v) => v,
@@ -111,7 +113,7 @@ impl TransportUrl {
                     Some(n) => n.to_string(),
                 };
                 let port = h.port.unwrap_or(AMQP_PORT);
-                format!("amqp://{user}:{pass}@{name}:{port}/{vhost}")
+                format!("{scheme}://{user}:{pass}@{name}:{port}/{vhost}")
             })
             .collect()
     }
@@ -256,23 +258,32 @@ mod tests {
         let u = TransportUrl::parse("rabbit://u%24:p%26@host:1234/%24").unwrap();
         assert_eq!(u.hosts, vec![host("host", Some(1234), Some(("u$", "p&")))]);
         assert_eq!(u.virtual_host.as_deref(), Some("$"));
-        assert_eq!(u.amqp_uris(), vec!["amqp://u%24:p%26@host:1234/%24"]);
+        assert_eq!(u.amqp_uris(false), vec!["amqp://u%24:p%26@host:1234/%24"]);
         // The vhost "/" written %2F, and "/nova" written %2Fnova.
         let u = TransportUrl::parse("rabbit://h/%2Fnova").unwrap();
         assert_eq!(u.virtual_host.as_deref(), Some("/nova"));
-        assert_eq!(u.amqp_uris(), vec!["amqp://guest:guest@h:5672/%2Fnova"]);
+        assert_eq!(
+            u.amqp_uris(false),
+            vec!["amqp://guest:guest@h:5672/%2Fnova"]
+        );
         // Empty hosts are skipped; IPv6 in brackets.
         let u = TransportUrl::parse("rabbit://a,,[::1]:5673,/").unwrap();
         assert_eq!(
-            u.amqp_uris(),
+            u.amqp_uris(false),
             vec![
                 "amqp://guest:guest@a:5672/%2F",
                 "amqp://guest:guest@[::1]:5673/%2F"
             ]
         );
+        assert_eq!(
+            TransportUrl::parse("rabbit://h:5671/")
+                .unwrap()
+                .amqp_uris(true),
+            vec!["amqps://guest:guest@h:5671/%2F"]
+        );
         // No host: localhost.
         assert_eq!(
-            TransportUrl::parse("rabbit:///").unwrap().amqp_uris(),
+            TransportUrl::parse("rabbit:///").unwrap().amqp_uris(false),
             vec!["amqp://guest:guest@localhost:5672/%2F"]
         );
         for bad in [
