@@ -20,7 +20,8 @@
 //!   socket, [`host::policy`] (the one enforcement point for guest traffic:
 //!   profiles, names, context, reply handles, audit) and [`host::broker`]
 //!   (oslo.messaging over RabbitMQ; each instance's share of it,
-//!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]).
+//!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]);
+//!   the Prometheus endpoint, [`host::metrics`].
 //! - [`client`]: the Rust API for sub-agents.
 //! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers
 //!   (logging, signals, sockets), systemd notification and the watchdog;

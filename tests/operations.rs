@@ -415,3 +415,98 @@ async fn logs_name_targets_colour_only_terminals_leave_timestamps_to_journald_an
         "{text}"
     );
 }
+
+/// GET `path` from `addr`; the status line and the body.
+async fn http(addr: &str, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut all = String::new();
+    tokio::time::timeout(BOUND, s.read_to_string(&mut all))
+        .await
+        .expect("no response in time")
+        .unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// The Prometheus endpoint: links, the guest's counters and the broker's
+/// state, in a format `promtool check metrics` (Debian's prometheus
+/// package) passes without a lint; other paths and methods refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
+    let w = World::new();
+    let proxy = w.proxy(&format!(
+        "metrics_listen = \"127.0.0.1:0\"\n[broker]\ntransport_url = {:?}\ncontrol_exchange = \"{}\"\n",
+        support::oslo::amqp_url(),
+        support::oslo::unique("ex")
+    ));
+    let _agent = w.agent(U1, &w.channels().join(format!("{U1}.sock")), "demo", "");
+    let mut ctl = w.ctl().await;
+    wait_linked(&mut ctl, U1, "demo").await;
+    support::oslo::broker_status_until(&mut ctl, "the broker", |v| v["connected"] == true).await;
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "add", "args": {"a": 1, "b": 2}}))
+        .await;
+    assert_eq!(v["result"], 3, "{v}");
+    let log = proxy.log_text();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving Prometheus metrics"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no metrics address logged: {log}"));
+
+    let (status, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    for want in [
+        format!("tether_link_up{{instance=\"{U1}\"}} 1"),
+        format!("tether_guest_topics{{instance=\"{U1}\"}} 1"),
+        "tether_instances 1".to_string(),
+        "tether_broker_connected 1".to_string(),
+        "tether_build_info{version=".to_string(),
+    ] {
+        assert!(body.contains(&want), "no {want:?} in {body}");
+    }
+    let sent = body
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "tether_link_frames_sent_total{{instance=\"{U1}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no frames sent: {body}"));
+    assert!(sent >= 1, "the call went out as a frame: {body}");
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (status, _) = http(&addr, "GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _) = http(&addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+}

@@ -36,6 +36,9 @@ pub struct ProxyConfig {
     /// Most control-socket connections at once; one more is told so and
     /// closed.
     pub max_control_clients: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`), as `address:port`
+    /// (e.g. `127.0.0.1:9464`); none (the default): no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Bytes of control requests in progress, all connections together; a
     /// connection past it waits before its next request is read.
     pub max_control_bytes: usize,
@@ -66,6 +69,7 @@ impl Default for ProxyConfig {
             default_timeout_ms: 30_000,
             max_links: 10_000,
             max_control_clients: 64,
+            metrics_listen: None,
             max_control_bytes: 64 << 20,
             guest_read_bytes_per_sec: DEFAULT_GUEST_READ_BYTES_PER_SEC,
             link: SessionConfig::default(),

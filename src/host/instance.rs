@@ -62,6 +62,30 @@ struct Pending {
     handle: Option<String>,
 }
 
+/// One instance's numbers for the metrics endpoint (`docs/control.md`,
+/// "Metrics", says what each means).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct InstanceMetrics {
+    pub up: bool,
+    pub unacked: u64,
+    pub connects: u64,
+    pub sent: u64,
+    pub resent: u64,
+    pub delivered: u64,
+    pub duplicates: u64,
+    pub pings: u64,
+    pub peer_changes: u64,
+    pub protocol_errors: u64,
+    pub discarded_full: u64,
+    pub garbage_bytes: u64,
+    pub denied: u64,
+    pub outbox_dropped: u64,
+    pub calls_in_flight: u64,
+    pub outstanding: u64,
+    pub topics: u64,
+}
+
 /// One instance.
 pub struct Instance {
     /// The instance uuid (the channel socket's file stem).
@@ -335,6 +359,30 @@ impl Instance {
     pub fn linked(&self) -> bool {
         let s = self.tx.status();
         s.connected && s.established
+    }
+
+    /// The numbers the metrics endpoint exports for this instance.
+    pub fn metrics(&self) -> InstanceMetrics {
+        let s = self.tx.status();
+        InstanceMetrics {
+            up: s.connected && s.established,
+            unacked: s.unacked as u64,
+            connects: s.connects,
+            sent: s.stats.sent,
+            resent: s.stats.resent,
+            delivered: s.stats.delivered,
+            duplicates: s.stats.duplicates,
+            pings: s.stats.pings,
+            peer_changes: s.stats.peer_changes,
+            protocol_errors: s.stats.protocol_errors,
+            discarded_full: s.stats.discarded_full,
+            garbage_bytes: s.decode.skipped_bytes,
+            denied: self.denied.load(Ordering::Relaxed),
+            outbox_dropped: self.outbox_dropped.load(Ordering::Relaxed),
+            calls_in_flight: lock(&self.pending).len() as u64,
+            outstanding: self.receipts.len() as u64,
+            topics: self.topics().len() as u64,
+        }
     }
 
     /// Status for `links`.

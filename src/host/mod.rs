@@ -14,6 +14,7 @@ pub mod channels;
 pub mod config;
 pub mod control;
 pub mod instance;
+pub mod metrics;
 pub mod policy;
 pub mod receipts;
 
@@ -48,6 +49,15 @@ pub enum ProxyError {
     /// The `[broker]` section.
     #[error("{0}")]
     Broker(String),
+    /// The metrics endpoint.
+    #[error("cannot listen for metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The channels directory.
     #[error("cannot watch the channels directory {path}")]
     Channels {
@@ -313,6 +323,17 @@ pub async fn run(
             path: cfg.control_socket.clone(),
             source,
         })?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Metrics { addr, source })?;
+            let at = l.local_addr().map_or(addr, |a| a);
+            info!(addr = %at, "serving Prometheus metrics at /metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let (up_tx, up_rx) = if cfg.broker.enabled() {
         let (t, r) = mpsc::channel(cfg.broker.upstream_hold);
         (Some(t), Some(r))
@@ -335,6 +356,7 @@ pub async fn run(
         }
     });
     let server = tokio::spawn(control::serve(listener, proxy.clone()));
+    let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, proxy.clone())));
     let audit = proxy.policy.audit.clone();
     let every = std::time::Duration::from_millis(proxy.cfg.policy.audit_interval_ms);
     let summaries = tokio::spawn(async move {
@@ -391,6 +413,9 @@ pub async fn run(
     }
     watcher.abort();
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     summaries.abort();
     proxy.policy.audit.tick();
     if let Some(b) = bridge {
