@@ -8,7 +8,10 @@
 //! distinct `i`s among them; both equal to N for ids 0..N means each
 //! exactly once), `fail`
 //! (raises `ValueError`), `sleep` (waits `ms` milliseconds, then returns its
-//! args: a call still running while a VM migrates).
+//! args), `hold` (a call answered only at the next `release`, with its own
+//! args: a call still running while a VM migrates, for as long as the test
+//! needs, not for a time it guesses), `held` (how many calls are held) and
+//! `release` (answers every held call; returns how many).
 //!
 //! With `$ECHO_RECORD` (a file path) it registers with `ack` and keeps its
 //! `record`s in that file, one line per request unique id: a restarted
@@ -56,6 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => SubAgent::connect_default(&name, &topics).await?,
     };
+    /// Calls `hold` keeps at once, at most (more are refused).
+    const MAX_HELD: usize = 64;
+    let mut held: Vec<(u64, Value)> = Vec::new();
     let mut out = match &record_file {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -99,6 +105,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let ms = r.args.get("ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
                 Ok(r.args.clone())
+            }
+            "hold" if r.is_call() && held.len() < MAX_HELD => {
+                held.push((r.id, r.args.clone()));
+                continue; // answered at the next release
+            }
+            "hold" => Err(Failure {
+                class: "ValueError".into(),
+                module: "builtins".into(),
+                message: format!("hold: calls only, at most {MAX_HELD} at once"),
+            }),
+            "held" => Ok(json!(held.len())),
+            "release" => {
+                let n = held.len();
+                for (id, args) in held.drain(..) {
+                    sa.reply(id, Ok(args)).await?;
+                }
+                Ok(json!(n))
             }
             "fail" => Err(Failure {
                 class: "ValueError".into(),

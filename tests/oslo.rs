@@ -489,7 +489,7 @@ async fn failover_to_the_next_host_of_the_transport_url() {
         b["broker"]
             .as_str()
             .unwrap()
-            .ends_with(&format!(":{port}/%2f")),
+            .ends_with(&format!(":{port}/%2F")),
         "{b}"
     );
     assert_eq!(b["connected"], true, "{b}");

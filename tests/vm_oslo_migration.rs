@@ -58,17 +58,24 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         let u = u.clone();
         tokio::spawn(async move {
             c2.op(
-                json!({"op": "call", "topic": "demo", "server": u, "method": "sleep",
-                         "args": {"ms": 4000, "tag": "across"}, "timeout": 60}),
+                json!({"op": "call", "topic": "demo", "server": u, "method": "hold",
+                         "args": {"tag": "across"}, "timeout": 120}),
             )
             .await
         })
     };
+    // The migration starts once the guest holds the call.
     let t = Instant::now();
-    while ca.link(&u).await["calls_in_flight"].as_u64().unwrap_or(0) == 0 {
+    loop {
+        let v = ca
+            .req(json!({"op": "call", "instance": u, "topic": "demo", "method": "held"}))
+            .await;
+        if v["result"] == 1 {
+            break;
+        }
         assert!(
             t.elapsed() < BOUND,
-            "the call never reached the guest through A"
+            "the call never reached the guest through A: {v}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -107,11 +114,16 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
     drop(src);
     let n = round * PER;
 
-    // The reply to the call that entered through A came out through B.
+    // The call that entered through A is still held in the guest; released
+    // now (through B: the VM runs there), its reply comes out through B.
+    let v = c
+        .op(json!({"op": "call", "topic": "demo", "server": u, "method": "release", "timeout": 60}))
+        .await;
+    assert_eq!(v, json!({"ok": true, "result": 1}), "one call was held");
     let v = across.await.unwrap();
     assert_eq!(
         v,
-        json!({"ok": true, "result": {"ms": 4000, "tag": "across"}}),
+        json!({"ok": true, "result": {"tag": "across"}}),
         "the call that entered through the source gets its reply\n{}",
         dst.console()
     );
