@@ -459,12 +459,35 @@ async fn a_call_whose_caller_gave_up_never_runs_later() {
         }
     }
     let cont = Cont(&agent);
+    let before = ctl.link(U).await;
     let v = ctl.req(call("late", 300)).await;
     assert!(
         v["error"]["kind"] == "timeout" || v["error"]["kind"] == "not_connected",
         "{v}"
     );
     assert_eq!(v["error"]["outcome"], "unknown", "{v}");
+    // Both the call and its cancel wait in the agent's channel before it
+    // resumes: the proxy numbered both (next_seq up by two), and a PING it
+    // made after them (a loss probe: the stopped agent acknowledges
+    // nothing) has gone out behind them — frames leave in order. (Resuming
+    // the agent as soon as the caller was answered let it read the call
+    // before the cancel was written, on a loaded machine: then a sub-agent
+    // takes it, as the "unknown" outcome says it may.)
+    let seq0 = before["next_seq"].as_u64().unwrap();
+    let t = Instant::now();
+    let mut pings_then = None;
+    loop {
+        let l = ctl.link(U).await;
+        let pings = l["pings"].as_u64().unwrap();
+        if pings_then.is_none() && l["next_seq"].as_u64().unwrap() >= seq0 + 2 {
+            pings_then = Some(pings);
+        }
+        if pings_then.is_some_and(|p| pings > p) {
+            break;
+        }
+        assert!(t.elapsed() < BOUND, "the cancel never went out: {l}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(cont);
     // The agent reads both: the cancel wins, the call never runs.
     let t = Instant::now();

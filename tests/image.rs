@@ -21,10 +21,14 @@ use serde_json::json;
 use support::image::{ImageVm, deb, image_dir, seed};
 use support::*;
 
-/// First boot to the first call: cloud-init installing the package.
-const BOOT: Duration = Duration::from_secs(180);
-/// A step in the guest (a restart, a reinstall).
-const STEP: Duration = Duration::from_secs(60);
+/// First boot to the first call: cloud-init installing the package. A
+/// hang detector, not a latency check: quiet, it takes 45-100 s; with two
+/// CPU hogs and two more suites running beside it the TCG guest gets a
+/// fraction of a core and took over 180 s (three failures in one loaded
+/// series at 180 s: the guest was still unpacking the package).
+const BOOT: Duration = Duration::from_secs(600);
+/// A step in the guest (a restart, a reinstall); a hang detector too.
+const STEP: Duration = Duration::from_secs(180);
 
 async fn add(ctl: &mut Ctl, id: &str) -> serde_json::Value {
     ctl.req(
