@@ -61,6 +61,14 @@ fn stderr_is_journal() -> bool {
     }
 }
 
+/// Print `cmd`'s manual page (roff, section 8: a system daemon) to stdout:
+/// the daemons' hidden `--man`, which packaging runs.
+pub fn print_man(cmd: clap::Command) -> std::io::Result<()> {
+    clap_mangen::Man::new(cmd)
+        .section("8")
+        .render(&mut std::io::stdout())
+}
+
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
 /// called (inside the runtime), not when the future is first polled: a
 /// SIGTERM that comes while the daemon is still starting is then a clean

@@ -61,26 +61,6 @@ impl Notify {
     }
 }
 
-/// Start `bin` with `args` and extra environment, stderr to `name.log`.
-fn spawn_env(w: &World, name: &str, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let log = w.path(&format!("{name}.log"));
-    let f = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(f);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc {
-        child: cmd.spawn().unwrap(),
-        name: name.into(),
-        log,
-    }
-}
-
 fn proxy_config(w: &World, channels: &Path, ctl: &Path) -> String {
     let cfg = w.path("proxy.toml");
     std::fs::write(
@@ -108,10 +88,10 @@ async fn the_proxy_is_ready_only_when_serving_and_tells_systemd_what_it_does() {
     let notify = Notify::bind(&w.path("notify.sock"));
     let cfg = proxy_config(&w, &w.channels(), &w.ctl_sock());
     let mut proxy = spawn_env(
-        &w,
         "proxy",
         PROXY,
         &["-c", &cfg],
+        w.dir.path(),
         &[
             ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
             ("WATCHDOG_USEC", "400000"),
@@ -153,10 +133,10 @@ fn a_proxy_that_cannot_watch_its_channels_directory_does_not_start() {
     std::fs::write(&not_a_dir, "").unwrap();
     let cfg = proxy_config(&w, &not_a_dir, &w.ctl_sock());
     let mut proxy = spawn_env(
-        &w,
         "proxy",
         PROXY,
         &["-c", &cfg],
+        w.dir.path(),
         &[("NOTIFY_SOCKET", notify.path.to_str().unwrap())],
     );
     let t = Instant::now();
@@ -206,10 +186,10 @@ argv = ["{py}", "-c", "import json, os, sys, time; open(sys.argv[1] + '.tmp', 'w
     )
     .unwrap();
     let agent = spawn_env(
-        &w,
         "agent",
         AGENT,
         &["-c", cfg.to_str().unwrap()],
+        w.dir.path(),
         &[
             ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
             ("WATCHDOG_USEC", "400000"),
@@ -363,24 +343,15 @@ async fn logs_name_targets_colour_only_terminals_leave_timestamps_to_journald_an
     let m = std::fs::metadata(&log).unwrap();
     let stream = format!("{}:{}", m.dev(), m.ino());
     let cfg = proxy_config(&w, &dir.join("channels"), &dir.join("ctl.sock"));
-    let cmd = |env: &[(&str, &str)], log: &Path| {
-        let f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
-        let mut c = Command::new(PROXY);
-        c.args(["-c", &cfg])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        Proc {
-            child: c.spawn().unwrap(),
-            name: "proxy".into(),
-            log: log.to_owned(),
-        }
-    };
-    let mut p = cmd(&[("JOURNAL_STREAM", &stream)], &log);
+    // spawn_env truncates journal.log: the same inode, so the stream matches.
+    let args = ["-c", cfg.as_str()];
+    let mut p = spawn_env(
+        "journal",
+        PROXY,
+        &args,
+        w.dir.path(),
+        &[("JOURNAL_STREAM", &stream)],
+    );
     wait_for_log(&p, "tether-proxy ready");
     p.terminate();
     let text = p.log_text();
@@ -393,9 +364,13 @@ async fn logs_name_targets_colour_only_terminals_leave_timestamps_to_journald_an
     );
 
     // JSON, one object per line.
-    let json_log = w.path("json.log");
-    std::fs::File::create(&json_log).unwrap();
-    let mut p = cmd(&[("TETHER_LOG_FORMAT", "json")], &json_log);
+    let mut p = spawn_env(
+        "json",
+        PROXY,
+        &args,
+        w.dir.path(),
+        &[("TETHER_LOG_FORMAT", "json")],
+    );
     wait_for_log(&p, "tether-proxy ready");
     p.terminate();
     let text = p.log_text();

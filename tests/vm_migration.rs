@@ -264,21 +264,7 @@ async fn one_migration_under_traffic_loses_nothing_and_runs_nothing_twice() {
         })
     };
     // The migration starts once the guest holds the call.
-    let t = Instant::now();
-    loop {
-        let v = a
-            .ctl
-            .req(json!({"op": "call", "instance": U, "topic": "demo", "method": "held"}))
-            .await;
-        if v["result"] == 1 {
-            break;
-        }
-        assert!(
-            t.elapsed() < BOUND,
-            "the call never reached the guest through the source: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_held(&mut a.ctl, U).await;
     let migrate = migrate_after(
         Duration::from_millis(800),
         Vm::qmp_path(a.world.dir.path(), "src"),

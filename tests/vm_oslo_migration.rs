@@ -65,20 +65,7 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         })
     };
     // The migration starts once the guest holds the call.
-    let t = Instant::now();
-    loop {
-        let v = ca
-            .req(json!({"op": "call", "instance": u, "topic": "demo", "method": "held"}))
-            .await;
-        if v["result"] == 1 {
-            break;
-        }
-        assert!(
-            t.elapsed() < BOUND,
-            "the call never reached the guest through A: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_held(&mut ca, &u).await;
     let migrate = migrate_after(
         Duration::from_millis(300),
         Vm::qmp_path(wa.dir.path(), "src"),

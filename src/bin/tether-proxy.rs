@@ -43,10 +43,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.man {
         use clap::CommandFactory;
-        clap_mangen::Man::new(Args::command())
-            .section("8")
-            .render(&mut std::io::stdout())?;
-        return Ok(());
+        return Ok(tether::daemon::print_man(Args::command())?);
     }
     tether::daemon::init_logging("info", args.log_format);
     let mut cfg = match &args.config {

@@ -71,6 +71,12 @@ impl Drop for Proc {
 }
 
 pub fn spawn(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
+    spawn_env(name, bin, args, dir, &[])
+}
+
+/// [`spawn`] with extra environment variables. The log file is created (or
+/// truncated: same inode) as `dir/name.log`.
+pub fn spawn_env(name: &str, bin: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(bin)
@@ -79,6 +85,7 @@ pub fn spawn(name: &str, bin: &str, args: &[&str], dir: &Path) -> Proc {
             "RUST_LOG",
             std::env::var("TETHER_TEST_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(f.try_clone().unwrap())
         .stderr(f)
@@ -384,6 +391,26 @@ impl Ctl {
 /// Wait (bounded) until the instance is linked with `topic` registered.
 pub async fn wait_linked(ctl: &mut Ctl, uuid: &str, topic: &str) {
     wait_linked_for(ctl, uuid, topic, BOUND, String::new).await
+}
+
+/// Wait (bounded) until the echo sub-agent (`examples/echo_subagent.rs`)
+/// of `instance`, asked through `ctl`, holds one call (its `hold` method):
+/// the call that is to cross a migration has reached the guest.
+pub async fn wait_held(ctl: &mut Ctl, instance: &str) {
+    let t = Instant::now();
+    loop {
+        let v = ctl
+            .req(json!({"op": "call", "instance": instance, "topic": "demo", "method": "held"}))
+            .await;
+        if v["result"] == 1 {
+            return;
+        }
+        assert!(
+            t.elapsed() < BOUND,
+            "the call never reached the guest through this proxy: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// [`wait_linked`] with its own bound, and `context` added to the failure.
