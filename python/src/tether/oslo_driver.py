@@ -215,6 +215,10 @@ class TetherDriver(base.BaseDriver):
         except p.AgentGone as e:
             raise oslo_messaging.MessageDeliveryFailure(f"tether: {e}") from None
         except p.RemoteError as e:
+            if e.exc_module == "tether" and e.exc_class == "NoRoute":
+                # Nothing consumes the topic: over RabbitMQ the caller waits
+                # for its timeout; here the host says so at once.
+                raise oslo_messaging.MessagingTimeout(f"No reply on topic {target.topic}: {e.message}") from None
             failure = json.dumps({"class": e.exc_class, "module": e.exc_module, "message": e.message,
                                   "tb": [], "args": [e.message], "kwargs": {}})
             raise common.deserialize_remote_exception(failure, self._allowed_remote_exmods) from None
