@@ -53,6 +53,10 @@ pub enum Kind {
     Cast,
     /// A cast to every instance serving the topic.
     Fanout,
+    /// Guest → host only: an oslo notification. `target.topic` is its
+    /// routing key (`<topic>.<priority>`), `method` its event type, `args`
+    /// the notification (`event_type`, `priority`, `payload`, …).
+    Notify,
 }
 
 /// A request.

@@ -40,6 +40,7 @@ LAB_POLICY = """
 mode = "call"
 topics = ["*"]
 context_keys = ["request_id"]
+notifications = ["*"]
 [[policy.profiles.default.targets]]
 topics = ["*"]
 servers = ["*"]

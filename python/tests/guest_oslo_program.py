@@ -2,7 +2,7 @@
 RPCServer with endpoints, an RPCClient to the control plane and a Notifier,
 all on the ``tether://`` transport. Only its transport URL names tether.
 
-argv: transport_url topic control_topic record_file
+argv: transport_url topic control_topic record_file notify_topic
 Prints "ready" once its server is started.
 """
 
@@ -14,14 +14,15 @@ import warnings
 
 warnings.simplefilter("ignore")
 from oslo_config import cfg  # noqa: E402
+from oslo_context import context  # noqa: E402
 import oslo_messaging as om  # noqa: E402
 
-url, topic, control_topic, record = sys.argv[1:5]
+url, topic, control_topic, record, notify_topic = sys.argv[1:6]
 cfg.CONF([], project="guest-program")
 transport = om.get_rpc_transport(cfg.CONF, url=url)
 notify_transport = om.get_notification_transport(cfg.CONF, url=url)
 control = om.get_rpc_client(transport, om.Target(topic=control_topic), timeout=20)
-notifier = om.Notifier(notify_transport, publisher_id="lbaas.guest", driver="messaging", topics=["notifications"])
+notifier = om.Notifier(notify_transport, publisher_id="lbaas.guest", driver="messaging", topics=[notify_topic])
 
 
 class QuotaExceeded(Exception):
@@ -71,7 +72,10 @@ class Endpoint:
         return None
 
     def notify(self, ctxt, event_type, payload, priority="info"):
-        getattr(notifier, priority)({"request_id": "req-n", "tether_instance": "not-me"}, event_type, payload)
+        # A service's own request context (oslo's notifier sends no plain
+        # dict); the identity it claims is the guest's word only.
+        c = context.RequestContext(request_id="req-n", user_id="not-me")
+        getattr(notifier, priority)(c, event_type, payload)
 
 
 server = om.get_rpc_server(transport, om.Target(topic=topic, server="whatever-the-guest-says"),

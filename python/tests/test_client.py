@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 import uuid as uuidlib
@@ -108,8 +109,6 @@ def test_a_cast_upstream_reaches_the_host_with_the_identity_it_stamps(world):
     assert watch.req(op="watch")["result"] == "watching"
     agent.cast("demo-events", "told", {"pool": "p1"}, ctx={"tether_instance": "not-me", "request_id": "req-1"})
     line = watch.s.recv(65536)
-    import json
-
     ev = json.loads(line.split(b"\n")[0])["event"]
     assert ev["instance"] == uuid and ev["method"] == "told" and ev["args"] == {"pool": "p1"}
     assert ev["ctx"]["tether_instance"] == uuid
@@ -235,4 +234,40 @@ def test_an_upstream_call_in_flight_when_the_agent_dies_fails_clearly(world):
     assert isinstance(out.get("e"), tether.AgentGone), out
     world.agent(uuid)
     wait_until(lambda: agent.connects >= 2 and agent._sock is not None, "the client reconnected")
+    agent.close()
+
+
+def test_notifications_are_stamped_by_the_host_and_refused_unless_allowed(world):
+    world.proxy()
+    uuid, agent = guest(world)
+    watch = world.ctl()
+    assert watch.req(op="watch")["result"] == "watching"
+    agent.notify("lbaas.pool.create.end", {"pool": "p1"}, publisher_id="nova-compute.host1",
+                 ctx={"request_id": "r-1", "tether_instance": "not-me"})
+    ev = json.loads(watch.s.recv(65536).split(b"\n")[0])["event"]
+    assert ev["target"] == {"topic": "notifications.info"} and ev["method"] == "lbaas.pool.create.end"
+    assert ev["args"]["publisher_id"] == f"tether.{uuid}"
+    assert ev["args"]["priority"] == "INFO" and ev["args"]["payload"] == {"pool": "p1"}
+    assert ev["ctx"] == {"request_id": "r-1", "tether_instance": uuid}
+    # A priority oslo does not have, a field it does not know: refused, and told.
+    refused = []
+    agent.on_refused = refused.append
+    agent.notify("x.y", {}, priority="loud")
+    agent._send({"op": "notify", "target": {"topic": "notifications.info"},
+                 "message": {"event_type": "x.y", "priority": "INFO", "payload": {}, "extra": 1}}, agent._generation)
+    wait_until(lambda: len(refused) == 2, "both refusals")
+    assert "priority" in refused[0].reason and refused[0].method == "x.y"
+    assert "extra" in refused[1].reason
+    agent.close()
+
+
+def test_notifications_are_refused_by_a_profile_without_notification_topics(world):
+    world.proxy('[policy.profiles.default]\nmode = "cast"\ntopics = ["*"]\n'
+                '[[policy.profiles.default.targets]]\ntopics = ["*"]\nservers = ["*"]\nmethods = ["*"]\n')
+    uuid, agent = guest(world)
+    refused = []
+    agent.on_refused = refused.append
+    agent.notify("lbaas.pool.create.end", {"pool": "p1"})
+    wait_until(lambda: refused, "the refusal")
+    assert refused[0].reason.startswith("Denied") and "notification" in refused[0].reason
     agent.close()

@@ -78,11 +78,14 @@ def control():
 class Guest:
     def __init__(self, world, uuid, topic, control_topic):
         self.world, self.uuid, self.topic, self.control_topic = world, uuid, topic, control_topic
+        # Notification queues are shared by name on the broker: one per test.
+        self.notify_topic = "notif-" + random_uuid()[:8]
         self.record = world.path(f"record-{uuid}.jsonl")
         self.url = f"tether://{world.agent_socket(uuid)}"
         env = {"PYTHONPATH": str(REPO / "python" / "src")}
         self.proc = world.spawn("guest-program", [sys.executable, str(REPO / "python/tests/guest_oslo_program.py"),
-                                                  self.url, topic, control_topic, str(self.record)], env)
+                                                  self.url, topic, control_topic, str(self.record),
+                                                  self.notify_topic], env)
         wait_until(lambda: "ready" in self.proc.log_text() or self.proc.p.poll() is not None,
                    "the guest program's server", BOUND * 2)
         assert self.proc.p.poll() is None, self.proc.log_text()
@@ -207,3 +210,40 @@ def test_oslo_casts_survive_a_kill_of_the_agent_each_handled_once(world, control
                                   f"twice {[i for i in set(got) if got.count(i) > 1][:20]}"
     # The program reconnected by itself and still serves calls.
     assert control.client(g.topic, server=g.uuid, timeout=BOUND).call({}, "echo", a=1)["args"] == {"a": 1}
+
+
+def test_the_guest_programs_notifier_reaches_a_control_plane_listener_as_the_host_says(world, control):
+    g, _ = guest(world)
+    c = control.client(g.topic, server=g.uuid, timeout=BOUND)
+    # Sent before anyone listens: the queue <topic>.info is declared on the
+    # way, as oslo's notifier does, and keeps it for the listener.
+    c.call({}, "notify", event_type="lbaas.pool.update.end", payload={"pool": "p1"})
+    got = []
+
+    class Listener:
+        def info(self, ctxt, publisher_id, event_type, payload, metadata):
+            got.append((ctxt, publisher_id, event_type, payload))
+
+        def error(self, ctxt, publisher_id, event_type, payload, metadata):
+            got.append((ctxt, publisher_id, event_type, payload))
+
+    transport = om.get_notification_transport(control.conf, url=amqp_url())
+    listener = om.get_notification_listener(transport, [om.Target(topic=g.notify_topic, exchange=EXCHANGE)],
+                                            [Listener()])
+    listener.start()
+    try:
+        wait_until(lambda: got, "the notification at the listener")
+        c.call({}, "notify", event_type="lbaas.pool.error", payload={"pool": "p2"}, priority="error")
+        wait_until(lambda: len(got) == 2, "the error notification")
+    finally:
+        listener.stop()
+        listener.wait()
+        transport.cleanup()
+    ctxt, publisher, event, payload = got[0]
+    # Identity is the host's: the publisher and the context's instance,
+    # whatever the guest's program said ("lbaas.guest", "not-me").
+    assert publisher == f"tether.{g.uuid}"
+    assert ctxt["tether_instance"] == g.uuid and ctxt["request_id"] == "req-n"
+    assert "user_id" not in ctxt  # not among the profile's context_keys
+    assert (event, payload) == ("lbaas.pool.update.end", {"pool": "p1"})
+    assert got[1][2:] == ("lbaas.pool.error", {"pool": "p2"})

@@ -430,6 +430,15 @@ impl Router {
                 )
                 .await;
         }
+        if matches!(r.kind, Kind::Notify) {
+            return self
+                .refuse_request(
+                    r,
+                    "Malformed",
+                    "notifications go from guests to the control plane, not into a guest".into(),
+                )
+                .await;
+        }
         if r.target.topic == AGENT_TOPIC || r.target.topic == SUPERVISOR_TOPIC {
             return self.builtin(r).await;
         }
@@ -576,6 +585,22 @@ impl Router {
             self.room
                 .push(Box::pin(async move { (conn, tx.reserve_owned().await) }));
         }
+    }
+
+    /// Send a sub-agent's cast or notification upstream, remembered (the
+    /// last [`RECENT_CASTS`]) to route the host's refusal back to it.
+    async fn cast_upstream(&mut self, conn: ConnId, r: Request) {
+        if self.cast_order.len() >= RECENT_CASTS
+            && let Some(old) = self.cast_order.pop_front()
+        {
+            self.casts.remove(&old);
+        }
+        self.cast_order.push_back(r.unique_id.clone());
+        self.casts.insert(
+            r.unique_id.clone(),
+            (conn, r.target.clone(), r.method.clone()),
+        );
+        self.send(&LinkMsg::Req(r)).await;
     }
 
     /// Tell the host a sub-agent (or the agent) took `unique_id`.
@@ -831,17 +856,23 @@ impl Router {
                 ctx,
             } => {
                 let r = upstream_request(Kind::Cast, target, method, args, ctx, None, None);
-                if self.cast_order.len() >= RECENT_CASTS
-                    && let Some(old) = self.cast_order.pop_front()
-                {
-                    self.casts.remove(&old);
-                }
-                self.cast_order.push_back(r.unique_id.clone());
-                self.casts.insert(
-                    r.unique_id.clone(),
-                    (conn, r.target.clone(), r.method.clone()),
-                );
-                self.send(&LinkMsg::Req(r)).await;
+                self.cast_upstream(conn, r).await;
+            }
+            FromSub::Notify {
+                target,
+                message,
+                ctx,
+            } => {
+                // The host checks the notification; the agent names it by
+                // its event type for refusals and logs.
+                let event_type = message
+                    .get("event_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let r =
+                    upstream_request(Kind::Notify, target, event_type, message, ctx, None, None);
+                self.cast_upstream(conn, r).await;
             }
             FromSub::Call {
                 id,

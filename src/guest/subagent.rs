@@ -67,6 +67,20 @@ pub enum FromSub {
         #[serde(default)]
         ctx: Value,
     },
+    /// An oslo notification to the control plane (what oslo's `Notifier`
+    /// sends): `target.topic` is `<topic>.<priority>`; `message` holds
+    /// `event_type`, `priority`, `payload` and, optionally, `publisher_id`,
+    /// `message_id` and `timestamp`. Refusals come back as
+    /// [`ToSub::CastRefused`] with the event type as `method`.
+    Notify {
+        /// Where to (`exchange` only if the profile allows it).
+        target: Target,
+        /// The notification.
+        message: Value,
+        /// Context.
+        #[serde(default)]
+        ctx: Value,
+    },
     /// A call to the control plane; the answer comes as [`ToSub::Result`].
     Call {
         /// The sub-agent's own id for this call.

@@ -464,6 +464,7 @@ fn request_record(r: &Request, decision: &'static str, reason: Option<String>) -
             Kind::Call => "call",
             Kind::Cast => "cast",
             Kind::Fanout => "fanout",
+            Kind::Notify => "notify",
         },
         exchange: r.target.exchange.as_deref().map(clip),
         topic: Some(clip(&r.target.topic)),
@@ -803,6 +804,9 @@ fn on_request(
     }
     // Context is the host's: allowed guest keys, static context, identity.
     r.ctx = enforcer.context(&r.ctx);
+    if r.kind == Kind::Notify {
+        enforcer.stamp_notification(&mut r, &inst.id);
+    }
     inst.audit(request_record(&r, "allow", None), size);
     if r.kind != Kind::Call {
         let _ = out.watch.send(json!({

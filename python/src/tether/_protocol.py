@@ -255,3 +255,22 @@ class Backoff:
 
 def register_msg(name: str, topics: Tuple[str, ...], ack: bool) -> Dict[str, Any]:
     return {"op": "register", "name": name, "topics": list(topics), "ack": ack}
+
+
+def notify_msg(event_type: str, payload: Any, priority: str, topic: str,
+               ctx: Optional[Dict[str, Any]], publisher_id: Optional[str]) -> Dict[str, Any]:
+    """A ``notify`` line, with oslo's notification fields."""
+    import datetime
+    import uuid
+
+    message = {
+        "message_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "priority": priority.upper(),
+        "payload": payload,
+        "timestamp": str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)),
+    }
+    if publisher_id is not None:
+        message["publisher_id"] = publisher_id
+    return {"op": "notify", "target": {"topic": f"{topic}.{priority.lower()}"}, "message": message,
+            "ctx": ctx or {}}

@@ -135,6 +135,13 @@ class AsyncSubAgent:
         await self._send({"op": "cast", "target": p.as_target(target).to_json(), "method": method,
                           "args": args or {}, "ctx": ctx or {}}, gen, quiet=False)
 
+    async def notify(self, event_type: str, payload: Any, priority: str = "info", topic: str = "notifications",
+                     ctx: Optional[Dict[str, Any]] = None, publisher_id: Optional[str] = None,
+                     timeout: float = 30.0) -> None:
+        """See :meth:`tether.SubAgent.notify`."""
+        gen = await self._wait_connected(timeout)
+        await self._send(p.notify_msg(event_type, payload, priority, topic, ctx, publisher_id), gen, quiet=False)
+
     async def call(self, target: Any, method: str, args: Optional[Dict[str, Any]] = None,
                    ctx: Optional[Dict[str, Any]] = None, timeout: float = p.DEFAULT_CALL_TIMEOUT) -> Any:
         loop = asyncio.get_running_loop()

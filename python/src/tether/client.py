@@ -212,6 +212,24 @@ class SubAgent:
         }
         self._send(msg, self._wait_connected(timeout))
 
+    def notify(
+        self,
+        event_type: str,
+        payload: Any,
+        priority: str = "info",
+        topic: str = "notifications",
+        ctx: Optional[Dict[str, Any]] = None,
+        publisher_id: Optional[str] = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Send an oslo notification to the control plane (what oslo's
+        ``Notifier`` sends): it is published on ``<topic>.<priority>``. The
+        host decides whether this instance may notify on ``topic`` and
+        publishes it as ``tether.<instance uuid>``; a refusal comes to
+        ``on_refused`` with ``event_type`` as its method."""
+        self._send(p.notify_msg(event_type, payload, priority, topic, ctx, publisher_id),
+                   self._wait_connected(timeout))
+
     def call(
         self,
         target: Any,

@@ -57,6 +57,17 @@ CONNECT_TIMEOUT = 30.0
 MAX_LISTENER_QUEUE = 1024
 
 
+def _context(ctxt: Any) -> Dict[str, Any]:
+    """A context as a dict, as oslo's AMQP drivers pack one: a dict as it
+    is, anything else (oslo.context's RequestContext) by its ``to_dict``."""
+    if ctxt is None:
+        return {}
+    if isinstance(ctxt, dict):
+        return dict(ctxt)
+    to_dict = getattr(ctxt, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {}
+
+
 class TetherIncomingMessage(base.RpcIncomingMessage):
     def __init__(self, agent: "_Agent", req: p.Request):
         message: Dict[str, Any] = {"method": req.method, "args": req.args}
@@ -205,11 +216,11 @@ class TetherDriver(base.BaseDriver):
         args = message.get("args") or {}
         conn = self._agent()
         if not wait_for_reply:
-            conn.cast(t, message["method"], args, dict(ctxt or {}), timeout=CONNECT_TIMEOUT)
+            conn.cast(t, message["method"], args, _context(ctxt), timeout=CONNECT_TIMEOUT)
             return None
         t_out = float(timeout) if timeout is not None else p.DEFAULT_CALL_TIMEOUT
         try:
-            return conn.call(t, message["method"], args, dict(ctxt or {}), timeout=t_out)
+            return conn.call(t, message["method"], args, _context(ctxt), timeout=t_out)
         except p.CallTimeout as e:
             raise oslo_messaging.MessagingTimeout(f"No reply on topic {target.topic}: {e.message}") from None
         except p.AgentGone as e:
@@ -224,14 +235,20 @@ class TetherDriver(base.BaseDriver):
             raise common.deserialize_remote_exception(failure, self._allowed_remote_exmods) from None
 
     def send_notification(self, target, ctxt, message, version, retry=None):
+        # oslo's Notifier hands over the topic <topic>.<priority> and its
+        # message (message_id, publisher_id, event_type, priority, payload,
+        # timestamp); it goes as it is, and the host checks it.
         conn = self._agent()
         msg = {
             "op": "notify",
             "target": p.Target(target.topic, exchange=target.exchange).to_json(),
-            "message": message,
-            "ctx": dict(ctxt or {}),
+            "message": dict(message),
+            "ctx": _context(ctxt),
         }
-        conn._send(msg, conn._wait_connected(CONNECT_TIMEOUT))
+        try:
+            conn._send(msg, conn._wait_connected(CONNECT_TIMEOUT))
+        except p.AgentGone as e:
+            raise oslo_messaging.MessageDeliveryFailure(f"tether: {e}") from None
 
     def listen(self, target, batch_size, batch_timeout):
         topic = target.topic

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::host::Proxy;
 use crate::host::instance::{Instance, answer, refuse_cast};
-use crate::rpc::{Failure, LinkMsg, Request, new_unique_id};
+use crate::rpc::{Failure, Kind, LinkMsg, Request, new_unique_id};
 
 /// One instance's consumers: a channel of its own (prefetch per instance).
 struct InstConsumers {
@@ -54,6 +54,10 @@ struct InstConsumers {
 pub const TOPIC_CHANGES_BURST: usize = 5;
 /// See [`TOPIC_CHANGES_BURST`].
 pub const TOPIC_CHANGES_WINDOW: Duration = Duration::from_secs(10);
+
+/// Notification queues one connection remembers having declared; past it
+/// the set starts again (a declaration of an existing queue is harmless).
+pub const MAX_NOTIFY_QUEUES: usize = 1024;
 
 /// One broker connection's worth of state.
 pub(super) struct Session<'a> {
@@ -76,6 +80,8 @@ pub(super) struct Session<'a> {
     calls: HashMap<String, PendingCall>,
     /// Unroutable guest casts: (first try, next try, the cast).
     retry: VecDeque<(Instant, Instant, Upstream)>,
+    /// Notification queues this connection declared.
+    notify_queues: HashSet<String>,
 }
 
 impl<'a> Session<'a> {
@@ -98,6 +104,7 @@ impl<'a> Session<'a> {
             fanout: HashMap::new(),
             calls: HashMap::new(),
             retry: VecDeque::new(),
+            notify_queues: HashSet::new(),
         }
     }
 
@@ -435,6 +442,45 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Declare and bind the notification queue `topic` (`<topic>.<priority>`)
+    /// on the control exchange, as oslo's notifier does, unless this
+    /// connection did already. Durable and quorum as configured; the set
+    /// is bounded (the profile's topic patterns times seven priorities in
+    /// practice; cleared at [`MAX_NOTIFY_QUEUES`], so declared again).
+    async fn ensure_notify_queue(&mut self, ch: &Channel, topic: &str) -> Result<(), lapin::Error> {
+        if self.notify_queues.contains(topic) {
+            return Ok(());
+        }
+        let Ok(q) = short(topic) else {
+            return Ok(()); // refused at publish, with the reason
+        };
+        let mut args = FieldTable::default();
+        if self.cfg.quorum_queues {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        let opts = QueueDeclareOptions {
+            durable: self.cfg.server_durable(),
+            ..Default::default()
+        };
+        ch.queue_declare(q.clone(), opts, args).await?;
+        ch.queue_bind(
+            q.clone(),
+            short(&self.cfg.control_exchange).unwrap_or_default(),
+            q,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        if self.notify_queues.len() >= MAX_NOTIFY_QUEUES {
+            self.notify_queues.clear();
+        }
+        self.notify_queues.insert(topic.to_string());
+        Ok(())
+    }
+
     /// Publish, and say how it went.
     async fn publish_upstream(
         &mut self,
@@ -442,6 +488,27 @@ impl<'a> Session<'a> {
         m: &Upstream,
     ) -> Result<Published, lapin::Error> {
         let (exchange, key, body, props, mandatory) = match m {
+            Upstream::Cast { request: r, .. } if r.kind == Kind::Notify => {
+                // As oslo's notifier: the queue named by the routing key is
+                // declared (once per connection) so that a notification
+                // nobody consumes yet waits for its listener.
+                if let Err(e) = self.ensure_notify_queue(ch, &r.target.topic).await {
+                    if !self.conn.status().connected() {
+                        return Err(e);
+                    }
+                    return Ok(Published::Refused(format!(
+                        "declaring notification queue {}: {e}",
+                        r.target.topic
+                    )));
+                }
+                (
+                    self.cfg.control_exchange.clone(),
+                    r.target.topic.clone(),
+                    wire::encode_notification(r),
+                    props(),
+                    true,
+                )
+            }
             Upstream::Cast { request: r, .. } => (
                 r.target
                     .exchange

@@ -211,6 +211,25 @@ pub fn encode_request(r: &Request, reply_q: Option<&str>) -> Vec<u8> {
     envelope(&Value::Object(m))
 }
 
+/// A guest's notification (already checked and stamped by the enforcement
+/// point), as oslo's notifier publishes one: its fields, the context as
+/// `_context_*` keys and `_unique_id`, in the 2.0 envelope.
+pub fn encode_notification(r: &Request) -> Vec<u8> {
+    let mut m = match &r.args {
+        Value::Object(body) => body.clone(),
+        _ => Map::new(),
+    };
+    m.entry("message_id")
+        .or_insert_with(|| json!(r.unique_id.clone()));
+    if let Value::Object(ctx) = &r.ctx {
+        for (k, v) in ctx {
+            m.insert(format!("{CTX_PREFIX}{k}"), v.clone());
+        }
+    }
+    m.insert("_unique_id".into(), json!(r.unique_id));
+    envelope(&Value::Object(m))
+}
+
 /// Read a reply off the proxy's reply queue.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, WireError> {
     let m = unwrap_envelope(body)?;
@@ -359,5 +378,32 @@ mod tests {
         assert_eq!(i.request.args, json!({"load": 3}));
         assert_eq!(i.request.ctx, json!({"tether_instance": "i-1"}));
         assert_eq!(i.reply_q.as_deref(), Some("reply_q1"));
+    }
+
+    #[test]
+    fn a_notification_is_encoded_as_oslos_notifier_does() {
+        let r = Request {
+            kind: Kind::Notify,
+            target: Target {
+                topic: "notifications.info".into(),
+                ..Default::default()
+            },
+            method: "lbaas.pool.update".into(),
+            args: json!({"event_type": "lbaas.pool.update", "priority": "INFO", "payload": {"p": 1}, "publisher_id": "tether.vm-1"}),
+            ctx: json!({"tether_instance": "vm-1", "request_id": "r-1"}),
+            msg_id: None,
+            unique_id: "u-1".into(),
+            reply_to: None,
+            timeout_ms: None,
+        };
+        let outer: Value = serde_json::from_slice(&encode_notification(&r)).unwrap();
+        assert_eq!(outer["oslo.version"], "2.0");
+        let m: Value = serde_json::from_str(outer["oslo.message"].as_str().unwrap()).unwrap();
+        assert_eq!(m["event_type"], "lbaas.pool.update");
+        assert_eq!(m["payload"], json!({"p": 1}));
+        assert_eq!(m["message_id"], "u-1");
+        assert_eq!(m["_unique_id"], "u-1");
+        assert_eq!(m["_context_tether_instance"], "vm-1");
+        assert_eq!(m["_context_request_id"], "r-1");
     }
 }

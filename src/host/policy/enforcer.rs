@@ -1,7 +1,8 @@
 //! The per-instance decision: rate limits, mode, names, targets, context.
 //! Deny by default: a guest message is allowed only when the instance's
 //! mode permits its kind and, for casts and calls, a target rule of its
-//! profile matches every part of its target.
+//! profile matches every part of its target; for notifications, its
+//! `notifications` topics.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -18,6 +19,20 @@ use crate::rpc::{Kind, Reply, Request};
 /// the same handle on this proxy: a guest has at most a window's worth of
 /// calls in flight (1024 frames by default), so four windows is ample.
 pub const USED_HANDLES: usize = 4096;
+
+/// oslo's notification priorities (the lower-case suffix of the topic).
+pub const NOTIFY_PRIORITIES: [&str; 7] = [
+    "audit", "debug", "info", "warn", "error", "critical", "sample",
+];
+
+/// Longest `publisher_id`, `message_id` or `timestamp` a guest may send
+/// (oslo's are a host name, a uuid and a date; the bound keeps the audit
+/// and the control plane's logs sane).
+pub const MAX_NOTIFY_FIELD: usize = 255;
+
+/// A guest's notifications are published as `tether.<instance uuid>`:
+/// identity is the host's word, never the guest's.
+pub const NOTIFY_PUBLISHER_PREFIX: &str = "tether.";
 
 /// What the enforcement point decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +182,7 @@ impl Enforcer {
         let p = &self.policy.profile;
         let mode = p.mode.name();
         match r.kind {
+            Kind::Notify => return self.notification(r),
             Kind::Fanout => return Err("guests may not fan out".into()),
             Kind::Cast if p.mode < Mode::Cast => {
                 return Err(format!("guest casts are not allowed (mode {mode})"));
@@ -220,6 +236,96 @@ impl Enforcer {
                 t.server.as_deref().map_or("(none)".into(), names::shown),
                 names::shown(&r.method)
             ))
+        }
+    }
+
+    /// A guest's oslo notification: its topic `<topic>.<priority>` with a
+    /// topic the profile's `notifications` allow and an oslo priority, the
+    /// control exchange only, and a body of oslo's notification fields
+    /// whose event type and priority agree with the rest.
+    fn notification(&self, r: &Request) -> Result<(), String> {
+        let p = &self.policy.profile;
+        if p.notifications.is_empty() {
+            return Err(format!(
+                "guest notifications are not allowed (profile {:?} lists no notification topics)",
+                self.policy.profile_name
+            ));
+        }
+        let t = &r.target;
+        if t.server.is_some() {
+            return Err("a notification has no server".into());
+        }
+        if let Some(x) = &t.exchange
+            && *x != self.policy.control_exchange
+        {
+            return Err(format!(
+                "notifications go to the control exchange only, not {}",
+                names::shown(x)
+            ));
+        }
+        let Some((topic, priority)) = t.topic.rsplit_once('.') else {
+            return Err(format!(
+                "notification topic {} is not <topic>.<priority>",
+                names::shown(&t.topic)
+            ));
+        };
+        names::check(NameKind::Topic, topic).map_err(|e| e.to_string())?;
+        if !NOTIFY_PRIORITIES.contains(&priority) {
+            return Err(format!(
+                "notification priority {} is not one of {}",
+                names::shown(priority),
+                NOTIFY_PRIORITIES.join(", ")
+            ));
+        }
+        if !any_matches(&p.notifications, topic) {
+            return Err(format!(
+                "profile {:?} does not allow notification topic {}",
+                self.policy.profile_name,
+                names::shown(topic)
+            ));
+        }
+        names::check(NameKind::EventType, &r.method).map_err(|e| e.to_string())?;
+        let Some(body) = r.args.as_object() else {
+            return Err("a notification's message is not an object".into());
+        };
+        for (k, v) in body {
+            let ok = match k.as_str() {
+                "event_type" => v.as_str() == Some(r.method.as_str()),
+                "priority" => v.as_str().is_some_and(|v| v.eq_ignore_ascii_case(priority)),
+                "payload" => true,
+                "publisher_id" | "message_id" | "timestamp" => {
+                    v.as_str().is_some_and(|s| s.len() <= MAX_NOTIFY_FIELD)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "notification field {} is not one of oslo's or does not agree with the topic (event_type, priority, payload; publisher_id, message_id, timestamp: strings up to {MAX_NOTIFY_FIELD} bytes)",
+                    names::shown(k)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An allowed notification as it goes upstream: the publisher is the
+    /// instance (`tether.<uuid>`, whatever the guest said), the priority
+    /// oslo's upper-case word for its topic's.
+    pub fn stamp_notification(&self, r: &mut Request, instance: &str) {
+        let priority = r
+            .target
+            .topic
+            .rsplit_once('.')
+            .map(|(_, p)| p.to_ascii_uppercase())
+            .unwrap_or_default();
+        if let Some(body) = r.args.as_object_mut() {
+            body.insert(
+                "publisher_id".into(),
+                Value::String(format!("{NOTIFY_PUBLISHER_PREFIX}{instance}")),
+            );
+            body.insert("priority".into(), Value::String(priority));
+            body.insert("event_type".into(), Value::String(r.method.clone()));
+            body.entry("payload").or_insert(Value::Null);
         }
     }
 
@@ -533,5 +639,119 @@ mod tests {
             .filter(|_| e.request(&req(Kind::Cast, "good", None, None), 1) == Decision::Allow)
             .count();
         assert_eq!(allowed, 5);
+    }
+
+    fn notification(topic: &str, exchange: Option<&str>, body: Value) -> Request {
+        let event = body["event_type"]
+            .as_str()
+            .unwrap_or("lbaas.pool.update")
+            .to_string();
+        Request {
+            method: event,
+            args: body,
+            msg_id: None,
+            ..req(Kind::Notify, topic, None, exchange)
+        }
+    }
+
+    #[test]
+    fn notifications_need_a_listed_topic_an_oslo_priority_and_oslo_fields() {
+        let body = || json!({"event_type": "lbaas.pool.update", "priority": "INFO", "payload": {"p": 1}, "publisher_id": "lbaas.vm", "message_id": "m-1", "timestamp": "2026-12-06 13:00:00.000000"});
+        // Deny by default: no notification topics, whatever the mode.
+        let mut e = Enforcer::new(eff(Profile {
+            mode: Mode::Call,
+            ..caster()
+        }));
+        assert!(
+            matches!(e.request(&notification("notifications.info", None, body()), 10),
+            Decision::Deny(r) if r.contains("lists no notification topics"))
+        );
+        let mut e = Enforcer::new(eff(Profile {
+            notifications: vec!["notifications".into(), "lbaas-*".into()],
+            ..Profile::default()
+        }));
+        assert_eq!(
+            e.request(&notification("notifications.info", None, body()), 10),
+            Decision::Allow
+        );
+        assert_eq!(
+            e.request(
+                &notification("lbaas-events.info", Some("openstack"), body()),
+                10
+            ),
+            Decision::Allow
+        );
+        let denied = |e: &mut Enforcer, r: Request, why: &str| {
+            assert!(
+                matches!(e.request(&r, 10), Decision::Deny(ref d) if d.contains(why)),
+                "{why}: {:?}",
+                e.request(&r, 10)
+            );
+        };
+        denied(
+            &mut e,
+            notification("other.info", None, body()),
+            "does not allow notification topic",
+        );
+        denied(
+            &mut e,
+            notification("notifications.loud", None, body()),
+            "priority",
+        );
+        denied(
+            &mut e,
+            notification("notifications", None, body()),
+            "<topic>.<priority>",
+        );
+        denied(
+            &mut e,
+            notification("notifications.info", Some("nova"), body()),
+            "control exchange only",
+        );
+        denied(&mut e, notification("a.b.info", None, body()), "character");
+        let mut b = body();
+        b["priority"] = json!("ERROR");
+        denied(
+            &mut e,
+            notification("notifications.info", None, b),
+            "priority",
+        );
+        let mut b = body();
+        b["extra"] = json!(1);
+        denied(&mut e, notification("notifications.info", None, b), "extra");
+        let mut b = body();
+        b["publisher_id"] = json!("x".repeat(MAX_NOTIFY_FIELD + 1));
+        denied(
+            &mut e,
+            notification("notifications.info", None, b),
+            "publisher_id",
+        );
+        let mut r = notification("notifications.info", None, body());
+        r.method = "other.event".into();
+        denied(&mut e, r, "event_type");
+        let mut r = notification("notifications.info", None, body());
+        r.method = "bad event".into();
+        r.args["event_type"] = json!("bad event");
+        denied(&mut e, r, "event type");
+        let mut r = notification("notifications.info", None, body());
+        r.target.server = Some("s".into());
+        denied(&mut e, r, "no server");
+    }
+
+    #[test]
+    fn an_allowed_notification_is_published_as_the_instance() {
+        let e = Enforcer::new(eff(Profile {
+            notifications: vec!["*".into()],
+            ..Profile::default()
+        }));
+        let mut r = notification(
+            "notifications.warn",
+            None,
+            json!({"event_type": "lbaas.pool.update", "priority": "warn", "payload": 1, "publisher_id": "nova-compute.host1"}),
+        );
+        e.stamp_notification(&mut r, I);
+        assert_eq!(r.args["publisher_id"], format!("tether.{I}"));
+        assert_eq!(r.args["priority"], "WARN");
+        assert_eq!(r.args["event_type"], "lbaas.pool.update");
     }
 }

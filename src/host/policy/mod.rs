@@ -93,6 +93,10 @@ pub struct Profile {
     pub topics: Vec<String>,
     /// Where guest casts and calls may go (`cast` and `call` modes).
     pub targets: Vec<TargetRule>,
+    /// Notification topics the guest may send oslo notifications to
+    /// (patterns; a notification's routing key is `<topic>.<priority>`).
+    /// Empty: notifications are refused. Independent of `mode`.
+    pub notifications: Vec<String>,
     /// Context keys a guest may set (exact names); all others are dropped.
     pub context_keys: Vec<String>,
     /// Context the proxy stamps over whatever the guest said (for example
@@ -116,6 +120,7 @@ impl Default for Profile {
             mode: Mode::ReplyOnly,
             topics: vec![],
             targets: vec![],
+            notifications: vec![],
             context_keys: vec![],
             static_context: Map::new(),
             messages_per_sec: 100.0,
@@ -155,6 +160,7 @@ impl Profile {
             })
         };
         pats("topics", &self.topics)?;
+        pats("notifications", &self.notifications)?;
         if self.mode == Mode::OneWay {
             for t in &self.topics {
                 names::check(names::NameKind::Topic, t)
@@ -273,6 +279,8 @@ pub struct Assignment {
     pub topics: Option<Vec<String>>,
     /// Overrides the profile's targets.
     pub targets: Option<Vec<TargetRule>>,
+    /// Overrides the profile's notification topics.
+    pub notifications: Option<Vec<String>>,
     /// Overrides the profile's context keys.
     pub context_keys: Option<Vec<String>>,
     /// Merged over the profile's static context.
@@ -291,6 +299,9 @@ impl Assignment {
         }
         if let Some(t) = &self.targets {
             base.targets = t.clone();
+        }
+        if let Some(n) = &self.notifications {
+            base.notifications = n.clone();
         }
         if let Some(k) = &self.context_keys {
             base.context_keys = k.clone();

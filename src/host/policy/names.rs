@@ -10,6 +10,7 @@
 //! | server | `A-Z a-z 0-9 _ - . :` | host names and instance uuids |
 //! | exchange | `A-Z a-z 0-9 _ - . :` | never the default exchange (empty) |
 //! | method | `A-Z a-z 0-9 _`, not starting with a digit | a Python method name |
+//! | event type | `A-Z a-z 0-9 _ - . :` | a notification's `event_type` (`lbaas.pool.update.end`) |
 //!
 //! A topic that is an instance uuid is refused too: it would read as
 //! another instance's identity in queue names and logs.
@@ -57,6 +58,8 @@ pub enum NameKind {
     Exchange,
     /// A method.
     Method,
+    /// A notification's event type.
+    EventType,
 }
 
 impl NameKind {
@@ -66,13 +69,14 @@ impl NameKind {
             Self::Server => "server",
             Self::Exchange => "exchange",
             Self::Method => "method",
+            Self::EventType => "event type",
         }
     }
 
     fn allowed(self) -> &'static str {
         match self {
             Self::Topic => "A-Za-z0-9_-",
-            Self::Server | Self::Exchange => "A-Za-z0-9_.:-",
+            Self::Server | Self::Exchange | Self::EventType => "A-Za-z0-9_.:-",
             Self::Method => "A-Za-z0-9_",
         }
     }
@@ -82,7 +86,9 @@ impl NameKind {
             || c == b'_'
             || match self {
                 Self::Topic => c == b'-',
-                Self::Server | Self::Exchange => matches!(c, b'-' | b'.' | b':'),
+                Self::Server | Self::Exchange | Self::EventType => {
+                    matches!(c, b'-' | b'.' | b':')
+                }
                 Self::Method => false,
             }
     }
