@@ -8,6 +8,10 @@
 //!   (decode, answer at once, publish the reply): what the client and the
 //!   broker cost any responder, however fast.
 //!
+//! A second table: an unmodified oslo.messaging server program
+//! (`python/tests/guest_oslo_program.py`) reached over tether through the
+//! `tether://` driver, against the same program run straight on RabbitMQ.
+//!
 //! Needs the test broker and venv (`scripts/test` provides both; or
 //! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI.
 
@@ -131,8 +135,41 @@ fn main() {
         let _server = OsloServer::start(&url, &ex, &py_topic, "pyserver").await;
         let floor_topic = unique("floor");
         lapin_responder(&url, &ex, &floor_topic, "floor").await;
+        // The same oslo server program twice: behind a second agent on the
+        // tether:// driver, and straight on RabbitMQ.
+        let program = format!(
+            "{}/python/tests/guest_oslo_program.py",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let pypath = format!("{}/python/src", env!("CARGO_MANIFEST_DIR"));
+        let u2 = uuid(901);
+        let (_agent2, sock2) = w.bare_agent(&u2);
+        wait_for_path(&sock2);
+        let drv_topic = unique("drvbench");
+        let direct_topic = unique("directbench");
+        let py = oslo_python();
+        let py = py.to_str().expect("venv path");
+        let record = w.path("record.jsonl");
+        let record = record.to_str().expect("temp path");
+        let tether_url = format!("tether://{}", sock2.display());
+        let _via_tether = spawn_env(
+            "oslo-over-tether",
+            py,
+            &[&program, &tether_url, &drv_topic, "unused", record, "unused"],
+            w.dir.path(),
+            &[("PYTHONPATH", &pypath)],
+        );
+        let _direct = spawn_env(
+            "oslo-direct",
+            py,
+            &[&program, &url, &direct_topic, "unused", record, "unused", &ex],
+            w.dir.path(),
+            &[("PYTHONPATH", &pypath)],
+        );
         let mut c = OsloClient::start(&url, &ex);
         served(&mut c, &topic, &u).await;
+        served(&mut c, &drv_topic, &u2).await;
+        served(&mut c, &direct_topic, "whatever-the-guest-says").await;
         let bench = |topic: &str, server: &str, n: usize| {
             json!({"op": "bench", "topic": topic, "server": server, "method": "echo",
                    "args": {"x": 1}, "n": n, "timeout": 30})
@@ -157,6 +194,24 @@ fn main() {
             }
             rows.push(row);
         }
+        let programs = [
+            (direct_topic.as_str(), "whatever-the-guest-says"),
+            (drv_topic.as_str(), u2.as_str()),
+        ];
+        for (t, s) in programs {
+            let v = c.op(bench(t, s, n / 10 + 1)).await;
+            assert_eq!(v["ok"], true, "{v}");
+        }
+        let mut program_rows = vec![];
+        for _ in 0..2 {
+            let mut row = vec![];
+            for (t, s) in programs {
+                let v = c.op(bench(t, s, n)).await;
+                assert_eq!(v["ok"], true, "{v}");
+                row.push(v);
+            }
+            program_rows.push(row);
+        }
         println!("| oslo call RTT, {n} sequential calls, mean / p50 / p99 | Python oslo server | tether → sub-agent | bare lapin responder (floor) | tether / Python | tether − floor vs Python − floor (p50) |");
         println!("|---|---|---|---|---|---|");
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0) / 1000.0;
@@ -174,6 +229,19 @@ fn main() {
                 f(t, "p50_us") / f(p, "p50_us"),
                 f(t, "p50_us") - f(fl, "p50_us"),
                 f(p, "p50_us") - f(fl, "p50_us"),
+            );
+        }
+        println!();
+        println!("| the same unmodified oslo server program, {n} sequential calls, mean / p50 / p99 | straight on RabbitMQ | behind tether-agent (tether:// driver) | tether / direct |");
+        println!("|---|---|---|---|");
+        for row in program_rows {
+            let (d, t) = (&row[0], &row[1]);
+            println!(
+                "| | {} | {} | {:.2} (mean), {:.2} (p50) |",
+                cell(d),
+                cell(t),
+                f(t, "mean_us") / f(d, "mean_us"),
+                f(t, "p50_us") / f(d, "p50_us"),
             );
         }
     });

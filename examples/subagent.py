@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""A tether sub-agent in plain Python (standard library only).
+"""A small tether sub-agent written with the Python library (python/ in the
+repository; installed with the tether-agent package).
 
-It connects to the super-agent's socket ($TETHER_AGENT_SOCKET, or the first
-argument), registers its topics ($SUBAGENT_TOPICS, comma-separated, default
-"demo"), and serves:
+It serves the topics in $SUBAGENT_TOPICS (comma-separated, default "demo")
+on the agent's socket ($TETHER_AGENT_SOCKET, or the first argument):
 
   echo(**kw)            -> kw
   add(a, b)             -> a + b
-  sleep(seconds)        -> seconds, after sleeping (each request runs in its own
-                           thread: a slow call never delays another)
+  sleep(seconds)        -> seconds, after sleeping (calls run concurrently:
+                           a slow call never delays another)
   fail(message)         -> raises ValueError(message)
   fail_custom(message)  -> raises QuotaExceeded(message), a class of its own
                            (an oslo caller gets RemoteError, not a builtin)
@@ -17,172 +17,127 @@ argument), registers its topics ($SUBAGENT_TOPICS, comma-separated, default
   tell_host(**kw)       casts kw upstream to the control plane (topic "demo-events")
   ask_host(**kw)        calls method "answer" upstream (topic "demo-events") with
                         kw and returns its result (or raises what came back)
+  notify_host(**kw)     sends an oslo notification "demo.told" with kw as payload
   exit(code)            exits the process (to exercise the supervisor)
 
-It registers with "ack": a call is confirmed ("took") as it starts, a cast
-once handled; so a cast it had not finished when it was killed goes to the
-sub-agent the supervisor restarts, and `record` (idempotent by the request's
-unique id) runs its effect once.
+The library confirms a call as it starts and a cast once handled, so a cast
+this process had not finished when it was killed goes to the sub-agent the
+supervisor restarts; `record` (idempotent by the request's unique id, across
+restarts of this process too) runs its effect once. When the agent restarts,
+the library reconnects and registers again by itself.
 
-The protocol is in docs/subagent.md.
+The library and the protocol are described in docs/subagent.md.
 """
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
 
-sock_path = os.environ.get("TETHER_AGENT_SOCKET") or (sys.argv[1] if len(sys.argv) > 1 else "/run/tether/agent.sock")
+try:
+    import tether
+except ImportError:  # run from a clone of the repository
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "..", "python", "src"))
+    import tether
+
+socket_path = os.environ.get("TETHER_AGENT_SOCKET") or (sys.argv[1] if len(sys.argv) > 1 else None)
 topics = [t for t in os.environ.get("SUBAGENT_TOPICS", "demo").split(",") if t]
 name = os.environ.get("TETHER_SUBAGENT_NAME", "python-example")
 record_path = os.environ.get("SUBAGENT_RECORD")
-
-for _ in range(100):
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(sock_path)
-        break
-    except OSError:
-        time.sleep(0.1)
-else:
-    sys.exit(f"cannot connect to {sock_path}")
-
-write_lock = threading.Lock()
-# Upstream calls in flight: our id -> [event, result message].
-calls = {}
-calls_lock = threading.Lock()
-next_call = [1]
-
-
-class UpstreamError(Exception):
-    pass
-
-
-def ask(target, method, args, timeout_ms=30000):
-    with calls_lock:
-        cid = next_call[0]
-        next_call[0] += 1
-        slot = calls[cid] = [threading.Event(), None]
-    # The context claims another identity: the host's proxy overwrites it.
-    send({"op": "call", "id": cid, "target": target, "method": method, "args": args,
-          "ctx": {"tether_instance": "not-me", "request_id": "req-guest"},
-          "timeout_ms": timeout_ms})
-    slot[0].wait(timeout_ms / 1000 + 5)
-    with calls_lock:
-        calls.pop(cid, None)
-    msg = slot[1]
-    if msg is None:
-        raise TimeoutError("no result from the host")
-    if msg.get("error"):
-        raise UpstreamError(f"{msg['error'].get('class')}: {msg['error'].get('message')}")
-    return msg.get("result")
-record_lock = threading.Lock()
-# The unique ids already recorded (an earlier run of this sub-agent may have
-# recorded a cast and died before confirming it).
-recorded = set()
-if record_path and os.path.exists(record_path):
-    with open(record_path) as f:
-        for line in f:
-            try:
-                recorded.add(json.loads(line).get("_uid"))
-            except ValueError:
-                pass  # a line cut by a kill
-
-
-def send(msg):
-    data = (json.dumps(msg) + "\n").encode()
-    with write_lock:
-        s.sendall(data)
 
 
 class QuotaExceeded(Exception):
     pass
 
 
-def handle(req):
-    method, args = req["method"], req.get("args") or {}
-    uid = req.get("unique_id")
-    if method == "echo":
-        return args
-    if method == "add":
-        return args["a"] + args["b"]
-    if method == "sleep":
-        time.sleep(float(args.get("seconds", 1)))
-        return args.get("seconds", 1)
-    if method == "fail_custom":
-        raise QuotaExceeded(args.get("message", "over quota"))
-    if method == "fail":
-        raise ValueError(args.get("message", "failed on purpose"))
-    if method == "record":
-        if record_path:
-            with record_lock:
-                if uid not in recorded:
-                    # One write of one line: a kill leaves it whole or absent.
-                    line = json.dumps(dict(args, _uid=uid), sort_keys=True) + "\n"
-                    fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+class UpstreamError(Exception):
+    """What the control plane answered an upstream call with (a class of
+    our own: an oslo caller gets RemoteError naming it)."""
+
+
+class Demo:
+    def __init__(self):
+        self.agent = None  # set below: methods that talk upstream need it
+        self.record_lock = threading.Lock()
+        # The unique ids already recorded (an earlier run of this sub-agent
+        # may have recorded a cast and died before confirming it).
+        self.recorded = set()
+        if record_path and os.path.exists(record_path):
+            with open(record_path) as f:
+                for line in f:
                     try:
-                        os.write(fd, line.encode())
-                    finally:
-                        os.close(fd)
-                    recorded.add(uid)
+                        self.recorded.add(json.loads(line).get("_uid"))
+                    except ValueError:
+                        pass  # a line cut by a kill
+
+    def __call__(self, req):
+        method = getattr(self, "do_" + req.method, None)
+        if method is None:
+            raise NotImplementedError(f"no method {req.method!r}")
+        return method(req, **req.args)
+
+    def do_echo(self, req, **kw):
+        return kw
+
+    def do_add(self, req, a, b):
+        return a + b
+
+    def do_sleep(self, req, seconds=1):
+        time.sleep(float(seconds))
+        return seconds
+
+    def do_fail(self, req, message="failed on purpose"):
+        raise ValueError(message)
+
+    def do_fail_custom(self, req, message="over quota"):
+        raise QuotaExceeded(message)
+
+    def do_record(self, req, **kw):
+        if not record_path:
+            return None
+        with self.record_lock:
+            if req.unique_id not in self.recorded:
+                # One write of one line: a kill leaves it whole or absent.
+                line = json.dumps(dict(kw, _uid=req.unique_id), sort_keys=True) + "\n"
+                fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+                self.recorded.add(req.unique_id)
         return None
-    if method == "tell_host":
-        send({"op": "cast", "target": {"topic": "demo-events"}, "method": "told", "args": args})
-        return None
-    if method == "ask_host":
-        return ask({"topic": "demo-events"}, "answer", args)
-    if method == "exit":
-        # Confirmed first: this request is handled by exiting (not a
-        # request to hand to the restarted sub-agent again).
-        if req.get("kind") != "call":
-            send({"op": "took", "id": req["id"]})
-        os._exit(int(args.get("code", 0)))
-    raise NotImplementedError(f"no method {method!r}")
+
+    # The context claims another identity: the host's proxy overwrites it.
+    FORGED = {"tether_instance": "not-me", "request_id": "req-guest"}
+
+    def do_tell_host(self, req, **kw):
+        self.agent.cast("demo-events", "told", kw, ctx=self.FORGED)
+
+    def do_ask_host(self, req, **kw):
+        try:
+            return self.agent.call("demo-events", "answer", kw, ctx=self.FORGED, timeout=30)
+        except tether.RemoteError as e:
+            raise UpstreamError(f"{e.exc_class}: {e.message}") from None
+
+    def do_notify_host(self, req, **kw):
+        self.agent.notify("demo.told", kw, ctx=self.FORGED)
+
+    def do_exit(self, req, code=0):
+        # A cast is confirmed first: it is handled by exiting (not a request
+        # to hand to the restarted sub-agent again).
+        if not req.is_call:
+            self.agent.took(req)
+        os._exit(int(code))
 
 
-def serve(req):
-    if req.get("kind") == "call":
-        send({"op": "took", "id": req["id"]})
-    try:
-        result = handle(req)
-        reply = {"op": "reply", "id": req["id"], "result": result}
-    except Exception as e:  # any error goes back to the caller, oslo-style
-        cls = type(e)
-        module = "builtins" if cls.__module__ == "builtins" else cls.__module__
-        reply = {"op": "reply", "id": req["id"], "error": {"class": cls.__name__, "module": module, "message": str(e)}}
-    if req.get("kind") == "call":
-        send(reply)
-    else:
-        send({"op": "took", "id": req["id"]})
+def refused(r):
+    print(f"{name}: host refused cast {r.method} to {r.target.topic}: {r.reason}", file=sys.stderr, flush=True)
 
 
-send({"op": "register", "name": name, "topics": topics, "ack": True})
-buf = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit(0)
-    buf += chunk
-    while b"\n" in buf:
-        line, buf = buf.split(b"\n", 1)
-        msg = json.loads(line)
-        if msg.get("op") == "request":
-            if msg.get("kind") == "call":
-                threading.Thread(target=serve, args=(msg,), daemon=True).start()
-            else:
-                serve(msg)  # casts in order
-        elif msg.get("op") == "result":
-            with calls_lock:
-                slot = calls.get(msg.get("id"))
-            if slot:
-                slot[1] = msg
-                slot[0].set()
-        elif msg.get("op") == "registered":
-            print(f"{name}: serving {msg['topics']}", flush=True)
-        elif msg.get("op") == "cast_refused":
-            print(f"{name}: host refused cast {msg['method']} to {msg['target'].get('topic')}: {msg['reason']}",
-                  file=sys.stderr, flush=True)
-        elif msg.get("op") == "error":
-            print(f"{name}: agent says: {msg['message']}", file=sys.stderr, flush=True)
+demo = Demo()
+demo.agent = tether.SubAgent(name, topics, demo, socket_path=socket_path, on_refused=refused)
+demo.agent.connect(timeout=10)
+print(f"{name}: serving {topics}", flush=True)
+demo.agent.serve_forever()

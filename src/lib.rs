@@ -23,6 +23,9 @@
 //!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]);
 //!   the Prometheus endpoint, [`host::metrics`].
 //! - [`client`]: the Rust API for sub-agents.
+//! - Cargo features: `proxy` (default) builds [`host`] and the proxy's
+//!   dependencies (AMQP, TLS, crypto, metrics); the guest's programs build
+//!   without it (`--no-default-features`).
 //! - [`config`], [`daemon`], [`sd`]: config loading, start-up helpers
 //!   (logging, signals, sockets), systemd notification and the watchdog;
 //!   [`backoff`]: the one jittered backoff every retry path uses;
@@ -45,6 +48,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod guest;
+#[cfg(feature = "proxy")]
 pub mod host;
 pub mod link;
 pub mod logbudget;

@@ -166,6 +166,11 @@ fn the_packages_install_where_debian_expects() {
         "/usr/lib/tmpfiles.d/tether-agent.conf",
         "/etc/tether/agent.toml",
         "/usr/share/tether/examples/subagent.py",
+        "/usr/lib/python3/dist-packages/tether/__init__.py",
+        "/usr/lib/python3/dist-packages/tether/client.py",
+        "/usr/lib/python3/dist-packages/tether/aio.py",
+        "/usr/lib/python3/dist-packages/tether/oslo_driver.py",
+        "/usr/lib/python3/dist-packages/tether_client-0.1.0.dist-info/entry_points.txt",
         "/usr/share/man/man8/tether-agent.8.gz",
     ] {
         assert!(
@@ -222,6 +227,43 @@ fn the_packages_install_where_debian_expects() {
         .args(["--check-config", "-c"])
         .arg(dir.path().join("etc/tether/proxy.toml")));
     assert!(ok, "{out}{err}");
+}
+
+/// The packaged Python library imports with the system's python3 alone (no
+/// pip, no repository on the path), and oslo.messaging would find its
+/// driver: the `tether` entry point of `oslo.messaging.drivers` is in the
+/// shipped metadata, whose version is the Python project's.
+#[test]
+fn the_packaged_python_library_imports_and_registers_the_oslo_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package("tether-agent"))
+        .arg(dir.path()));
+    assert!(ok, "{err}");
+    let site = dir.path().join("usr/lib/python3/dist-packages");
+    let probe = "import sys, importlib.metadata as m\n                 import tether, tether.client, tether.aio, tether._protocol\n                 eps = [e for e in m.entry_points(group='oslo.messaging.drivers') if e.name == 'tether']\n                 assert [e.value for e in eps] == ['tether.oslo_driver:TetherDriver'], eps\n                 print(m.version('tether-client'), tether.__file__)";
+    // -S: no site directories, so no other copy can answer; the extracted
+    // tree is the only place tether and its metadata can come from.
+    let (ok, out, err) = run(Command::new("/usr/bin/python3").args([
+        "-S",
+        "-c",
+        &format!(
+            "import sys; sys.path.insert(0, {:?})\n{probe}",
+            site.display().to_string()
+        ),
+    ]));
+    assert!(ok, "{out}{err}");
+    let pyproject = std::fs::read_to_string(root().join("python/pyproject.toml")).unwrap();
+    let version = out.split_whitespace().next().unwrap_or_default();
+    assert!(
+        pyproject.contains(&format!("version = \"{version}\"")),
+        "packaging/python metadata says {version}; python/pyproject.toml says otherwise"
+    );
+    assert!(
+        out.contains(&site.display().to_string()),
+        "imported another copy of tether: {out}"
+    );
 }
 
 /// The packaged manual pages render without warnings (`man --warnings`,

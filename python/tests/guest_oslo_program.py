@@ -2,7 +2,9 @@
 RPCServer with endpoints, an RPCClient to the control plane and a Notifier,
 all on the ``tether://`` transport. Only its transport URL names tether.
 
-argv: transport_url topic control_topic record_file notify_topic
+argv: transport_url topic control_topic record_file notify_topic [exchange]
+(the exchange, for running the same program straight on RabbitMQ as a
+baseline: benches/oslo.rs)
 Prints "ready" once its server is started.
 """
 
@@ -18,6 +20,7 @@ from oslo_context import context  # noqa: E402
 import oslo_messaging as om  # noqa: E402
 
 url, topic, control_topic, record, notify_topic = sys.argv[1:6]
+exchange = sys.argv[6] if len(sys.argv) > 6 else None
 cfg.CONF([], project="guest-program")
 transport = om.get_rpc_transport(cfg.CONF, url=url)
 notify_transport = om.get_notification_transport(cfg.CONF, url=url)
@@ -78,7 +81,7 @@ class Endpoint:
         getattr(notifier, priority)(c, event_type, payload)
 
 
-server = om.get_rpc_server(transport, om.Target(topic=topic, server="whatever-the-guest-says"),
+server = om.get_rpc_server(transport, om.Target(exchange=exchange, topic=topic, server="whatever-the-guest-says"),
                            [Endpoint()])
 server.start()
 print("ready", flush=True)

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use tracing::{error, info, warn};
 
 /// Ids per journal file. The host keeps at most
-/// [`crate::host::receipts::MAX_OUTSTANDING`] (8192) requests waiting for a
+/// the host's `MAX_OUTSTANDING` (8192) requests waiting for a
 /// receipt and sends nothing else again, so remembering at least that many
 /// (here 8192–16384) covers every resend.
 pub const JOURNAL_GENERATION: usize = 8192;
