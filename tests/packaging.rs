@@ -242,7 +242,14 @@ fn the_packaged_python_library_imports_and_registers_the_oslo_driver() {
         .arg(dir.path()));
     assert!(ok, "{err}");
     let site = dir.path().join("usr/lib/python3/dist-packages");
-    let probe = "import sys, importlib.metadata as m\n                 import tether, tether.client, tether.aio, tether._protocol\n                 eps = [e for e in m.entry_points(group='oslo.messaging.drivers') if e.name == 'tether']\n                 assert [e.value for e in eps] == ['tether.oslo_driver:TetherDriver'], eps\n                 print(m.version('tether-client'), tether.__file__)";
+    let probe = [
+        "import importlib.metadata as m",
+        "import tether, tether.client, tether.aio, tether._protocol",
+        "eps = [e for e in m.entry_points(group='oslo.messaging.drivers') if e.name == 'tether']",
+        "assert [e.value for e in eps] == ['tether.oslo_driver:TetherDriver'], eps",
+        "print(m.version('tether-client'), tether.__file__)",
+    ]
+    .join("\n");
     // -S: no site directories, so no other copy can answer; the extracted
     // tree is the only place tether and its metadata can come from.
     let (ok, out, err) = run(Command::new("/usr/bin/python3").args([
