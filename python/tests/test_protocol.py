@@ -197,6 +197,43 @@ def test_a_line_over_the_limit_ends_the_connection_and_the_client_comes_back(fak
     agent.close()
 
 
+def test_serve_forever_alone_connects_serves_and_returns_on_close(fake):
+    # The documented one-liner: no connect() first, no timeout.
+    agent = tether.SubAgent("t", ["demo"], lambda req: req.args, socket_path=fake.path)
+    done = threading.Event()
+
+    def serve():
+        agent.serve_forever()
+        done.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    c0 = fake.accept()
+    fake.registered(c0, 0)
+    fake.send(c0, request(1, "u1", kind="call", args={"a": 1}))
+    assert fake.wait_for(0, "reply") == {"op": "reply", "id": 1, "result": {"a": 1}}
+    agent.close()
+    assert done.wait(BOUND)
+
+
+def test_the_async_client_serves_forever_without_a_timeout(fake):
+    import asyncio
+
+    import tether.aio
+
+    async def main():
+        agent = tether.aio.AsyncSubAgent("t", ["demo"], lambda req: req.args, socket_path=fake.path)
+        task = asyncio.ensure_future(agent.serve_forever())
+        c0 = await asyncio.get_running_loop().run_in_executor(None, fake.accept)
+        await asyncio.get_running_loop().run_in_executor(None, fake.registered, c0, 0)
+        fake.send(c0, request(1, "u1", kind="call", args={"b": 2}))
+        reply = await asyncio.get_running_loop().run_in_executor(None, fake.wait_for, 0, "reply")
+        await agent.close()
+        task.cancel()
+        return reply
+
+    assert asyncio.run(main()) == {"op": "reply", "id": 1, "result": {"b": 2}}
+
+
 def test_limits_and_shapes():
     with pytest.raises(ValueError, match="over the agent's limit"):
         p.encode({"op": "cast", "args": {"x": "y" * 100}}, max_line=64)

@@ -96,7 +96,7 @@ class AsyncSubAgent:
             self._cast_task = asyncio.ensure_future(self._run_casts())
         assert self._registered is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._registered), timeout)
+            await asyncio.wait_for(asyncio.shield(self._registered), None if timeout == float("inf") else timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"no registration with the agent at {self.path} within {timeout} s") from None
         return self
@@ -156,7 +156,7 @@ class AsyncSubAgent:
                               "args": args or {}, "ctx": ctx or {}, "timeout_ms": max(int(left * 1000), 1)},
                              gen, quiet=False)
             try:
-                msg = await asyncio.wait_for(fut, left + 5.0)
+                msg = await asyncio.wait_for(fut, None if left == float("inf") else left + 5.0)
             except asyncio.TimeoutError:
                 raise p.CallTimeout("MessagingTimeout", "tether", f"no answer to {method} within {timeout} s") from None
         finally:
@@ -270,7 +270,7 @@ class AsyncSubAgent:
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._writer is not None or self._closed),
-                                       timeout)
+                                       None if timeout == float("inf") else timeout)
         except asyncio.TimeoutError:
             raise AgentGone(f"no connection to the agent at {self.path} within {timeout} s") from None
         if self._writer is None:

@@ -55,6 +55,12 @@ MAX_WAITING = 4096
 REMEMBERED = 16384
 
 
+def _bounded(seconds: float) -> float:
+    """A wait the threading primitives take (``inf`` means for ever; they
+    refuse waits over ``threading.TIMEOUT_MAX``)."""
+    return min(max(seconds, 0.0), threading.TIMEOUT_MAX)
+
+
 class _Slot:
     __slots__ = ("event", "msg", "generation")
 
@@ -138,7 +144,7 @@ class SubAgent:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no registration with the agent at {self.path} within {timeout} s")
-                self._connected.wait(left)
+                self._connected.wait(_bounded(left))
         return self
 
     def serve_forever(self) -> None:
@@ -261,7 +267,7 @@ class SubAgent:
             self._send(msg, gen)
             # The agent answers MessagingTimeout itself at the deadline; the
             # margin covers a slow agent, not a normal outcome.
-            if not slot.event.wait(left + 5.0):
+            if not slot.event.wait(_bounded(left + 5.0)):
                 raise p.CallTimeout("MessagingTimeout", "tether", f"no answer to {method} within {timeout} s")
         finally:
             with self._lock:
@@ -405,7 +411,7 @@ class SubAgent:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AgentGone(f"no connection to the agent at {self.path} within {timeout} s")
-                self._connected.wait(left)
+                self._connected.wait(_bounded(left))
             return self._generation
 
     def _send(self, msg: Dict[str, Any], generation: int) -> None:

@@ -173,20 +173,27 @@ class TetherDriver(base.BaseDriver):
         vhost = url.virtual_host if url is not None else None
         self._path = "/" + vhost.lstrip("/") if vhost else None
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self._conn: Optional[_Agent] = None
         self._listeners: Dict[str, TetherListener] = {}
 
     # -- connection --------------------------------------------------------
 
     def _agent(self) -> _Agent:
-        with self._lock:
+        # Under the lock: a second thread gets the connection only once it
+        # is registered (a server's listen and a client's send may race).
+        with self._connect_lock:
             if self._conn is None:
-                self._conn = _Agent(self, self._path)
-                conn = self._conn
-            else:
-                return self._conn
-        conn.connect(CONNECT_TIMEOUT)
-        return conn
+                conn = _Agent(self, self._path)
+                try:
+                    conn.connect(CONNECT_TIMEOUT)
+                except Exception as e:
+                    conn.close()
+                    raise base.TransportDriverError(
+                        f"tether: cannot register with the agent at {conn.path}: {e}") from None
+                with self._lock:
+                    self._conn = conn
+            return self._conn
 
     def _listener_for(self, topic: str) -> Optional[TetherListener]:
         with self._lock:
