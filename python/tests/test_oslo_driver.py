@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 
-from conftest import BOUND, REPO, random_uuid, wait_until
+from conftest import BOUND, LAB_POLICY, REPO, random_uuid, wait_until
 
 warnings.simplefilter("ignore")
 from oslo_config import cfg  # noqa: E402
@@ -76,10 +76,9 @@ def control():
 
 
 class Guest:
-    def __init__(self, world, uuid, topic, control_topic):
+    def __init__(self, world, uuid, topic, control_topic, notify_topic):
         self.world, self.uuid, self.topic, self.control_topic = world, uuid, topic, control_topic
-        # Notification queues are shared by name on the broker: one per test.
-        self.notify_topic = "notif-" + random_uuid()[:8]
+        self.notify_topic = notify_topic
         self.record = world.path(f"record-{uuid}.jsonl")
         self.url = f"tether://{world.agent_socket(uuid)}"
         env = {"PYTHONPATH": str(REPO / "python" / "src")}
@@ -107,10 +106,16 @@ class Guest:
 
 
 def guest(world, topic="lbaas", control_topic="lbaas-plugin"):
-    world.proxy(broker_section())
+    # Notification queues are shared by name on the broker: one per test,
+    # listed exactly in the profile (the proxy declares the queue of an
+    # exactly listed notification topic only, as oslo's notifier does).
+    notify_topic = "notif-" + random_uuid()[:8]
+    policy = LAB_POLICY.replace('notifications = ["*"]', f'notifications = ["{notify_topic}"]')
+    assert notify_topic in policy
+    world.proxy(broker_section() + policy)
     uuid = random_uuid()
     agent = world.agent(uuid)
-    return Guest(world, uuid, topic, control_topic), agent
+    return Guest(world, uuid, topic, control_topic, notify_topic), agent
 
 
 def test_the_url_is_understood_by_oslo(world):

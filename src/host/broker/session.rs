@@ -488,11 +488,23 @@ impl<'a> Session<'a> {
         m: &Upstream,
     ) -> Result<Published, lapin::Error> {
         let (exchange, key, body, props, mandatory) = match m {
-            Upstream::Cast { request: r, .. } if r.kind == Kind::Notify => {
+            Upstream::Cast {
+                instance,
+                request: r,
+                ..
+            } if r.kind == Kind::Notify => {
                 // As oslo's notifier: the queue named by the routing key is
                 // declared (once per connection) so that a notification
-                // nobody consumes yet waits for its listener.
-                if let Err(e) = self.ensure_notify_queue(ch, &r.target.topic).await {
+                // nobody consumes yet waits for its listener — only for a
+                // topic the profile names exactly: a pattern would let the
+                // guest create queues on the shared broker at will.
+                let declare = self.proxy.instance(instance).is_some_and(|inst| {
+                    crate::host::policy::declares_notify_queue(
+                        &inst.policy().profile,
+                        &r.target.topic,
+                    )
+                });
+                if declare && let Err(e) = self.ensure_notify_queue(ch, &r.target.topic).await {
                     if !self.conn.status().connected() {
                         return Err(e);
                     }

@@ -739,6 +739,21 @@ mod tests {
     }
 
     #[test]
+    fn only_exactly_listed_notification_topics_get_their_queue_declared() {
+        let p = Profile {
+            notifications: vec!["notifications".into(), "lbaas-*".into(), "*".into()],
+            ..Profile::default()
+        };
+        assert!(super::super::declares_notify_queue(
+            &p,
+            "notifications.info"
+        ));
+        assert!(!super::super::declares_notify_queue(&p, "lbaas-x.info"));
+        assert!(!super::super::declares_notify_queue(&p, "anything.error"));
+        assert!(!super::super::declares_notify_queue(&p, "notifications"));
+    }
+
+    #[test]
     fn an_allowed_notification_is_published_as_the_instance() {
         let e = Enforcer::new(eff(Profile {
             notifications: vec!["*".into()],

@@ -132,6 +132,18 @@ impl Default for Profile {
     }
 }
 
+/// Whether the proxy declares the queue of a notification on `topic`
+/// (`<topic>.<priority>`) before publishing it, as oslo's notifier does:
+/// only when the profile lists `<topic>` exactly. A topic allowed through a
+/// pattern is published to whatever is bound (a listener declares its own
+/// queue); otherwise a guest could make the proxy create queues on the
+/// shared broker at will, one per name it invents.
+pub fn declares_notify_queue(profile: &Profile, topic: &str) -> bool {
+    topic
+        .rsplit_once('.')
+        .is_some_and(|(base, _)| profile.notifications.iter().any(|n| n == base))
+}
+
 /// The context key the proxy stamps with the instance uuid.
 pub const IDENTITY_KEY: &str = "tether_instance";
 
