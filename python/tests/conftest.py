@@ -110,6 +110,10 @@ class Ctl:
 
     def req(self, **msg: Any) -> Dict[str, Any]:
         self.s.sendall(json.dumps(msg).encode() + b"\n")
+        return self.line()
+
+    def line(self) -> Dict[str, Any]:
+        """The next line from the proxy (a response, or a `watch` event)."""
         while b"\n" not in self.buf:
             chunk = self.s.recv(65536)
             if not chunk:

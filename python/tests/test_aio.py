@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import threading
 
 import tether
@@ -33,15 +32,20 @@ def test_async_handlers_serve_calls_concurrently_and_casts_in_order(world):
     uuid = random_uuid()
     world.agent(uuid)
     casts = []
-    running = [0, 0]  # now, most at once
+    running = [0]
+    all_in = None  # an asyncio.Event of the agent's loop, made there
 
     async def handler(req):
-        if req.method == "sleep":
+        nonlocal all_in
+        if all_in is None:
+            all_in = asyncio.Event()
+        if req.method == "hold":
+            # Each waits until all six are in their handlers at once.
             running[0] += 1
-            running[1] = max(running)
-            await asyncio.sleep(0.5)
-            running[0] -= 1
-            return "slept"
+            if running[0] == 6:
+                all_in.set()
+            await asyncio.wait_for(all_in.wait(), BOUND * 2)
+            return "released"
         if req.method == "record":
             casts.append(req.args["i"])
             return None
@@ -57,13 +61,13 @@ def test_async_handlers_serve_calls_concurrently_and_casts_in_order(world):
     assert (r["error"]["class"], r["error"]["module"]) == ("KeyError", "builtins")
     out = []
     threads = [threading.Thread(target=lambda: out.append(
-        world.ctl().req(op="call", instance=uuid, topic="demo", method="sleep"))) for _ in range(6)]
+        world.ctl().req(op="call", instance=uuid, topic="demo", method="hold", timeout_ms=int(BOUND * 3000))))
+        for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(BOUND)
-    assert [r["result"] for r in out] == ["slept"] * 6
-    assert running[1] == 6
+        t.join(BOUND * 3)
+    assert [r["result"] for r in out] == ["released"] * 6, out
     for i in range(50):
         assert ctl.req(op="cast", instance=uuid, topic="demo", method="record", args={"i": i})["ok"]
     assert casts == list(range(50))
@@ -80,7 +84,7 @@ def test_async_cast_and_call_upstream(world):
     watch = world.ctl()
     assert watch.req(op="watch")["result"] == "watching"
     asyncio.run_coroutine_threadsafe(agent.cast("up", "told", {"x": 1}), loop).result(BOUND)
-    ev = json.loads(watch.s.recv(65536).split(b"\n")[0])["event"]
+    ev = watch.line()["event"]
     assert (ev["instance"], ev["method"], ev["args"]) == (uuid, "told", {"x": 1})
     # Casts only: a call is refused by the host's policy, with its class.
     fut = asyncio.run_coroutine_threadsafe(agent.call("up", "ask", {}, timeout=BOUND), loop)

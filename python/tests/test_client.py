@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import threading
 import time
 import uuid as uuidlib
@@ -21,6 +20,7 @@ class Recorder:
         self.lock = threading.Lock()
         self.ran = collections.Counter()
         self.casts = []
+        self.gate = threading.Event()
 
     def __call__(self, req: tether.Request):
         with self.lock:
@@ -35,9 +35,9 @@ class Recorder:
             with self.lock:
                 self.casts.append(req.args)
             return None
-        if req.method == "sleep":
-            time.sleep(float(req.args["seconds"]))
-            return req.args["seconds"]
+        if req.method == "hold":
+            assert self.gate.wait(BOUND * 2), "never released"
+            return "released"
         raise NotImplementedError(req.method)
 
 
@@ -80,25 +80,27 @@ def test_calls_and_casts_from_the_host_reach_the_handler(world):
 
 def test_calls_run_concurrently(world):
     world.proxy()
-    uuid, agent = guest(world)
+    rec = Recorder()
+    uuid, agent = guest(world, handler=rec)
     results = []
 
-    def slow():
+    def held():
         c = world.ctl()
-        results.append(c.req(op="call", instance=uuid, topic="demo", method="sleep", args={"seconds": 1.0}))
+        results.append(c.req(op="call", instance=uuid, topic="demo", method="hold"))
 
-    threads = [threading.Thread(target=slow) for _ in range(8)]
+    threads = [threading.Thread(target=held) for _ in range(8)]
     for t in threads:
         t.start()
-    # While eight calls sleep in their handlers, another is answered: no
-    # handler waits for another.
+    # Eight calls held in their handlers at once, and another answered
+    # meanwhile: no handler waits for another.
     wait_until(lambda: agent._running_calls == 8, "eight calls running at once")
     r = world.ctl().req(op="call", instance=uuid, topic="demo", method="echo")
     assert r["ok"], r
-    assert agent._running_calls == 8
+    assert agent._running_calls == 8  # still held: the gate is closed
+    rec.gate.set()
     for t in threads:
         t.join(BOUND)
-    assert [r["result"] for r in results] == [1.0] * 8
+    assert [r["result"] for r in results] == ["released"] * 8
     agent.close()
 
 
@@ -108,8 +110,7 @@ def test_a_cast_upstream_reaches_the_host_with_the_identity_it_stamps(world):
     watch = world.ctl()
     assert watch.req(op="watch")["result"] == "watching"
     agent.cast("demo-events", "told", {"pool": "p1"}, ctx={"tether_instance": "not-me", "request_id": "req-1"})
-    line = watch.s.recv(65536)
-    ev = json.loads(line.split(b"\n")[0])["event"]
+    ev = watch.line()["event"]
     assert ev["instance"] == uuid and ev["method"] == "told" and ev["args"] == {"pool": "p1"}
     assert ev["ctx"]["tether_instance"] == uuid
     assert ev["ctx"]["request_id"] == "req-1"
@@ -213,7 +214,11 @@ def test_reconnects_across_an_agent_restart_and_runs_each_cast_once(world):
 
 
 def test_an_upstream_call_in_flight_when_the_agent_dies_fails_clearly(world):
-    world.proxy('[policy.profiles.default]\nmode = "call"\ntopics = ["*"]\n'
+    # A broker that is away (nothing listens on port 1): the proxy holds
+    # the guest's call for it, so the call is still in flight when the
+    # agent dies.
+    world.proxy('[broker]\ntransport_url = "rabbit://guest:guest@127.0.0.1:1/"\n'
+                '[policy.profiles.default]\nmode = "call"\ntopics = ["*"]\n'
                 '[[policy.profiles.default.targets]]\ntopics = ["*"]\nservers = ["*"]\nmethods = ["*"]\n')
     uuid, agent = guest(world)
     agent_proc = world.procs[-1]
@@ -221,14 +226,14 @@ def test_an_upstream_call_in_flight_when_the_agent_dies_fails_clearly(world):
 
     def call():
         try:
-            out["r"] = agent.call("nobody-serves", "answer", {}, timeout=BOUND)
+            out["r"] = agent.call("nobody-serves", "answer", {}, timeout=BOUND * 2)
         except Exception as e:  # noqa: BLE001 - what it raises is the point
             out["e"] = e
 
     t = threading.Thread(target=call)
     t.start()
-    # The call is out (the agent waits for the control plane: no broker here).
-    wait_until(lambda: agent._calls, "the upstream call in flight")
+    ctl = world.ctl()
+    wait_until(lambda: ctl.req(op="broker")["result"]["held"] >= 1, "the call held by the proxy")
     agent_proc.kill9()
     t.join(BOUND)
     assert isinstance(out.get("e"), tether.AgentGone), out
@@ -244,7 +249,7 @@ def test_notifications_are_stamped_by_the_host_and_refused_unless_allowed(world)
     assert watch.req(op="watch")["result"] == "watching"
     agent.notify("lbaas.pool.create.end", {"pool": "p1"}, publisher_id="nova-compute.host1",
                  ctx={"request_id": "r-1", "tether_instance": "not-me"})
-    ev = json.loads(watch.s.recv(65536).split(b"\n")[0])["event"]
+    ev = watch.line()["event"]
     assert ev["target"] == {"topic": "notifications.info"} and ev["method"] == "lbaas.pool.create.end"
     assert ev["args"]["publisher_id"] == f"tether.{uuid}"
     assert ev["args"]["priority"] == "INFO" and ev["args"]["payload"] == {"pool": "p1"}
