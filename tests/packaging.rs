@@ -121,6 +121,15 @@ fn has_interpreter(elf: &[u8]) -> bool {
     (0..phnum).any(|i| u(phoff + i * phentsize, 4) == 3)
 }
 
+/// Unpack the package `name` into `into` (`dpkg-deb -x`).
+fn extract(name: &str, into: &Path) {
+    let (ok, _, err) = run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package(name))
+        .arg(into));
+    assert!(ok, "{err}");
+}
+
 fn package(name: &str) -> PathBuf {
     let p = root().join(format!("target/debian/{name}_0.1.0-1_amd64.deb"));
     assert!(
@@ -200,11 +209,7 @@ fn the_packages_install_where_debian_expects() {
     }
     // The agent is static: it runs in any image, whatever its libc.
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(package("tether-agent"))
-        .arg(dir.path()));
-    assert!(ok, "{err}");
+    extract("tether-agent", dir.path());
     let elf = std::fs::read(dir.path().join("usr/bin/tether-agent")).unwrap();
     assert!(
         !has_interpreter(&elf),
@@ -218,11 +223,7 @@ fn the_packages_install_where_debian_expects() {
         .args(["--check-config", "-c"])
         .arg(dir.path().join("etc/tether/agent.toml")));
     assert!(ok, "{out}{err}");
-    let (ok, _, err) = run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(package("tether-proxy"))
-        .arg(dir.path()));
-    assert!(ok, "{err}");
+    extract("tether-proxy", dir.path());
     let (ok, out, err) = run(Command::new(dir.path().join("usr/bin/tether-proxy"))
         .args(["--check-config", "-c"])
         .arg(dir.path().join("etc/tether/proxy.toml")));
@@ -236,11 +237,7 @@ fn the_packages_install_where_debian_expects() {
 #[test]
 fn the_packaged_python_library_imports_and_registers_the_oslo_driver() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(package("tether-agent"))
-        .arg(dir.path()));
-    assert!(ok, "{err}");
+    extract("tether-agent", dir.path());
     let site = dir.path().join("usr/lib/python3/dist-packages");
     let probe = [
         "import importlib.metadata as m",
@@ -280,11 +277,7 @@ fn the_packaged_python_library_imports_and_registers_the_oslo_driver() {
 fn the_manual_pages_render_and_the_completion_completes() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["tether-agent", "tether-proxy"] {
-        let (ok, _, err) = run(Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(package(name))
-            .arg(dir.path()));
-        assert!(ok, "{err}");
+        extract(name, dir.path());
     }
     for (page, want) in [
         ("man8/tether-agent.8.gz", "--check-config"),

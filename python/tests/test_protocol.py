@@ -139,7 +139,7 @@ def test_a_request_handed_over_while_it_runs_is_answered_once_it_ends(fake):
     fake.send(c1, request(1, "u-slow", kind="call"))
     # The client has it as the same request (attached to the running one)
     # before that one ends.
-    wait_until(lambda: len(agent._seen.get("u-slow") or []) == 2, "the request attached to the running one")
+    wait_until(lambda: len(agent._handled.waiting("u-slow")) == 2, "the request attached to the running one")
     gate.set()
     reply = fake.wait_for(1, "reply")
     assert reply == {"op": "reply", "id": 1, "result": 42}

@@ -7,6 +7,7 @@ bounds, the request and refusal types, and how exceptions travel.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -26,6 +27,18 @@ MAX_LINE = 1024 * 1024
 #: VM's sub-agents do not reconnect in lockstep.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+
+#: Unique ids of requests a client handled, remembered to recognise one the
+#: agent hands over again: when the agent is killed between the client's
+#: ``took`` and its journal write, the host gives the request to the
+#: restarted agent, which gives it to the client again. As many as the
+#: agent's own journal keeps.
+REMEMBERED = 16384
+
+#: What a call handed over again after it ran is answered (as the agent
+#: answers a call it had taken before a restart).
+GUEST_RESTARTED = {"class": "GuestRestarted", "module": "tether",
+                   "message": "the call ran before the agent restarted; its answer was lost"}
 
 #: Upstream calls wait this long unless the caller says otherwise (the
 #: agent's own default, 60 s).
@@ -236,6 +249,53 @@ class LineSplitter:
         if len(self.buf) > self.max_line:
             raise ProtocolError(f"the agent sent a line over {self.max_line} bytes")
         return out
+
+
+class Handled:
+    """The requests a client handled or is handling, by unique id (the last
+    REMEMBERED), so that one handed over again after an agent restart is
+    not run twice. Not locked: the blocking client holds its own lock
+    around it, the asyncio one runs on one loop."""
+
+    NEW, AGAIN, ATTACHED = "new", "again", "attached"
+
+    def __init__(self, limit: int = REMEMBERED):
+        self.limit = limit
+        # unique id -> None (handled) or the requests waiting for its answer.
+        self._seen: "collections.OrderedDict[str, Optional[List[Request]]]" = collections.OrderedDict()
+
+    def arrive(self, req: Request) -> str:
+        """NEW (run it), AGAIN (handled before: confirm or answer it again,
+        do not run it) or ATTACHED (running or queued: answered with it)."""
+        if not req.unique_id:
+            return self.NEW
+        if req.unique_id in self._seen:
+            waiting = self._seen[req.unique_id]
+            if waiting is None:
+                return self.AGAIN
+            waiting.append(req)
+            return self.ATTACHED
+        self._seen[req.unique_id] = [req]
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+        return self.NEW
+
+    def finish(self, req: Request) -> List[Request]:
+        """``req`` was handled: the requests to answer or confirm (itself,
+        and the same request handed over again meanwhile)."""
+        if not req.unique_id:
+            return [req]
+        waiting = self._seen.get(req.unique_id) or [req]
+        self._seen[req.unique_id] = None
+        return waiting
+
+    def forget(self, req: Request) -> None:
+        """``req`` was not started after all: if it comes again, run it."""
+        self._seen.pop(req.unique_id, None)
+
+    def waiting(self, unique_id: str) -> List[Request]:
+        """The requests waiting for ``unique_id``'s answer (none once handled)."""
+        return list(self._seen.get(unique_id) or [])
 
 
 class Backoff:

@@ -39,10 +39,6 @@ AsyncHandler = Callable[[Request], Union[Any, Awaitable[Any]]]
 #: reader waits (and the agent holds the rest).
 MAX_WAITING = 4096
 
-#: As in the blocking client: unique ids of handled requests remembered, so
-#: one handed over again after an agent restart is not run twice.
-REMEMBERED = 16384
-
 
 class AsyncSubAgent:
     """See the module's text; the parameters are those of :class:`tether.SubAgent`."""
@@ -80,7 +76,7 @@ class AsyncSubAgent:
         self._waiting = 0
         self._casts: "collections.deque[Request]" = collections.deque()
         self._tasks: set = set()
-        self._seen: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._handled = p.Handled()
         self._runner: Optional[asyncio.Task] = None
         self._cast_task: Optional[asyncio.Task] = None
         #: Connections made (1 after the first; more after agent restarts).
@@ -226,31 +222,21 @@ class AsyncSubAgent:
                 await self.took(r)
 
     def _finish(self, req: Request) -> "list[Request]":
-        if not req.unique_id:
-            return [req]
-        waiting = self._seen.get(req.unique_id) or [req]
-        self._seen[req.unique_id] = None
-        return waiting
+        return self._handled.finish(req)
 
     async def _dispatch(self, req: Request) -> None:
         assert self._changed is not None
-        if req.unique_id:
-            seen = self._seen.get(req.unique_id, False)
-            if seen is None:
-                # Handled before the agent restarted; not run twice.
-                LOG.info("%s: %s %s came again after an agent restart; not run twice", self.name, req.kind, req.method)
-                if req.is_call:
-                    await self.reply(req, error={"class": "GuestRestarted", "module": "tether",
-                                                 "message": "the call ran before the agent restarted; its answer was lost"})
-                else:
-                    await self.took(req)
-                return
-            if seen is not False:
-                seen.append(req)
-                return
-            self._seen[req.unique_id] = [req]
-            while len(self._seen) > REMEMBERED:
-                self._seen.popitem(last=False)
+        arrived = self._handled.arrive(req)
+        if arrived == p.Handled.ATTACHED:
+            return
+        if arrived == p.Handled.AGAIN:
+            # Handled before the agent restarted; not run twice.
+            LOG.info("%s: %s %s came again after an agent restart; not run twice", self.name, req.kind, req.method)
+            if req.is_call:
+                await self.reply(req, error=p.GUEST_RESTARTED)
+            else:
+                await self.took(req)
+            return
         async with self._changed:
             await self._changed.wait_for(lambda: self._waiting + len(self._casts) < MAX_WAITING)
             if not req.is_call:

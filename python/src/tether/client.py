@@ -48,12 +48,6 @@ Handler = Callable[[Request], Any]
 #: and the host already bounds an instance's unconfirmed requests.)
 MAX_WAITING = 4096
 
-#: Unique ids of requests this process handled, remembered to recognise one
-#: the agent hands over again: when the agent is killed between our ``took``
-#: and its journal write, the host gives the request to the restarted agent,
-#: which gives it to us again. As many as the agent's own journal keeps.
-REMEMBERED = 16384
-
 
 def _bounded(seconds: float) -> float:
     """A wait the threading primitives take (``inf`` means for ever; they
@@ -114,8 +108,7 @@ class SubAgent:
         self._running_calls = 0
         self._waiting_calls: "collections.deque[Request]" = collections.deque()
         self._casts: "collections.deque[Request]" = collections.deque()
-        # unique id -> None (handled) or the requests waiting for its answer.
-        self._seen: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._handled = p.Handled()
         self._reader: Optional[threading.Thread] = None
         self._cast_worker: Optional[threading.Thread] = None
         #: Connections made (1 after the first; more after agent restarts).
@@ -284,24 +277,13 @@ class SubAgent:
         """A request arrived (called on the reader thread). A request this
         process already handled or is handling (handed over again after an
         agent restart) is not run twice; the others go to :meth:`start`."""
-        again = False
         with self._work:
             while len(self._waiting_calls) + len(self._casts) >= MAX_WAITING and not self._closed:
                 self._work.wait(1.0)
-            if req.unique_id:
-                seen = self._seen.get(req.unique_id, False)
-                if seen is None:
-                    again = True  # handled; its confirmation died with the agent
-                elif seen is not False:
-                    seen.append(req)  # running or queued: answered with it
-                    return
-                else:
-                    self._seen[req.unique_id] = [req]
-                    while len(self._seen) > REMEMBERED:
-                        self._seen.popitem(last=False)
-        if again:
+            arrived = self._handled.arrive(req)
+        if arrived == p.Handled.AGAIN:
             self._again(req)
-        else:
+        elif arrived == p.Handled.NEW:
             self.start(req)
 
     def start(self, req: Request) -> None:
@@ -343,13 +325,12 @@ class SubAgent:
         self._write(data, req.generation, quiet=True)
 
     def _again(self, req: Request) -> None:
-        """A request we handled came again (see REMEMBERED): confirm it; a
-        call's answer is gone, so its caller hears that, as the agent answers
-        a call it had taken before a restart."""
+        """A request we handled came again (see ``p.REMEMBERED``): confirm
+        it; a call's answer is gone, so its caller hears that, as the agent
+        answers a call it had taken before a restart."""
         LOG.info("%s: %s %s came again after an agent restart; not run twice", self.name, req.kind, req.method)
         if req.is_call:
-            self.reply(req, error={"class": "GuestRestarted", "module": "tether",
-                                   "message": "the call ran before the agent restarted; its answer was lost"})
+            self.reply(req, error=p.GUEST_RESTARTED)
         else:
             self.took(req)
 
@@ -357,11 +338,7 @@ class SubAgent:
         """``req`` was handled: the requests to answer or confirm (itself,
         and the same request handed over again meanwhile)."""
         with self._work:
-            if not req.unique_id:
-                return [req]
-            waiting = self._seen.get(req.unique_id) or [req]
-            self._seen[req.unique_id] = None
-            return waiting
+            return self._handled.finish(req)
 
     def _serve_calls(self, req: Optional[Request]) -> None:
         # One handler slot: serve this call, then any waiting for a slot.

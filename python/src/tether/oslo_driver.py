@@ -158,7 +158,7 @@ class _Agent(SubAgent):
             # agent gives it to the next server of its topic.
             LOG.warning("tether: %s for topic %s with no listener", req.method, req.target.topic)
             with self._work:
-                self._seen.pop(req.unique_id, None)
+                self._handled.forget(req)
             return
         listener.put(req)
 
