@@ -124,6 +124,23 @@ impl OsloServer {
     }
 }
 
+/// An oslo.messaging notification listener on the control side.
+pub struct OsloListener(Py);
+
+impl OsloListener {
+    pub async fn start(url: &str, exchange: &str, topic: &str) -> Self {
+        let mut p = Py::spawn("listener.py", &[url, exchange, topic]);
+        assert_eq!(p.line(Duration::from_secs(60)).await, "ready");
+        Self(p)
+    }
+
+    /// The next notification it received.
+    pub async fn next(&mut self, bound: Duration) -> Value {
+        let l = self.0.line(bound).await;
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    }
+}
+
 /// The `[broker]` section of a test proxy's config.
 pub fn broker_section(url: &str, exchange: &str) -> String {
     format!(

@@ -75,7 +75,11 @@ class TetherIncomingMessage(base.RpcIncomingMessage):
             message["namespace"] = req.target.namespace
         if req.target.version is not None:
             message["version"] = req.target.version
-        super().__init__(req.ctx, message, msg_id=req.unique_id or None)
+        # oslo >= 15 takes a msg_id (for its logs; a fresh uuid when None);
+        # 14 (Debian 12's) has no such parameter: set the attribute instead.
+        super().__init__(req.ctx, message)
+        if req.unique_id:
+            self.msg_id = req.unique_id
         self._agent = agent
         self._req = req
         self._acked = False
