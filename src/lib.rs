@@ -10,7 +10,8 @@
 //!   bounds what a peer costs (a byte-bounded receive queue, a read rate
 //!   limit: [`link::driver::throttle`]).
 //! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
-//! - [`guest`]: the agent — the port, the router to sub-agents (with the
+//! - [`guest`]: the agent — the port ([`guest::port`]; a serial line,
+//!   [`guest::serial`]), the router to sub-agents (with the
 //!   requests it holds for unserved topics, [`guest::holding`], and the
 //!   journal of taken requests, [`guest::journal`]), the sub-agent socket,
 //!   the supervisor (and the user and group a sub-agent runs as,

@@ -24,6 +24,8 @@ pub const DEFAULT_STATE_DIR: &str = "/run/tether";
 pub struct AgentConfig {
     /// The port: a device path, or `unix-listen:PATH` for an emulated port.
     pub port: String,
+    /// A serial line's settings (`port = "serial:PATH"`).
+    pub serial: super::serial::SerialOptions,
     /// The sub-agent socket path (created with mode 0600).
     pub subagent_socket: PathBuf,
     /// A group given access to the sub-agent socket (mode 0660), for
@@ -50,6 +52,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             port: DEFAULT_PORT.into(),
+            serial: Default::default(),
             subagent_socket: DEFAULT_SUBAGENT_SOCKET.into(),
             subagent_socket_group: None,
             max_line: 1024 * 1024,
@@ -76,6 +79,7 @@ impl Validate for AgentConfig {
         if self.port.is_empty() {
             return Err("port must not be empty".into());
         }
+        self.serial.validate()?;
         if self.state_dir.as_os_str().is_empty() {
             return Err("state_dir must not be empty".into());
         }

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod journal;
 pub mod port;
 pub mod router;
+pub mod serial;
 pub mod subagent;
 pub mod supervisor;
 
@@ -63,7 +64,7 @@ pub async fn run(
     mut reload: mpsc::Receiver<AgentConfig>,
 ) -> Result<(), AgentError> {
     let spec = PortSpec::parse(&cfg.port);
-    let connector = PortConnector::open(&spec)?;
+    let connector = PortConnector::open(&spec, &cfg.serial)?;
     let journal = std::sync::Arc::new(std::sync::Mutex::new(journal::Journal::open(
         &cfg.state_dir,
     )?));

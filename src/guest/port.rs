@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::link::Connector;
 use crate::link::driver::{ConnectFuture, UnixAcceptor};
 
+pub use super::serial::{SerialOptions, SerialPort};
+
 /// The largest write the port takes at once.
 const PORT_WRITE_MAX: usize = 32 * 1024;
 /// A host connect that slipped between our check and our wait is noticed
@@ -72,6 +74,11 @@ pub enum PortError {
         "port {0} is in use by another process (only one may open a virtio-serial port); is another tether-agent running?"
     )]
     Busy(PathBuf),
+    /// Another process holds the serial line (its exclusive open).
+    #[error(
+        "serial line {0} is in use by another process (opened exclusively); is another tether-agent running on it?"
+    )]
+    SerialBusy(PathBuf),
     /// The device is missing or not openable.
     #[error("cannot open port {path}")]
     Open {
@@ -103,11 +110,12 @@ pub enum PortConnector {
 }
 
 impl PortConnector {
-    /// Open the port described by `spec`.
-    pub fn open(spec: &PortSpec) -> Result<Self, PortError> {
+    /// Open the port described by `spec` (a serial line with `serial`'s
+    /// settings). Needs a tokio runtime.
+    pub fn open(spec: &PortSpec, serial: &SerialOptions) -> Result<Self, PortError> {
         match spec {
             PortSpec::Device(p) => VirtioPort::open(p).map(Self::Device),
-            PortSpec::Serial(p) => SerialPort::open(p).map(Self::Serial),
+            PortSpec::Serial(p) => SerialPort::open(p, serial).map(Self::Serial),
             PortSpec::UnixListen(p) => {
                 if let Some(dir) = p.parent() {
                     std::fs::create_dir_all(dir).map_err(|source| PortError::Listen {
@@ -132,6 +140,8 @@ pub enum PortStream {
     Device(DeviceStream),
     /// A UNIX socket.
     Emulated(tokio::net::UnixStream),
+    /// A serial line.
+    Serial(tokio_serial::SerialStream),
 }
 
 impl Connector for PortConnector {
@@ -148,7 +158,7 @@ impl Connector for PortConnector {
             }
             Self::Serial(p) => {
                 let f = p.connect();
-                Box::pin(async move { f.await.map(PortStream::Device) })
+                Box::pin(async move { f.await.map(PortStream::Serial) })
             }
         }
     }
@@ -259,67 +269,6 @@ impl std::os::fd::AsRawFd for EdgeWaiter {
     }
 }
 
-/// A serial line in raw mode. There is no "host connected" signal on a
-/// serial line: it counts as connected, and the link's HELLO retry finds the
-/// peer whenever it starts.
-pub struct SerialPort {
-    file: File,
-    /// Set after the first connection: later ones wait a little, so a line
-    /// that keeps reporting end of file (a hung-up pty) is not spun on.
-    reconnect_delay: Option<Duration>,
-}
-
-impl SerialPort {
-    /// Open `path` (no controlling tty, non-blocking) and make it raw.
-    pub fn open(path: &Path) -> Result<Self, PortError> {
-        let err = |source: io::Error| PortError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY)
-            .open(path)
-            .map_err(err)?;
-        Self::from_file(f).map_err(err)
-    }
-
-    /// Use an open tty (raw mode and non-blocking are set here).
-    pub fn from_file(f: File) -> io::Result<Self> {
-        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-        let mut t = tcgetattr(&f).map_err(io::Error::from)?;
-        cfmakeraw(&mut t);
-        tcsetattr(&f, SetArg::TCSANOW, &t).map_err(io::Error::from)?;
-        set_nonblocking(&f)?;
-        Ok(Self {
-            file: f,
-            reconnect_delay: None,
-        })
-    }
-
-    fn connect(&mut self) -> ConnectFuture<DeviceStream> {
-        let file = self.file.try_clone();
-        let delay = self.reconnect_delay.replace(RECHECK);
-        Box::pin(async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            DeviceStream::new(file?)
-        })
-    }
-}
-
-impl Connector for SerialPort {
-    type Io = DeviceStream;
-    fn connect(&mut self) -> ConnectFuture<DeviceStream> {
-        SerialPort::connect(self)
-    }
-    fn connect_timeout(&self) -> Option<Duration> {
-        None
-    }
-}
-
 /// Make a descriptor non-blocking whatever the caller opened it with: a
 /// blocking descriptor would stall a runtime thread.
 fn set_nonblocking(f: &File) -> io::Result<()> {
@@ -424,6 +373,7 @@ impl AsyncRead for PortStream {
         match self.get_mut() {
             Self::Device(d) => Pin::new(d).poll_read(cx, buf),
             Self::Emulated(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Serial(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -437,18 +387,21 @@ impl AsyncWrite for PortStream {
         match self.get_mut() {
             Self::Device(d) => Pin::new(d).poll_write(cx, data),
             Self::Emulated(s) => Pin::new(s).poll_write(cx, data),
+            Self::Serial(s) => Pin::new(s).poll_write(cx, data),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Device(d) => Pin::new(d).poll_flush(cx),
             Self::Emulated(s) => Pin::new(s).poll_flush(cx),
+            Self::Serial(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Device(d) => Pin::new(d).poll_shutdown(cx),
             Self::Emulated(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Serial(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
