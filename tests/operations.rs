@@ -414,8 +414,10 @@ async fn http(addr: &str, request: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
     let w = World::new();
+    // PINGs every 100 ms of silence (default 5 s): the link's RTT is
+    // measured soon after the call.
     let proxy = w.proxy(&format!(
-        "metrics_listen = \"127.0.0.1:0\"\n[broker]\ntransport_url = {:?}\ncontrol_exchange = \"{}\"\n",
+        "metrics_listen = \"127.0.0.1:0\"\n[link]\nping_interval = 100\n[broker]\ntransport_url = {:?}\ncontrol_exchange = \"{}\"\n",
         support::oslo::amqp_url(),
         support::oslo::unique("ex")
     ));
@@ -435,8 +437,27 @@ async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
         .map(|a| a.split_whitespace().next().unwrap_or_default().to_string())
         .unwrap_or_else(|| panic!("no metrics address logged: {log}"));
 
-    let (status, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    // The link's round trip, once a PING was answered (the first after
+    // 100 ms of silence).
+    let rtt_line = format!("tether_link_rtt_seconds{{instance=\"{U1}\"}} ");
+    let t = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+        if body.contains(&rtt_line) {
+            break body;
+        }
+        assert!(t.elapsed() < BOUND, "no RTT measured: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let rtt: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix(&rtt_line))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("RTT not a number: {body}"));
+    assert!(rtt > 0.0 && rtt < BOUND.as_secs_f64(), "{rtt}");
+    let links = ctl.req(json!({"op": "links"})).await;
+    assert!(links["result"][0]["rtt_us"].as_u64().is_some(), "{links}");
     for want in [
         format!("tether_link_up{{instance=\"{U1}\"}} 1"),
         format!("tether_guest_topics{{instance=\"{U1}\"}} 1"),

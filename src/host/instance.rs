@@ -84,6 +84,7 @@ pub struct InstanceMetrics {
     pub calls_in_flight: u64,
     pub outstanding: u64,
     pub topics: u64,
+    pub rtt: Option<std::time::Duration>,
 }
 
 /// One instance.
@@ -382,6 +383,7 @@ impl Instance {
             calls_in_flight: lock(&self.pending).len() as u64,
             outstanding: self.receipts.len() as u64,
             topics: self.topics().len() as u64,
+            rtt: s.stats.last_rtt,
         }
     }
 
@@ -405,6 +407,7 @@ impl Instance {
             "rewinds_deferred": s.stats.rewinds_deferred,
             "discarded_full": s.stats.discarded_full,
             "pings": s.stats.pings,
+            "rtt_us": s.stats.last_rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             "peer_changes": s.stats.peer_changes,
             "delivered": s.stats.delivered,
             "denied": self.denied.load(Ordering::Relaxed),

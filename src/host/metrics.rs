@@ -18,7 +18,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -162,6 +164,21 @@ pub fn render(proxy: &Proxy) -> String {
         "DATA frames from the guest dropped as already received",
         &per(|m| m.duplicates),
     );
+    add(&reg, || {
+        let g = GaugeVec::new(
+            Opts::new(
+                "link_rtt_seconds",
+                "The link's last PING round trip, the guest's reading included (instances with one only)",
+            ),
+            &["instance"],
+        )?;
+        for (id, m) in &all {
+            if let Some(rtt) = m.rtt {
+                g.with_label_values(&[id.as_str()]).set(rtt.as_secs_f64());
+            }
+        }
+        Ok(g)
+    });
     counters(
         &reg,
         "link_pings_total",

@@ -80,9 +80,18 @@ pub enum Event {
     ProtocolError(LinkError),
 }
 
-/// Counters a link exposes as metrics. They only grow.
+/// Counters a link exposes as metrics (they only grow), and its last round
+/// trip.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SessionStats {
+    /// The last PING's round trip: from writing it to the matching PONG
+    /// (none yet: no PONG answered one of ours). The peer's PONG comes
+    /// after it read everything before the PING, so this is the link's
+    /// round trip including the peer's reading — a slow or stalled guest
+    /// shows here. Only PINGs measure it: they go out after
+    /// `ping_interval` of silence and as loss probes, so an idle link is
+    /// measured every `ping_interval` and a busy one only when it probes.
+    pub last_rtt: Option<std::time::Duration>,
     /// DATA frames sent for the first time.
     pub sent: u64,
     /// DATA frames sent again (after a reconnect, NACK or failed probe).
@@ -536,6 +545,7 @@ impl Session {
             return;
         }
         self.ping_out = None;
+        self.stats.last_rtt = Some(now.saturating_duration_since(p.sent));
         // The PONG was written after the peer read everything we sent before
         // the PING; if its ACK is short of that, those frames were lost.
         if frame.ack.saturating_add(1) < p.cursor {

@@ -275,6 +275,32 @@ fn silence_means_ping_then_reconnect() {
 }
 
 #[test]
+fn a_pong_measures_the_round_trip_of_its_ping_only() {
+    let mut p = Pair::new();
+    p.connect();
+    p.pump();
+    assert_eq!(p.a.stats().last_rtt, None);
+    p.tick(cfg().ping_interval);
+    let ping = p.a.poll_transmit(p.now).unwrap();
+    assert_eq!(ping.kind, FrameType::Ping);
+    // A PONG with another nonce (stale, or forged) measures nothing.
+    p.now += Duration::from_millis(3);
+    let wrong = Frame::new(FrameType::Pong, 0, Bytes::from_static(b"00000000"));
+    p.a.on_frame(wrong, p.now);
+    assert_eq!(p.a.stats().last_rtt, None);
+    p.now += Duration::from_millis(4);
+    p.b.on_frame(ping, p.now);
+    let pong = p.b.poll_transmit(p.now).unwrap();
+    assert_eq!(pong.kind, FrameType::Pong);
+    p.a.on_frame(pong.clone(), p.now);
+    assert_eq!(p.a.stats().last_rtt, Some(Duration::from_millis(7)));
+    // The same PONG again is answered already: the sample stays.
+    p.now += Duration::from_millis(50);
+    p.a.on_frame(pong, p.now);
+    assert_eq!(p.a.stats().last_rtt, Some(Duration::from_millis(7)));
+}
+
+#[test]
 fn ping_flood_costs_one_pong() {
     let mut p = Pair::new();
     p.connect();
