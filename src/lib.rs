@@ -22,7 +22,8 @@
 //!   profiles, names, context, reply handles, audit) and [`host::broker`]
 //!   (oslo.messaging over RabbitMQ; each instance's share of it,
 //!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]);
-//!   the Prometheus endpoint, [`host::metrics`].
+//!   the Prometheus endpoint, [`host::metrics`], and the guest agents' own
+//!   numbers it shows, [`host::agent_stats`].
 //! - [`client`]: the Rust API for sub-agents.
 //! - Cargo features: `proxy` (default) builds [`host`] and the proxy's
 //!   dependencies (AMQP, TLS, crypto, metrics); the guest's programs build

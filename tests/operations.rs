@@ -415,9 +415,10 @@ async fn http(addr: &str, request: &str) -> (String, String) {
 async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
     let w = World::new();
     // PINGs every 100 ms of silence (default 5 s): the link's RTT is
-    // measured soon after the call.
+    // measured soon after the call; the agent is asked for its numbers
+    // every second (default a minute).
     let proxy = w.proxy(&format!(
-        "metrics_listen = \"127.0.0.1:0\"\n[link]\nping_interval = 100\n[broker]\ntransport_url = {:?}\ncontrol_exchange = \"{}\"\n",
+        "metrics_listen = \"127.0.0.1:0\"\nagent_stats_interval_ms = 1000\n[link]\nping_interval = 100\n[broker]\ntransport_url = {:?}\ncontrol_exchange = \"{}\"\n",
         support::oslo::amqp_url(),
         support::oslo::unique("ex")
     ));
@@ -438,16 +439,17 @@ async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
         .unwrap_or_else(|| panic!("no metrics address logged: {log}"));
 
     // The link's round trip, once a PING was answered (the first after
-    // 100 ms of silence).
+    // 100 ms of silence), and the agent's own numbers, once it was asked.
     let rtt_line = format!("tether_link_rtt_seconds{{instance=\"{U1}\"}} ");
+    let agent_line = format!("tether_agent_topics{{instance=\"{U1}\"}} 1\n");
     let t = std::time::Instant::now();
     let body = loop {
         let (status, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-        if body.contains(&rtt_line) {
+        if body.contains(&rtt_line) && body.contains(&agent_line) {
             break body;
         }
-        assert!(t.elapsed() < BOUND, "no RTT measured: {body}");
+        assert!(t.elapsed() < BOUND, "no RTT or agent numbers: {body}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     let rtt: f64 = body
@@ -461,6 +463,9 @@ async fn the_metrics_endpoint_is_scraped_and_passes_promtool() {
     for want in [
         format!("tether_link_up{{instance=\"{U1}\"}} 1"),
         format!("tether_guest_topics{{instance=\"{U1}\"}} 1"),
+        format!("tether_agent_requests_held{{instance=\"{U1}\"}} 0"),
+        format!("tether_agent_calls_in_flight{{instance=\"{U1}\"}} 0"),
+        format!("tether_agent_stats_age_seconds{{instance=\"{U1}\"}} "),
         "tether_instances 1".to_string(),
         "tether_broker_connected 1".to_string(),
         "tether_build_info{version=".to_string(),

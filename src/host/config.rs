@@ -39,6 +39,9 @@ pub struct ProxyConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`), as `address:port`
     /// (e.g. `127.0.0.1:9464`); none (the default): no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often each linked agent is asked for its own numbers, exported
+    /// as `tether_agent_*` (ms; 0: never). Only with `metrics_listen`.
+    pub agent_stats_interval_ms: u64,
     /// Bytes of control requests in progress, all connections together; a
     /// connection past it waits before its next request is read.
     pub max_control_bytes: usize,
@@ -70,6 +73,7 @@ impl Default for ProxyConfig {
             max_links: 10_000,
             max_control_clients: 64,
             metrics_listen: None,
+            agent_stats_interval_ms: 60_000,
             max_control_bytes: 64 << 20,
             guest_read_bytes_per_sec: DEFAULT_GUEST_READ_BYTES_PER_SEC,
             link: SessionConfig::default(),
@@ -102,6 +106,14 @@ impl Validate for ProxyConfig {
         }
         if self.guest_read_bytes_per_sec != 0 && self.guest_read_bytes_per_sec < 1 << 20 {
             return Err("guest_read_bytes_per_sec must be 0 (no limit) or at least 1 MiB/s".into());
+        }
+        if self.agent_stats_interval_ms != 0
+            && self.agent_stats_interval_ms < super::agent_stats::MIN_INTERVAL_MS
+        {
+            return Err(format!(
+                "agent_stats_interval_ms must be 0 (off) or at least {}",
+                super::agent_stats::MIN_INTERVAL_MS
+            ));
         }
         if self.max_control_clients == 0 {
             return Err("max_control_clients must be above 0".into());

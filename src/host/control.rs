@@ -497,6 +497,28 @@ async fn call(p: &Proxy, inv: Invoke) -> Result<Value, CtlError> {
     }
 }
 
+/// The agent's own `stats` (`tether.agent`), for [`super::agent_stats`]:
+/// a call like any control call, answered within `wait`; an error says why
+/// not.
+pub(crate) async fn agent_stats(
+    p: &Proxy,
+    instance: &str,
+    wait: Duration,
+) -> Result<Value, String> {
+    let inv = Invoke {
+        instance: instance.to_string(),
+        topic: crate::guest::router::AGENT_TOPIC.into(),
+        method: "stats".into(),
+        args: json!({}),
+        ctx: json!({}),
+        timeout_ms: Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        unique_id: None,
+    };
+    call(p, inv)
+        .await
+        .map_err(|e| format!("{}: {}", e.kind, e.message))
+}
+
 /// How long a timed-out call's caller waits, at most, for the agent to say
 /// whether it withdrew the call (one link round trip, normally well under
 /// a second; longer only when the guest is not reading).

@@ -85,6 +85,8 @@ pub struct InstanceMetrics {
     pub outstanding: u64,
     pub topics: u64,
     pub rtt: Option<std::time::Duration>,
+    /// The agent's own numbers and their age ([`super::agent_stats`]).
+    pub agent: Option<(super::agent_stats::AgentGauges, std::time::Duration)>,
 }
 
 /// One instance.
@@ -118,6 +120,8 @@ pub struct Instance {
     /// What this guest may make the proxy log ([`crate::logbudget`]).
     log: Mutex<crate::logbudget::LogBudget>,
     task: Mutex<Option<LinkTask>>,
+    /// The agent's last reported numbers, and when ([`super::agent_stats`]).
+    agent: Mutex<Option<(super::agent_stats::AgentGauges, std::time::Instant)>>,
 }
 
 impl Instance {
@@ -173,6 +177,7 @@ impl Instance {
             outbox_dropped: AtomicU64::new(0),
             log: Mutex::default(),
             task: Mutex::new(Some(task)),
+            agent: Mutex::new(None),
         });
         inst.apply_topics(&policy);
         let out = Outlets { watch, upstream };
@@ -326,6 +331,11 @@ impl Instance {
         }
     }
 
+    /// Keep the agent's numbers, read at `at`.
+    pub fn set_agent_gauges(&self, g: super::agent_stats::AgentGauges, at: std::time::Instant) {
+        *lock(&self.agent) = Some((g, at));
+    }
+
     /// Queue `bytes` for the guest without waiting (see [`OUTBOX_CAP`]).
     pub fn post(&self, bytes: bytes::Bytes) {
         if self.outbox.try_send(bytes).is_err() {
@@ -384,6 +394,7 @@ impl Instance {
             outstanding: self.receipts.len() as u64,
             topics: self.topics().len() as u64,
             rtt: s.stats.last_rtt,
+            agent: lock(&self.agent).map(|(g, at)| (g, at.elapsed())),
         }
     }
 

@@ -179,6 +179,57 @@ pub fn render(proxy: &Proxy) -> String {
         }
         Ok(g)
     });
+    // The agents' own numbers: the guest's word, kept per instance.
+    let agent = |f: fn(&super::agent_stats::AgentGauges) -> u64| -> PerInstance {
+        all.iter()
+            .filter_map(|(id, m)| m.agent.as_ref().map(|(g, _)| (id.clone(), f(g))))
+            .collect()
+    };
+    gauges(
+        &reg,
+        "agent_requests_held",
+        "Requests the guest's agent holds for a topic no sub-agent serves yet, as the agent reports it",
+        &agent(|g| g.held),
+    );
+    gauges(
+        &reg,
+        "agent_backlog",
+        "Requests waiting in the guest's agent for a busy sub-agent, as the agent reports it",
+        &agent(|g| g.backlog),
+    );
+    gauges(
+        &reg,
+        "agent_calls_in_flight",
+        "Calls the guest's agent handed to sub-agents and has no answer for, as the agent reports it",
+        &agent(|g| g.calls_in_flight),
+    );
+    gauges(
+        &reg,
+        "agent_topics",
+        "Topics the guest's sub-agents registered, as the agent reports it",
+        &agent(|g| g.topics),
+    );
+    gauges(
+        &reg,
+        "agent_requests_refused",
+        "Requests the guest's agent refused since it started (resets with it), as the agent reports it",
+        &agent(|g| g.refused),
+    );
+    add(&reg, || {
+        let g = GaugeVec::new(
+            Opts::new(
+                "agent_stats_age_seconds",
+                "Time since the guest's agent last reported the tether_agent_* numbers",
+            ),
+            &["instance"],
+        )?;
+        for (id, m) in &all {
+            if let Some((_, age)) = &m.agent {
+                g.with_label_values(&[id.as_str()]).set(age.as_secs_f64());
+            }
+        }
+        Ok(g)
+    });
     counters(
         &reg,
         "link_pings_total",

@@ -9,6 +9,7 @@
 //! - [`control`]: the control socket (JSON lines, `docs/control.md`).
 //! - [`config`]: the proxy's TOML config.
 
+pub mod agent_stats;
 pub mod broker;
 pub mod channels;
 pub mod config;
@@ -357,6 +358,12 @@ pub async fn run(
     });
     let server = tokio::spawn(control::serve(listener, proxy.clone()));
     let metrics = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, proxy.clone())));
+    // The agents' own numbers are asked for only when something shows them.
+    let agent_stats = (proxy.cfg.metrics_listen.is_some() && proxy.cfg.agent_stats_interval_ms > 0)
+        .then(|| {
+            let every = std::time::Duration::from_millis(proxy.cfg.agent_stats_interval_ms);
+            tokio::spawn(agent_stats::run(proxy.clone(), every))
+        });
     let audit = proxy.policy.audit.clone();
     let every = std::time::Duration::from_millis(proxy.cfg.policy.audit_interval_ms);
     let summaries = tokio::spawn(async move {
@@ -415,6 +422,9 @@ pub async fn run(
     server.abort();
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some(a) = agent_stats {
+        a.abort();
     }
     summaries.abort();
     proxy.policy.audit.tick();
