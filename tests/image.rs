@@ -22,7 +22,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::image::{ImageVm, deb, image_dir, seed};
+use support::image::{ImageVm, OSLO_RECORD, deb, image_dir, seed, user_data_with_oslo_program};
 use support::oslo::*;
 use support::*;
 
@@ -56,36 +56,6 @@ async fn restarted(sh: &mut support::image::Shell, old: &str) -> String {
         assert!(t.elapsed() < STEP, "not restarted: MainPID {pid}, {state}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-}
-
-/// Where cloud-init writes the guest's oslo program, and what it records.
-const OSLO_PROGRAM: &str = "/usr/local/lib/lbaas-agent/agent.py";
-const OSLO_RECORD: &str = "/run/lbaas-record.jsonl";
-
-/// The shipped user-data, as an operator adapts it (its comment says so):
-/// cloud-init also writes the guest's oslo program and the agent starts it
-/// as a second sub-agent, on `tether:///run/tether/agent.sock`.
-fn user_data_with_oslo_program(shipped: &str, notify_topic: &str) -> String {
-    let program = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tests/guest_oslo_program.py"),
-    )
-    .unwrap();
-    let mut file = format!(
-        "write_files:\n  - path: {OSLO_PROGRAM}\n    owner: root:root\n    permissions: \"0755\"\n    content: |\n"
-    );
-    for l in program.lines() {
-        file.push_str(&format!("      {l}\n").replace("      \n", "\n"));
-    }
-    let restart = "      restart = \"always\"\n";
-    let subagent = format!(
-        "{restart}      [[subagents]]\n      name = \"lbaas\"\n      argv = [\"/usr/bin/python3\", \"{OSLO_PROGRAM}\", \
-         \"tether:///run/tether/agent.sock\", \"lbaas\", \"lbaas-plugin\", \"{OSLO_RECORD}\", \"{notify_topic}\"]\n{restart}"
-    );
-    assert_eq!(shipped.matches("write_files:\n").count(), 1);
-    assert_eq!(shipped.matches(restart).count(), 1);
-    shipped
-        .replacen("write_files:\n", &file, 1)
-        .replacen(restart, &subagent, 1)
 }
 
 /// The oslo program in the guest, from the control plane's oslo.messaging

@@ -72,31 +72,22 @@ async fn oslo_casts_and_calls_through_a_live_migration_lose_nothing_and_run_noth
         port,
     );
 
-    let (mut ok, mut timed_out, mut round) = (0u64, 0u64, 0u64);
-    while round < MIN_ROUNDS || !migrate.is_finished() {
-        assert!(round < MAX_ROUNDS, "the migration never finished");
-        let v = c
-            .op(
-                json!({"op": "casts", "topic": "demo", "server": u, "method": "record",
-                       "n": PER, "start": round * PER}),
-            )
-            .await;
-        assert_eq!(v["ok"], true, "{v}");
-        let v = c
-            .op(
-                json!({"op": "call", "topic": "demo", "server": u, "method": "add",
-                       "args": {"a": round, "b": 1}, "timeout": 20}),
-            )
-            .await;
-        if v["ok"] == true {
-            assert_eq!(v["result"], json!(round + 1), "{v}");
-            ok += 1;
-        } else {
-            assert_eq!(v["class"], "MessagingTimeout", "{v}");
-            timed_out += 1;
-        }
-        round += 1;
-    }
+    let Rounds {
+        rounds: round,
+        answered: ok,
+        timed_out,
+    } = cast_rounds_until(
+        &mut c,
+        ("demo", &u),
+        (PER, MIN_ROUNDS, MAX_ROUNDS),
+        &migrate,
+        |r| {
+            json!({"op": "call", "topic": "demo", "server": u, "method": "add",
+                   "args": {"a": r, "b": 1}, "timeout": 20})
+        },
+        |r, v| assert_eq!(v, &json!(r + 1)),
+    )
+    .await;
     let took = migrate.await.unwrap();
     drop(src);
     let n = round * PER;

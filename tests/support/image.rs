@@ -9,15 +9,24 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-/// The image's directory (built and cached by `scripts/guest-image`, which
-/// the test command runs; running it here too makes a test run alone work).
-pub fn image_dir() -> PathBuf {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-image"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("scripts/guest-image");
-    assert!(out.status.success(), "scripts/guest-image failed");
+/// The directory a caching script of `scripts/` prints (the test command
+/// runs each first; running it here too makes a test run alone work).
+fn cached_by(script: &str) -> PathBuf {
+    let out = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(script),
+    )
+    .stderr(Stdio::inherit())
+    .output()
+    .unwrap_or_else(|e| panic!("scripts/{script}: {e}"));
+    assert!(out.status.success(), "scripts/{script} failed");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The image's directory (built and cached by `scripts/guest-image`).
+pub fn image_dir() -> PathBuf {
+    cached_by("guest-image")
 }
 
 /// A built Debian package of this checkout (`scripts/package`).
@@ -57,42 +66,173 @@ pub fn seed(dir: &Path, instance: &str, user_data: &str, extra: &[PathBuf]) -> P
     iso
 }
 
+/// Where cloud-init writes the guest's oslo program, and what it records.
+pub const OSLO_PROGRAM: &str = "/usr/local/lib/lbaas-agent/agent.py";
+pub const OSLO_RECORD: &str = "/run/lbaas-record.jsonl";
+
+/// The shipped user-data, as an operator adapts it (its comment says so):
+/// cloud-init also writes the guest's oslo program and the agent starts it
+/// as a second sub-agent, on `tether:///run/tether/agent.sock`.
+pub fn user_data_with_oslo_program(shipped: &str, notify_topic: &str) -> String {
+    let program = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tests/guest_oslo_program.py"),
+    )
+    .unwrap();
+    let mut file = format!(
+        "write_files:\n  - path: {OSLO_PROGRAM}\n    owner: root:root\n    permissions: \"0755\"\n    content: |\n"
+    );
+    for l in program.lines() {
+        file.push_str(&format!("      {l}\n").replace("      \n", "\n"));
+    }
+    let restart = "      restart = \"always\"\n";
+    let subagent = format!(
+        "{restart}      [[subagents]]\n      name = \"lbaas\"\n      argv = [\"/usr/bin/python3\", \"{OSLO_PROGRAM}\", \
+         \"tether:///run/tether/agent.sock\", \"lbaas\", \"lbaas-plugin\", \"{OSLO_RECORD}\", \"{notify_topic}\"]\n{restart}"
+    );
+    assert_eq!(shipped.matches("write_files:\n").count(), 1);
+    assert_eq!(shipped.matches(restart).count(), 1);
+    shipped
+        .replacen("write_files:\n", &file, 1)
+        .replacen(restart, &subagent, 1)
+}
+
 pub struct ImageVm {
     child: Child,
     pub console: PathBuf,
     shell: PathBuf,
 }
 
+/// What QEMU and which disk an image VM runs with (see [`ImageVm::boot`]
+/// for the plain case).
+pub struct ImageOpts<'a> {
+    /// A name for its files in the test's directory (console, shell, QMP).
+    pub name: &'a str,
+    /// The QEMU to run: `None` for the system's; `Some(dir)` for one
+    /// unpacked by `scripts/qemu10` into `dir`.
+    pub qemu: Option<&'a Path>,
+    /// The root disk: `None` for the image itself behind a throw-away
+    /// snapshot; `Some(file)` for a qcow2 overlay of it that two QEMUs of
+    /// a migration share ([`overlay`]).
+    pub disk: Option<&'a Path>,
+    /// Wait for a migration on this loopback port instead of booting.
+    pub incoming: Option<u16>,
+}
+
+/// A qcow2 overlay of the image's root disk in `dir`, for a VM that
+/// migrates (both QEMUs open the same file; the source hands it over),
+/// made by the `qemu-img` unpacked in `qemu` ([`qemu10_dir`]).
+pub fn overlay(dir: &Path, image: &Path, qemu: &Path) -> PathBuf {
+    let f = dir.join("root-overlay.qcow2");
+    let st = Command::new(qemu.join("usr/bin/qemu-img"))
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image.join("base.raw"))
+        .arg(&f)
+        .status()
+        .expect("qemu-img (scripts/qemu10 unpacks it)");
+    assert!(st.success(), "qemu-img create failed");
+    f
+}
+
+/// QEMU 10 from bookworm-backports, unpacked by `scripts/qemu10`.
+pub fn qemu10_dir() -> PathBuf {
+    cached_by("qemu10")
+}
+
 impl ImageVm {
     /// Boot the image (writes go to a throw-away snapshot) with `seed`,
     /// the tether port's chardev at `channel`.
     pub fn boot(dir: &Path, image: &Path, seed: &Path, channel: &Path) -> Self {
-        let console = dir.join("image-console.log");
-        let shell = dir.join("image-shell.sock");
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
+        Self::start(
+            dir,
+            image,
+            seed,
+            channel,
+            &ImageOpts {
+                name: "image",
+                qemu: None,
+                disk: None,
+                incoming: None,
+            },
+        )
+    }
+
+    /// Start the image as `opts` say; its QMP socket is [`Self::qmp`].
+    pub fn start(dir: &Path, image: &Path, seed: &Path, channel: &Path, opts: &ImageOpts) -> Self {
+        let console = dir.join(format!("{}-console.log", opts.name));
+        let shell = dir.join(format!("{}-shell.sock", opts.name));
+        let mut cmd = match opts.qemu {
+            None => Command::new("qemu-system-x86_64"),
+            Some(q) => {
+                let mut c = Command::new(q.join("usr/bin/qemu-system-x86_64"));
+                c.arg("-L")
+                    .arg(q.join("usr/share/qemu"))
+                    .arg("-L")
+                    .arg(q.join("usr/share/seabios"))
+                    .env("QEMU_MODULE_DIR", q.join("usr/lib/x86_64-linux-gnu/qemu"));
+                c
+            }
+        };
+        cmd.args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args([
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-no-reboot",
+                "-nic",
+                "none",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                Self::qmp(dir, opts.name).display()
+            ))
             .arg("-kernel")
             .arg(image.join("vmlinuz"))
             .arg("-initrd")
             .arg(image.join("initrd.img"))
-            .args(["-append", "root=LABEL=tether-root rw console=ttyS0 panic=-1"])
+            .args([
+                "-append",
+                "root=LABEL=tether-root rw console=ttyS0 panic=-1",
+            ])
+            .arg("-drive")
+            .arg(match opts.disk {
+                None => format!(
+                    "file={},if=virtio,format=raw,snapshot=on",
+                    image.join("base.raw").display()
+                ),
+                Some(d) => format!("file={},if=virtio,format=qcow2", d.display()),
+            })
             .arg("-drive")
             .arg(format!(
-                "file={},if=virtio,format=raw,snapshot=on",
-                image.join("base.raw").display()
+                "file={},if=virtio,format=raw,readonly=on",
+                seed.display()
             ))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .args(["-device", "virtio-serial-pci,id=vser0"])
             .arg("-chardev")
-            .arg(format!("socket,id=ch0,path={},server=on,wait=off", channel.display()))
-            .args(["-device", "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0"])
+            .arg(format!(
+                "socket,id=ch0,path={},server=on,wait=off",
+                channel.display()
+            ))
+            .args([
+                "-device",
+                "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0",
+            ])
             .arg("-chardev")
-            .arg(format!("socket,id=ch1,path={},server=on,wait=off", shell.display()))
-            .args(["-device", "virtserialport,chardev=ch1,name=org.tether.shell.0,id=port1"])
+            .arg(format!(
+                "socket,id=ch1,path={},server=on,wait=off",
+                shell.display()
+            ))
+            .args([
+                "-device",
+                "virtserialport,chardev=ch1,name=org.tether.shell.0,id=port1",
+            ]);
+        if let Some(port) = opts.incoming {
+            cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -103,6 +243,11 @@ impl ImageVm {
             console,
             shell,
         }
+    }
+
+    /// The QMP socket of the VM named `name` in `dir`.
+    pub fn qmp(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}-qmp.sock"))
     }
 
     pub fn console(&self) -> String {

@@ -141,6 +141,53 @@ impl OsloListener {
     }
 }
 
+/// What [`cast_rounds_until`] did.
+pub struct Rounds {
+    pub rounds: u64,
+    pub answered: u64,
+    pub timed_out: u64,
+}
+
+/// Rounds of `per` oslo casts of `record` to `topic` on `server` (`i`
+/// numbered from 0 across rounds), each round ended by the call
+/// `call(round)` (whose answer, when it comes, must satisfy
+/// `check(round, result)`; else it timed out): at least `min` rounds, and
+/// on until `until` is finished, at most `max`.
+pub async fn cast_rounds_until<T>(
+    c: &mut OsloClient,
+    (topic, server): (&str, &str),
+    (per, min, max): (u64, u64, u64),
+    until: &tokio::task::JoinHandle<T>,
+    call: impl Fn(u64) -> Value,
+    check: impl Fn(u64, &Value),
+) -> Rounds {
+    let mut r = Rounds {
+        rounds: 0,
+        answered: 0,
+        timed_out: 0,
+    };
+    while r.rounds < min || !until.is_finished() {
+        assert!(r.rounds < max, "still going after {max} rounds");
+        let v = c
+            .op(
+                json!({"op": "casts", "topic": topic, "server": server, "method": "record",
+                       "n": per, "start": r.rounds * per}),
+            )
+            .await;
+        assert_eq!(v["ok"], true, "{v}");
+        let v = c.op(call(r.rounds)).await;
+        if v["ok"] == true {
+            check(r.rounds, &v["result"]);
+            r.answered += 1;
+        } else {
+            assert_eq!(v["class"], "MessagingTimeout", "{v}");
+            r.timed_out += 1;
+        }
+        r.rounds += 1;
+    }
+    r
+}
+
 /// The `[broker]` section of a test proxy's config.
 pub fn broker_section(url: &str, exchange: &str) -> String {
     format!(
