@@ -288,6 +288,15 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
         .await;
     let sec = sh.ok("systemctl show -p ProtectSystem,NoNewPrivileges,CapabilityBoundingSet --value tether-proxy").await;
     assert!(sec.contains("strict") && sec.contains("yes"), "{sec}");
+    // Room for max_links VMs' descriptors, not systemd's default 1024.
+    let proxy_main = sh.prop("tether-proxy", "MainPID").await;
+    let limits = sh
+        .ok(&format!("grep 'Max open files' /proc/{proxy_main}/limits"))
+        .await;
+    assert!(
+        limits.split_whitespace().nth(3) == Some("65536"),
+        "{limits}"
+    );
     sh.ok("useradd -M -G tether tetherop").await;
     let links = sh.ok("runuser -u tetherop -- tetherctl --json links").await;
     assert!(links.contains("\"ok\":true"), "{links}");
