@@ -219,6 +219,31 @@ async fn tetherctl_output_and_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is tether-proxy running?"));
 }
 
+/// A proxy that takes no connection (out of descriptors: its backlog holds
+/// the caller's) does not hang tetherctl: it gives up after its bound and
+/// says what to check.
+#[tokio::test]
+async fn tetherctl_gives_up_on_a_proxy_that_never_answers() {
+    let w = World::new();
+    let path = w.path("silent.sock");
+    // Listening, never accepting.
+    let _silent = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let run = tokio::process::Command::new(CTL)
+        .arg("--socket")
+        .arg(&path)
+        .arg("links")
+        .kill_on_drop(true)
+        .output();
+    // tetherctl's own bound for `links` is 30 s; this one only catches a hang.
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("tetherctl hung on a silent proxy")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("answered nothing in 30 s"), "{err}");
+}
+
 fn zombies_of(pid: u32) -> Vec<String> {
     let mut z = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

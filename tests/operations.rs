@@ -156,6 +156,45 @@ fn a_proxy_that_cannot_watch_its_channels_directory_does_not_start() {
     assert!(notify.none_waiting(), "it told systemd something");
 }
 
+/// A proxy whose open-file limit is below what `max_links` needs says so
+/// at start (systemd's default soft limit, 1024, against 10,000 links),
+/// and still serves: a small host may never run that many VMs. With the
+/// limit that holds them (16,384 here; the packaged unit sets 65,536),
+/// it says nothing.
+#[test]
+fn a_proxy_warns_when_its_open_file_limit_cannot_hold_max_links() {
+    let w = World::new();
+    let cfg = proxy_config(&w, &w.channels(), &w.ctl_sock());
+    let low = spawn(
+        "proxy-low",
+        "prlimit",
+        &["--nofile=1024:1024", PROXY, "-c", &cfg],
+        w.dir.path(),
+    );
+    wait_for_log(&low, "tether-proxy ready");
+    let log = low.log_text();
+    assert!(
+        log.contains("open-file limit is below what max_links needs")
+            && log.contains("limit=1024")
+            && log.contains("links past about 704 VMs"),
+        "{log}"
+    );
+    drop(low);
+    let _ = std::fs::remove_file(w.ctl_sock());
+    let enough = spawn(
+        "proxy-enough",
+        "prlimit",
+        &["--nofile=16384:16384", PROXY, "-c", &cfg],
+        w.dir.path(),
+    );
+    wait_for_log(&enough, "tether-proxy ready");
+    assert!(
+        !enough.log_text().contains("open-file limit"),
+        "{}",
+        enough.log_text()
+    );
+}
+
 /// The agent: READY=1 with "waiting for the host", STATUS= as its host link
 /// comes and goes, RELOADING=1 then READY=1 around a SIGHUP — and none of
 /// systemd's variables in a sub-agent's environment.

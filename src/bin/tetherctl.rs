@@ -16,7 +16,18 @@ const EXIT_CODES: &str = "Exit codes:
   2  bad usage, or a request the proxy refused as malformed
   3  timeout: no answer in time (--timeout-ms)
   4  the instance is not connected
-  5  the proxy could not be reached, or has too many clients";
+  5  the proxy could not be reached, has too many clients, or took no request
+     (nothing answered within 30 s for links, broker and policy, or within
+     --timeout-ms + 30 s, 10 min without it, for what goes to a guest)";
+
+/// How long the proxy may take to answer what involves no guest.
+const LOCAL_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+/// Beyond a request's own timeout, how long its answer may take to come.
+const ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// The wait for an answer to a guest request without `--timeout-ms` (the
+/// proxy's own `default_timeout_ms` bounds it there; this bounds a proxy
+/// that never took the request, e.g. out of file descriptors).
+const GUEST_ANSWER_DEFAULT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Talk to tether-proxy: call, cast and fan out into VMs, list links and
 /// sub-agents, start, stop and restart sub-agents, watch what guests send.
@@ -438,8 +449,36 @@ async fn run(args: Args) -> u8 {
     }
     let mut lines = BufReader::new(r).lines();
     let watch = matches!(args.cmd, Cmd::Watch);
+    // The first answer is waited for within a bound: a proxy that accepted
+    // nothing (its backlog took the connection) must not hang the caller.
+    let mut bound = Some(
+        if matches!(
+            args.cmd,
+            Cmd::Links | Cmd::Broker | Cmd::Policy { .. } | Cmd::Watch
+        ) {
+            LOCAL_ANSWER
+        } else {
+            args.timeout_ms.map_or(GUEST_ANSWER_DEFAULT, |t| {
+                std::time::Duration::from_millis(t).saturating_add(ANSWER_MARGIN)
+            })
+        },
+    );
     loop {
-        let line = match lines.next_line().await {
+        let next = match bound.take() {
+            Some(b) => match tokio::time::timeout(b, lines.next_line()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    eprintln!(
+                        "tetherctl: tether-proxy at {} took the connection but answered nothing in {} s\n  it may be out of file descriptors or stuck: check its log",
+                        args.socket.display(),
+                        b.as_secs()
+                    );
+                    return EXIT_UNREACHABLE;
+                }
+            },
+            None => lines.next_line().await,
+        };
+        let line = match next {
             Ok(Some(l)) => l,
             Ok(None) => {
                 eprintln!("tetherctl: the proxy closed the connection");

@@ -171,6 +171,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
     // a log budget: a client connecting in a loop does not decide the log's
     // volume (the lines it costs past the budget are counted in the next).
     let mut log = crate::logbudget::LogBudget::new();
+    let mut accept_failures = AcceptFailures::default();
     loop {
         match listener.accept().await {
             Ok((s, _)) => match clients.clone().try_acquire_owned() {
@@ -212,10 +213,55 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>) {
                 }
             },
             Err(e) => {
-                warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(n) = accept_failures.failed(std::time::Instant::now()) {
+                    let hint = if e.raw_os_error() == Some(nix::libc::EMFILE) {
+                        "; the proxy is out of file descriptors: raise its open-file limit (LimitNOFILE) above max_links"
+                    } else {
+                        ""
+                    };
+                    warn!(error = %e, failures = n, "control socket accept failed{hint} (retried every 100 ms; logged again once a minute while it lasts)");
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
             }
         }
+        if let Some(n) = accept_failures.recovered() {
+            info!(failures = n, "control socket accepting again");
+        }
+    }
+}
+
+/// Wait before accepting again after a failed accept (out of descriptors).
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// While accepts keep failing, one log line per this long.
+const ACCEPT_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Failed accepts in a row: logged when they start, then once per
+/// [`ACCEPT_FAILURE_LOG_EVERY`] with their count, and once when they end —
+/// an exhausted descriptor table does not fill the log ten lines a second.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    /// One more failure at `now`: `Some(count)` if it is to be logged.
+    fn failed(&mut self, now: std::time::Instant) -> Option<u64> {
+        self.count = self.count.saturating_add(1);
+        let due = self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_FAILURE_LOG_EVERY);
+        due.then(|| {
+            self.logged = Some(now);
+            self.count
+        })
+    }
+
+    /// An accept succeeded: `Some(count)` if failures came before it.
+    fn recovered(&mut self) -> Option<u64> {
+        self.logged = None;
+        (self.count > 0).then(|| std::mem::take(&mut self.count))
     }
 }
 
@@ -650,5 +696,31 @@ async fn cast(p: &Proxy, inv: Invoke, kind: Kind) -> Result<Value, CtlError> {
                 t.as_millis()
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_are_logged_when_they_start_once_a_minute_and_when_they_end() {
+        let mut f = AcceptFailures::default();
+        let t = std::time::Instant::now();
+        assert_eq!(f.recovered(), None, "nothing failed");
+        assert_eq!(f.failed(t), Some(1));
+        // Ten a second for a minute: nothing more logged.
+        let quiet = (1..600)
+            .filter(|i| f.failed(t + ACCEPT_RETRY * *i).is_some())
+            .count();
+        assert_eq!(quiet, 0);
+        assert_eq!(f.failed(t + ACCEPT_FAILURE_LOG_EVERY), Some(601));
+        assert_eq!(f.recovered(), Some(601));
+        assert_eq!(f.recovered(), None);
+        assert_eq!(
+            f.failed(t + ACCEPT_FAILURE_LOG_EVERY),
+            Some(1),
+            "a new run is logged at once"
+        );
     }
 }

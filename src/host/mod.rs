@@ -308,6 +308,34 @@ impl Proxy {
     }
 }
 
+/// Descriptors the proxy holds beside its links and control clients: the
+/// broker's connection, the metrics endpoint and its scrapes, the channels
+/// watch, the audit log, the runtime's own, with room to spare.
+pub const FD_RESERVE: u64 = 256;
+
+/// Warn at start when the open-file limit is below what `max_links` needs
+/// (one descriptor per link): past it new links fail with "Too many open
+/// files" and so does the control socket, so the operator could not even
+/// ask why. Not an error: a small host may never run that many VMs. An
+/// unreadable limit (a seccomp filter) is only noted.
+fn check_open_file_limit(cfg: &ProxyConfig) {
+    use nix::sys::resource::{Resource, getrlimit};
+    let need = (cfg.max_links as u64)
+        .saturating_add(cfg.max_control_clients as u64)
+        .saturating_add(FD_RESERVE);
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) if soft < need => warn!(
+            limit = soft,
+            max_links = cfg.max_links,
+            needed = need,
+            "the open-file limit is below what max_links needs: links past about {} VMs will fail (\"Too many open files\"), and tetherctl with them; raise the limit (systemd: LimitNOFILE) or lower max_links",
+            soft.saturating_sub(FD_RESERVE + cfg.max_control_clients as u64)
+        ),
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "open-file limit not readable"),
+    }
+}
+
 /// Run the proxy until `shutdown` resolves; each item of `reload` (SIGHUP)
 /// reloads the policy from `config_path` ([`Proxy::reload`]).
 pub async fn run(
@@ -319,6 +347,7 @@ pub async fn run(
     // The transport URL's options override the [broker] section, as
     // oslo's override [oslo_messaging_rabbit] (checked with the config).
     cfg.broker = cfg.broker.with_url_options().map_err(ProxyError::Broker)?;
+    check_open_file_limit(&cfg);
     let listener = control::bind(&cfg.control_socket, cfg.control_socket_group.as_deref())
         .map_err(|source| ProxyError::ControlSocket {
             path: cfg.control_socket.clone(),
