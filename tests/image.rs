@@ -3,11 +3,7 @@
 //! under TCG, with a NoCloud seed made of `cloud-init/user-data.yaml` and
 //! this checkout's packages (`scripts/package`). cloud-init installs the
 //! agent, udev and systemd start it, the proxy on the host links, and a call
-//! reaches the sub-agent cloud-init configured. An unmodified oslo.messaging
-//! program (`python/tests/guest_oslo_program.py`) on Debian's own
-//! oslo.messaging, a second sub-agent cloud-init wrote, serves the control
-//! plane's oslo client over RabbitMQ, calls the control plane's oslo server
-//! and notifies its listener. Then, in that guest: a
+//! reaches the sub-agent cloud-init configured. Then, in that guest: a
 //! restart under a stream of casts loses nothing and runs nothing twice,
 //! systemd restarts a killed agent and the watchdog a stopped one, removing
 //! the package leaves nothing running; and the proxy's package runs under
@@ -22,8 +18,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::image::{ImageVm, OSLO_RECORD, deb, image_dir, seed, user_data_with_oslo_program};
-use support::oslo::*;
+use support::image::{ImageVm, deb, image_dir, seed};
 use support::*;
 
 /// First boot to the first call: cloud-init installing the package. A
@@ -58,126 +53,21 @@ async fn restarted(sh: &mut support::image::Shell, old: &str) -> String {
     }
 }
 
-/// The oslo program in the guest, from the control plane's oslo.messaging
-/// over RabbitMQ: calls (results, errors as their classes, timeouts,
-/// `call_monitor_timeout`), a cast and a fanout handled; its own
-/// `RPCClient` reaches the control plane's server, and its `Notifier` the
-/// control plane's listener, each with the identity the host stamps.
-async fn the_oslo_program_serves_and_calls_the_control_plane(
-    ctl: &mut Ctl,
-    sh: &mut support::image::Shell,
-    vm: &ImageVm,
-    (url, ex, id, notify_topic): (&str, &str, &str, &str),
-) {
-    wait_linked_for(ctl, id, "lbaas", BOOT, || vm.console()).await;
-    // Linked is not yet consumed: wait for the instance's queue and the
-    // topic's fanout, or the first messages reach nobody (as on RabbitMQ).
-    broker_status_until(ctl, "consuming the guest's queues", |v| {
-        v["instances_consumed"].as_u64().unwrap_or(0) >= 1
-            && v["fanout_topics"].as_u64().unwrap_or(0) >= 2
-    })
-    .await;
-    let step = STEP.as_secs();
-    let mut c = OsloClient::start(url, ex);
-    let call = |method: &str, args: serde_json::Value| {
-        json!({"op": "call", "topic": "lbaas", "server": id, "method": method,
-               "args": args, "timeout": step, "ctx": {"user": "u-1"}})
-    };
-    let v = c.op(call("echo", json!({"pool": "p1"}))).await;
-    assert_eq!(
-        v,
-        json!({"ok": true, "result": {"args": {"pool": "p1"}, "ctxt_user": "u-1"}})
-    );
-    let v = c.op(call("fail", json!({"message": "bad pool"}))).await;
-    assert_eq!(v["class"], "ValueError", "{v}");
-    let v = c.op(call("fail_custom", json!({}))).await;
-    assert_eq!(
-        (v["class"].as_str(), v["exc_type"].as_str()),
-        (Some("RemoteError"), Some("QuotaExceeded")),
-        "{v}"
-    );
-    let mut slow = call("slow", json!({"seconds": 3}));
-    slow["timeout"] = json!(1);
-    let v = c.op(slow).await;
-    assert_eq!(v["class"], "MessagingTimeout", "{v}");
-    // The proxy's heartbeats keep a call past its monitor timeout.
-    let mut slow = call("slow", json!({"seconds": 5}));
-    slow["monitor"] = json!(3);
-    let v = c.op(slow).await;
-    assert_eq!(v, json!({"ok": true, "result": 5}));
-
-    // A cast and a fanout: each handled once.
-    let v = c
-        .op(json!({"op": "cast", "topic": "lbaas", "server": id, "method": "record", "args": {"i": 1}}))
-        .await;
-    assert_eq!(v["ok"], true, "{v}");
-    let v = c
-        .op(json!({"op": "cast", "topic": "lbaas", "fanout": true, "method": "record", "args": {"i": 2}}))
-        .await;
-    assert_eq!(v["ok"], true, "{v}");
-    sh.until(
-        &format!("cat {OSLO_RECORD} | sort"),
-        "{\"i\": 1}\n{\"i\": 2}",
-        STEP,
-    )
-    .await;
-
-    // Its own RPCClient, to a control-plane oslo server: the context's
-    // identity is the host's, whatever the program put there.
-    let mut plugin = OsloServer::start(url, ex, "lbaas-plugin", "control-1").await;
-    let v = c.op(call("ask_control", json!({"x": 1}))).await;
-    assert_eq!(
-        v["result"],
-        json!({"args": {"x": 1}, "instance": id}),
-        "{v}"
-    );
-    let seen = plugin.next(STEP).await;
-    assert_eq!(seen["ctx"]["tether_instance"], id, "{seen}");
-    assert_eq!(seen["ctx"]["request_id"], "req-guest", "{seen}");
-
-    // Its Notifier, to a control-plane listener: the publisher is the host's.
-    let mut listener = OsloListener::start(url, ex, notify_topic).await;
-    let v = c
-        .op(call(
-            "notify",
-            json!({"event_type": "lbaas.pool.update.end", "payload": {"pool": "p1"}}),
-        ))
-        .await;
-    assert_eq!(v["ok"], true, "{v}");
-    let n = listener.next(STEP).await;
-    assert_eq!(n["publisher_id"], format!("tether.{id}"), "{n}");
-    assert_eq!(n["ctxt"]["tether_instance"], id, "{n}");
-    assert_eq!(
-        (&n["priority"], &n["event_type"], &n["payload"]),
-        (
-            &json!("info"),
-            &json!("lbaas.pool.update.end"),
-            &json!({"pool": "p1"})
-        ),
-        "{n}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
     let w = World::new();
     let image = image_dir();
-    let (url, ex, notify_topic) = (amqp_url(), unique("ex"), unique("notif"));
-    let _proxy = w.proxy(&format!(
-        "{}{}",
-        broker_section(&url, &ex),
-        lab_policy(&format!("notifications = [{notify_topic:?}]"))
-    ));
+    let _proxy = w.proxy("");
     let mut ctl = w.ctl().await;
     let id = random_uuid();
-    let shipped = std::fs::read_to_string(
+    let user_data = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init/user-data.yaml"),
     )
     .unwrap();
     let iso = seed(
         &w.path(""),
         &id,
-        &user_data_with_oslo_program(&shipped, &notify_topic),
+        &user_data,
         &[deb("tether-agent"), deb("tether-proxy")],
     );
     let vm = ImageVm::boot(
@@ -209,14 +99,6 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
         udev.contains("SYSTEMD_WANTS=tether-agent.service"),
         "{udev}"
     );
-
-    the_oslo_program_serves_and_calls_the_control_plane(
-        &mut ctl,
-        &mut sh,
-        &vm,
-        (&url, &ex, &id, &notify_topic),
-    )
-    .await;
 
     // A restart during a stream of casts: each handled exactly once.
     const CASTS: u64 = 600;
@@ -318,7 +200,7 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
     // Removing the agent's package leaves nothing of it running.
     sh.ok("dpkg -r tether-agent").await;
     let (rc, out) = sh
-        .run_for("pgrep -a -f 'tether-agent|subagent.py|lbaas-agent'", STEP)
+        .run_for("pgrep -a -f 'tether-agent|subagent.py'", STEP)
         .await;
     assert_eq!(rc, 1, "still running: {out}");
     let (_, state) = sh.run_for("systemctl is-active tether-agent", STEP).await;
