@@ -18,7 +18,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::image::{ImageVm, deb, image_dir, seed};
+use support::image::{ImageVm, deb, image_dir, seed, shipped_user_data};
 use support::*;
 
 /// First boot to the first call: cloud-init installing the package. A
@@ -60,14 +60,10 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
     let _proxy = w.proxy("");
     let mut ctl = w.ctl().await;
     let id = random_uuid();
-    let user_data = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init/user-data.yaml"),
-    )
-    .unwrap();
     let iso = seed(
         &w.path(""),
         &id,
-        &user_data,
+        &shipped_user_data(),
         &[deb("tether-agent"), deb("tether-proxy")],
     );
     let vm = ImageVm::boot(
@@ -133,14 +129,14 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
         .expect("the casts were confirmed")
         .unwrap();
     let record = sh.ok("cat /run/record.jsonl").await;
-    let mut seen = std::collections::BTreeMap::new();
-    for l in record.lines() {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        *seen.entry(v["i"].as_u64().unwrap()).or_insert(0) += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let (twice, lost) = twice_and_missing(
+        record.lines().map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["i"].as_u64().unwrap()
+        }),
+        CASTS,
+    );
     assert!(twice.is_empty(), "handled twice: {twice:?}");
-    let lost: Vec<_> = (0..CASTS).filter(|i| !seen.contains_key(i)).collect();
     assert!(lost.is_empty(), "never handled: {lost:?}");
 
     // kill -9: systemd starts it again, and it links again.

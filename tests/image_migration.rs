@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::image::{
-    ImageOpts, ImageVm, OSLO_RECORD, deb, image_dir, overlay, qemu10_dir, seed,
+    ImageOpts, ImageVm, OSLO_RECORD, deb, image_dir, overlay, qemu10_dir, seed, shipped_user_data,
     user_data_with_oslo_program,
 };
 use support::oslo::*;
@@ -147,14 +147,10 @@ async fn the_image_guest_migrates_under_oslo_casts_and_handles_each_once() {
     let (_pa, _pb) = (wa.proxy(&section), wb.proxy(&section));
     let image = image_dir();
     let qemu = qemu10_dir();
-    let shipped = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init/user-data.yaml"),
-    )
-    .unwrap();
     let iso = seed(
         &wa.path(""),
         &id,
-        &user_data_with_oslo_program(&shipped, &notify),
+        &user_data_with_oslo_program(&shipped_user_data(), &notify),
         &[deb("tether-agent")],
     );
     let disk = overlay(&wa.path(""), &image, &qemu);
@@ -237,12 +233,11 @@ async fn the_image_guest_migrates_under_oslo_casts_and_handles_each_once() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let mut seen = std::collections::BTreeMap::new();
-    let mut before = vec![];
+    let (mut numbered, mut before) = (vec![], vec![]);
     for l in record.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
         match v["i"].as_u64() {
-            Some(i) => *seen.entry(i).or_insert(0u32) += 1,
+            Some(i) => numbered.push(i),
             None => before.push(v),
         }
     }
@@ -250,8 +245,7 @@ async fn the_image_guest_migrates_under_oslo_casts_and_handles_each_once() {
     // either order: they came through different queues).
     before.sort_by_key(|v| v.to_string());
     assert_eq!(before, [json!({"k": "cast"}), json!({"k": "fanout"})]);
-    let twice: Vec<_> = seen.iter().filter(|(_, k)| **k > 1).collect();
-    let lost: Vec<_> = (0..n).filter(|i| !seen.contains_key(i)).collect();
+    let (twice, lost) = twice_and_missing(numbered, n);
     assert!(
         twice.is_empty() && lost.is_empty(),
         "of {n} casts: handled twice {twice:?}, never {lost:?}\n{}",

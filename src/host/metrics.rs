@@ -71,6 +71,22 @@ fn gauges(reg: &Registry, name: &str, help: &str, values: &PerInstance) {
     });
 }
 
+/// A gauge in seconds per instance, for the instances that have a value.
+fn seconds<'a>(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a String, std::time::Duration)>,
+) {
+    add(reg, || {
+        let g = GaugeVec::new(Opts::new(name, help), &["instance"])?;
+        for (id, d) in values {
+            g.with_label_values(&[id.as_str()]).set(d.as_secs_f64());
+        }
+        Ok(g)
+    });
+}
+
 fn gauge(reg: &Registry, name: &str, help: &str, v: u64) {
     add(reg, || {
         let g = IntGauge::new(name, help)?;
@@ -164,21 +180,12 @@ pub fn render(proxy: &Proxy) -> String {
         "DATA frames from the guest dropped as already received",
         &per(|m| m.duplicates),
     );
-    add(&reg, || {
-        let g = GaugeVec::new(
-            Opts::new(
-                "link_rtt_seconds",
-                "The link's last PING round trip, the guest's reading included (instances with one only)",
-            ),
-            &["instance"],
-        )?;
-        for (id, m) in &all {
-            if let Some(rtt) = m.rtt {
-                g.with_label_values(&[id.as_str()]).set(rtt.as_secs_f64());
-            }
-        }
-        Ok(g)
-    });
+    seconds(
+        &reg,
+        "link_rtt_seconds",
+        "The link's last PING round trip, the guest's reading included (instances with one only)",
+        all.iter().filter_map(|(id, m)| Some((id, m.rtt?))),
+    );
     // The agents' own numbers: the guest's word, kept per instance.
     let agent = |f: fn(&super::agent_stats::AgentGauges) -> u64| -> PerInstance {
         all.iter()
@@ -215,21 +222,12 @@ pub fn render(proxy: &Proxy) -> String {
         "Requests the guest's agent refused since it started (resets with it), as the agent reports it",
         &agent(|g| g.refused),
     );
-    add(&reg, || {
-        let g = GaugeVec::new(
-            Opts::new(
-                "agent_stats_age_seconds",
-                "Time since the guest's agent last reported the tether_agent_* numbers",
-            ),
-            &["instance"],
-        )?;
-        for (id, m) in &all {
-            if let Some((_, age)) = &m.agent {
-                g.with_label_values(&[id.as_str()]).set(age.as_secs_f64());
-            }
-        }
-        Ok(g)
-    });
+    seconds(
+        &reg,
+        "agent_stats_age_seconds",
+        "Time since the guest's agent last reported the tether_agent_* numbers",
+        all.iter().filter_map(|(id, m)| Some((id, m.agent?.1))),
+    );
     counters(
         &reg,
         "link_pings_total",

@@ -320,16 +320,15 @@ pub const FD_RESERVE: u64 = 256;
 /// unreadable limit (a seccomp filter) is only noted.
 fn check_open_file_limit(cfg: &ProxyConfig) {
     use nix::sys::resource::{Resource, getrlimit};
-    let need = (cfg.max_links as u64)
-        .saturating_add(cfg.max_control_clients as u64)
-        .saturating_add(FD_RESERVE);
+    let overhead = (cfg.max_control_clients as u64).saturating_add(FD_RESERVE);
+    let need = (cfg.max_links as u64).saturating_add(overhead);
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, _)) if soft < need => warn!(
             limit = soft,
             max_links = cfg.max_links,
             needed = need,
             "the open-file limit is below what max_links needs: links past about {} VMs will fail (\"Too many open files\"), and tetherctl with them; raise the limit (systemd: LimitNOFILE) or lower max_links",
-            soft.saturating_sub(FD_RESERVE + cfg.max_control_clients as u64)
+            soft.saturating_sub(overhead)
         ),
         Ok(_) => {}
         Err(e) => debug!(error = %e, "open-file limit not readable"),

@@ -29,6 +29,12 @@ pub fn image_dir() -> PathBuf {
     cached_by("guest-image")
 }
 
+/// The user-data this repository ships (`cloud-init/user-data.yaml`).
+pub fn shipped_user_data() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init/user-data.yaml"))
+        .expect("cloud-init/user-data.yaml")
+}
+
 /// A built Debian package of this checkout (`scripts/package`).
 pub fn deb(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -443,6 +443,26 @@ pub async fn wait_linked_for(
     }
 }
 
+/// What a record of numbered requests shows against the `n` sent (each
+/// `i` in 0..n): those handled more than once (with their count) and those
+/// never handled.
+pub fn twice_and_missing(
+    handled: impl IntoIterator<Item = u64>,
+    n: u64,
+) -> (Vec<(u64, u32)>, Vec<u64>) {
+    let mut seen = std::collections::BTreeMap::new();
+    for i in handled {
+        *seen.entry(i).or_insert(0u32) += 1;
+    }
+    let twice = seen
+        .iter()
+        .filter(|(_, k)| **k > 1)
+        .map(|(i, k)| (*i, *k))
+        .collect();
+    let missing = (0..n).filter(|i| !seen.contains_key(i)).collect();
+    (twice, missing)
+}
+
 pub mod guest;
 pub mod image;
 pub mod oslo;

@@ -227,12 +227,8 @@ pub async fn recorded_exactly_once(w: &World, u: &str, n: u64, bound: Duration) 
     loop {
         let r = w.recorded(u);
         if r.len() as u64 >= n || t.elapsed() > bound {
-            let mut seen = std::collections::BTreeMap::new();
-            for x in &r {
-                *seen.entry(x["i"].as_u64().unwrap()).or_insert(0) += 1;
-            }
-            let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-            let missing: Vec<u64> = (0..n).filter(|i| !seen.contains_key(i)).collect();
+            let (dups, missing) =
+                super::twice_and_missing(r.iter().map(|x| x["i"].as_u64().unwrap()), n);
             assert!(
                 dups.is_empty() && missing.is_empty() && r.len() as u64 == n,
                 "casts handled {} times for {n} sent; duplicated: {dups:?}; missing: {missing:?}",
