@@ -20,7 +20,9 @@
 //!   requests no sub-agent took yet, [`host::receipts`]), the control
 //!   socket, [`host::policy`] (the one enforcement point for guest traffic:
 //!   profiles, names, context, reply handles, audit) and [`host::broker`]
-//!   (oslo.messaging over RabbitMQ; each instance's share of it,
+//!   (oslo.messaging over RabbitMQ; one connection's work in
+//!   `host/broker/session/`, guest messages published pipelined in its
+//!   `upstream.rs`; each instance's share of it,
 //!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]);
 //!   the Prometheus endpoint, [`host::metrics`], and the guest agents' own
 //!   numbers it shows, [`host::agent_stats`].

@@ -351,6 +351,12 @@ pub fn render(proxy: &Proxy) -> String {
     );
     counter(
         &reg,
+        "broker_published_again_total",
+        "Guest messages published again after the broker closed the publishing channel over another",
+        b.published_again,
+    );
+    counter(
+        &reg,
         "broker_fanouts_missed_total",
         "Fanouts a guest did not take in time",
         b.fanouts_missed,

@@ -37,7 +37,7 @@ struct Route {
     proxy: Arc<Proxy>,
     target: Target,
     topic: String,
-    pub_ch: Channel,
+    answers_ch: Channel,
     grace: Duration,
 }
 
@@ -49,14 +49,14 @@ pub(super) async fn consume(
     proxy: Arc<Proxy>,
     target: Target,
     topic: String,
-    pub_ch: Channel,
+    answers_ch: Channel,
     grace_ms: u64,
 ) {
     let route = Route {
         proxy,
         target,
         topic,
-        pub_ch,
+        answers_ch,
         grace: Duration::from_millis(grace_ms),
     };
     while let Some(d) = consumer.next().await {
@@ -188,7 +188,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         proxy,
         target,
         topic,
-        pub_ch,
+        answers_ch,
         grace,
     } = route;
     let expiration = d
@@ -312,7 +312,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
                     ),
                 );
                 let r = Reply::new(oslo_id, None, Err(f));
-                publish_reply(&pub_ch, reply_q, wire::encode_reply(&r)).await;
+                publish_reply(&answers_ch, reply_q, wire::encode_reply(&r)).await;
                 ack(&d, &proxy).await;
                 return None;
             }
@@ -345,7 +345,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         }),
         _ => None,
     };
-    let hb_ch = pub_ch.clone();
+    let hb_ch = answers_ch.clone();
     let work = async move {
         let ok = match queued {
             Some(t) => guest_took(&inst, t, grace).await,
@@ -375,7 +375,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
         // millisecond on the call's round trip, measured).
         let call = Call {
             inst: &inst,
-            pub_ch: &pub_ch,
+            answers_ch: &answers_ch,
             msg_id,
             local,
             reply_q,
@@ -405,7 +405,7 @@ async fn deliver(d: lapin::message::Delivery, route: Route) -> Option<Rest> {
 /// A call the guest has: its reply (and heartbeats) go to the caller.
 struct Call<'a> {
     inst: &'a Instance,
-    pub_ch: &'a Channel,
+    answers_ch: &'a Channel,
     /// The caller's msg_id.
     msg_id: String,
     /// The id the guest knows the call by.
@@ -419,7 +419,7 @@ impl Call<'_> {
     async fn relay(self, rx: tokio::sync::oneshot::Receiver<crate::rpc::Reply>) {
         let Self {
             inst,
-            pub_ch,
+            answers_ch,
             msg_id,
             local,
             reply_q,
@@ -429,7 +429,7 @@ impl Call<'_> {
         match reply {
             Ok(Some(r)) => {
                 let r = Reply { msg_id, ..r };
-                publish_reply(pub_ch, &reply_q, wire::encode_reply(&r)).await
+                publish_reply(answers_ch, &reply_q, wire::encode_reply(&r)).await
             }
             // The caller times out by itself; if the guest answers later (or
             // through another proxy after a migration), that reply is routed

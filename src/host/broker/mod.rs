@@ -122,6 +122,11 @@ pub struct BridgeStatus {
     pub published: u64,
     /// Guest messages refused or dropped (each logged on the `audit` target).
     pub refused: u64,
+    /// Guest messages published again, alone, because the broker closed
+    /// the publishing channel over another message while they waited for
+    /// their confirms (they may reach the control plane twice; oslo drops
+    /// the duplicates it still remembers).
+    pub published_again: u64,
     /// Fanouts a guest did not take in time (`FANOUT_QUEUE_BOUND`: not
     /// delivered to it; `FANOUT_TAKE_BOUND`: kept for it, acknowledged for
     /// the others).

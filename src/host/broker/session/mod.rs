@@ -19,22 +19,26 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+mod upstream;
+
+use upstream::{PendingCall, Pipeline};
+
 use super::deliver::{Target, consume};
 use super::{
-    BridgeError, BrokerConfig, DECLARE_RETRY_AFTER, Names, RECONCILE_EVERY, RETRY_EVERY, RETRY_FOR,
-    StreamOffsets, Upstream, props, short, wire,
+    BridgeError, BrokerConfig, DECLARE_RETRY_AFTER, Names, RECONCILE_EVERY, StreamOffsets,
+    Upstream, short, wire,
 };
 use crate::host::Proxy;
-use crate::host::instance::{Instance, answer, refuse_cast};
-use crate::rpc::{Failure, Kind, LinkMsg, Request, new_unique_id};
+use crate::host::instance::Instance;
+use crate::rpc::LinkMsg;
 
 /// One instance's consumers: a channel of its own (prefetch per instance).
 struct InstConsumers {
@@ -82,6 +86,8 @@ pub(super) struct Session<'a> {
     retry: VecDeque<(Instant, Instant, Upstream)>,
     /// Notification queues this connection declared.
     notify_queues: HashSet<String>,
+    /// Guest messages published and waiting for their confirms.
+    pipe: Pipeline,
 }
 
 impl<'a> Session<'a> {
@@ -105,6 +111,7 @@ impl<'a> Session<'a> {
             calls: HashMap::new(),
             retry: VecDeque::new(),
             notify_queues: HashSet::new(),
+            pipe: Pipeline::default(),
         }
     }
 
@@ -189,7 +196,11 @@ impl<'a> Session<'a> {
             Ok(()) => BridgeError::Stopped,
             Err(e) => e,
         };
-        // Casts waiting for a route wait for the next connection.
+        // What was not confirmed goes first on the next connection, in
+        // order; casts waiting for a route wait for it too.
+        for m in self.pipe.take_unconfirmed().into_iter().rev() {
+            held.push_front(m);
+        }
         held.extend(self.retry.drain(..).map(|(_, _, m)| m));
         e
     }
@@ -212,6 +223,16 @@ impl<'a> Session<'a> {
             false,
         )
         .await?;
+        // The answers of guests to the control plane's calls (and their
+        // heartbeats) go out on a channel of their own, to the default
+        // exchange only: no guest message can make the broker close it.
+        // (They shared the guests' publishing channel, which a guest's
+        // message to an exchange that does not exist closes; the consumers
+        // then published every answer on the closed channel.)
+        let answers_ch = self.conn.create_channel().await?;
+        answers_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let reply_ch = self.conn.create_channel().await?;
         Self::declare_queue(
             &reply_ch,
@@ -241,11 +262,7 @@ impl<'a> Session<'a> {
         });
         // What waited while the broker was away goes first.
         while let Some(m) = held.pop_front() {
-            if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
-                held.push_front(m);
-                return Err(e.into());
-            }
-            self.ensure_pub(&mut pub_ch).await?;
+            self.submit(&mut pub_ch, m, Instant::now()).await?;
         }
         self.proxy.bridge.update(|s| s.held = 0);
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
@@ -255,16 +272,12 @@ impl<'a> Session<'a> {
                     if !self.conn.status().connected() {
                         return Err(lapin::Error::from(std::io::Error::other("connection closed")).into());
                     }
-                    self.reconcile(&pub_ch).await?;
+                    self.reconcile(&answers_ch).await?;
                     let now = Instant::now();
                     self.calls.retain(|_, c| c.deadline > now);
                     while self.retry.front().is_some_and(|(_, next, _)| *next <= now) {
                         let Some((first, _, m)) = self.retry.pop_front() else { break };
-                        if let Err(e) = self.upstream(&pub_ch, m.clone(), first).await {
-                            self.retry.push_front((first, now, m));
-                            return Err(e.into());
-                        }
-                        self.ensure_pub(&mut pub_ch).await?;
+                        self.submit(&mut pub_ch, m, first).await?;
                     }
                 }
                 d = replies.next() => match d {
@@ -272,14 +285,15 @@ impl<'a> Session<'a> {
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(lapin::Error::from(std::io::Error::other("reply consumer cancelled")).into()),
                 },
-                m = up_rx.recv() => match m {
-                    Some(m) => {
-                        if let Err(e) = self.upstream(&pub_ch, m.clone(), Instant::now()).await {
-                            held.push_front(m);
-                            return Err(e.into());
-                        }
-                        self.ensure_pub(&mut pub_ch).await?;
+                c = self.pipe.next_confirm(), if self.pipe.waiting() => {
+                    if let Some(c) = c {
+                        self.confirmed(c)?;
                     }
+                    // A message that failed in company goes again, alone.
+                    self.pump(&mut pub_ch).await?;
+                }
+                m = up_rx.recv() => match m {
+                    Some(m) => self.submit(&mut pub_ch, m, Instant::now()).await?,
                     None => return Ok(()),
                 },
             }
@@ -312,305 +326,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A publishing channel the broker closed (because of one message: an
-    /// exchange that does not exist, say) is opened again; the connection
-    /// stays.
-    async fn ensure_pub(&mut self, ch: &mut Channel) -> Result<(), lapin::Error> {
-        if ch.status().connected() {
-            return Ok(());
-        }
-        let c = self.conn.create_channel().await?;
-        c.confirm_select(ConfirmSelectOptions::default()).await?;
-        *ch = c;
-        Ok(())
-    }
-
-    /// Publish a guest message; what the broker could not route is retried
-    /// (casts), answered (calls) or reported (replies); what it refused is
-    /// refused to its sender — that message alone. `Err` only when the
-    /// connection failed (the message is kept for the next one).
-    async fn upstream(
-        &mut self,
-        ch: &Channel,
-        m: Upstream,
-        first: Instant,
-    ) -> Result<(), lapin::Error> {
-        match self.publish_upstream(ch, &m).await? {
-            Published::Done => {
-                self.proxy.bridge.update(|s| s.published += 1);
-                return Ok(());
-            }
-            Published::Refused(why) => {
-                self.refused_by_broker(m, &why);
-                return Ok(());
-            }
-            Published::Unroutable => {}
-        }
-        match m {
-            Upstream::Cast {
-                instance,
-                request: r,
-                ticket,
-            } => {
-                if first.elapsed() >= RETRY_FOR || self.retry.len() >= self.cfg.upstream_hold {
-                    self.proxy.bridge.update(|s| s.refused += 1);
-                    error!(target: "audit", instance = %instance, topic = ?r.target.topic, method = ?r.method, unique_id = ?r.unique_id,
-                           "guest cast refused: nothing consumed its topic for {} s", RETRY_FOR.as_secs());
-                    if let Some(inst) = self.proxy.instance(&instance) {
-                        let why = format!(
-                            "NoRoute: nothing on the control plane consumed topic '{}' for {} s",
-                            r.target.topic,
-                            RETRY_FOR.as_secs()
-                        );
-                        refuse_cast(&inst, r.unique_id, why);
-                    }
-                } else {
-                    if first.elapsed().is_zero() || self.retry.is_empty() {
-                        debug!(topic = ?r.target.topic, "guest cast unroutable for now; retrying");
-                    }
-                    let m = Upstream::Cast {
-                        instance,
-                        request: r,
-                        ticket,
-                    };
-                    self.retry
-                        .push_back((first, Instant::now() + RETRY_EVERY, m));
-                }
-            }
-            Upstream::Call {
-                instance, request, ..
-            } => {
-                self.proxy.bridge.update(|s| s.refused += 1);
-                if let Some(msg_id) = &request.msg_id {
-                    self.calls
-                        .retain(|_, c| !(c.instance == instance && c.guest_id == *msg_id));
-                }
-                if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
-                {
-                    let f = Failure::tether(
-                        "NoRoute",
-                        format!(
-                            "nothing on the control plane serves topic '{}'",
-                            request.target.topic
-                        ),
-                    );
-                    answer(&inst, msg_id, request.reply_to, f);
-                }
-            }
-            Upstream::Reply(r) => {
-                self.proxy.bridge.update(|s| s.refused += 1);
-                warn!(msg_id = ?r.msg_id, "reply unroutable: its caller's reply queue is gone")
-            }
-        }
-        Ok(())
-    }
-
-    /// One message the broker would not take (or a name it could not
-    /// carry): refused to the guest that sent it, and audited.
-    fn refused_by_broker(&mut self, m: Upstream, why: &str) {
-        self.proxy.bridge.update(|s| s.refused += 1);
-        match m {
-            Upstream::Cast {
-                instance,
-                request: r,
-                ..
-            } => {
-                error!(target: "audit", instance = %instance, topic = ?r.target.topic, exchange = ?r.target.exchange, unique_id = ?r.unique_id,
-                       reason = %why, "guest cast refused by the broker");
-                if let Some(inst) = self.proxy.instance(&instance) {
-                    refuse_cast(&inst, r.unique_id, format!("BrokerRefused: {why}"));
-                }
-            }
-            Upstream::Call {
-                instance, request, ..
-            } => {
-                error!(target: "audit", instance = %instance, topic = ?request.target.topic, exchange = ?request.target.exchange,
-                       reason = %why, "guest call refused by the broker");
-                if let Some(msg_id) = &request.msg_id {
-                    self.calls
-                        .retain(|_, c| !(c.instance == instance && c.guest_id == *msg_id));
-                }
-                if let (Some(inst), Some(msg_id)) = (self.proxy.instance(&instance), request.msg_id)
-                {
-                    let f = Failure::tether("BrokerRefused", why);
-                    answer(&inst, msg_id, request.reply_to, f);
-                }
-            }
-            Upstream::Reply(r) => {
-                warn!(msg_id = ?r.msg_id, reason = %why, "a guest's reply was refused by the broker")
-            }
-        }
-    }
-
-    /// Declare and bind the notification queue `topic` (`<topic>.<priority>`)
-    /// on the control exchange, as oslo's notifier does, unless this
-    /// connection did already. Durable and quorum as configured; the set
-    /// is bounded (the profile's topic patterns times seven priorities in
-    /// practice; cleared at [`MAX_NOTIFY_QUEUES`], so declared again).
-    async fn ensure_notify_queue(&mut self, ch: &Channel, topic: &str) -> Result<(), lapin::Error> {
-        if self.notify_queues.contains(topic) {
-            return Ok(());
-        }
-        let Ok(q) = short(topic) else {
-            return Ok(()); // refused at publish, with the reason
-        };
-        let mut args = FieldTable::default();
-        if self.cfg.quorum_queues {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-        }
-        let opts = QueueDeclareOptions {
-            durable: self.cfg.server_durable(),
-            ..Default::default()
-        };
-        ch.queue_declare(q.clone(), opts, args).await?;
-        ch.queue_bind(
-            q.clone(),
-            short(&self.cfg.control_exchange).unwrap_or_default(),
-            q,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        if self.notify_queues.len() >= MAX_NOTIFY_QUEUES {
-            self.notify_queues.clear();
-        }
-        self.notify_queues.insert(topic.to_string());
-        Ok(())
-    }
-
-    /// Publish, and say how it went.
-    async fn publish_upstream(
-        &mut self,
-        ch: &Channel,
-        m: &Upstream,
-    ) -> Result<Published, lapin::Error> {
-        let (exchange, key, body, props, mandatory) = match m {
-            Upstream::Cast {
-                instance,
-                request: r,
-                ..
-            } if r.kind == Kind::Notify => {
-                // As oslo's notifier: the queue named by the routing key is
-                // declared (once per connection) so that a notification
-                // nobody consumes yet waits for its listener — only for a
-                // topic the profile names exactly: a pattern would let the
-                // guest create queues on the shared broker at will.
-                let declare = self.proxy.instance(instance).is_some_and(|inst| {
-                    crate::host::policy::declares_notify_queue(
-                        &inst.policy().profile,
-                        &r.target.topic,
-                    )
-                });
-                if declare && let Err(e) = self.ensure_notify_queue(ch, &r.target.topic).await {
-                    if !self.conn.status().connected() {
-                        return Err(e);
-                    }
-                    return Ok(Published::Refused(format!(
-                        "declaring notification queue {}: {e}",
-                        r.target.topic
-                    )));
-                }
-                (
-                    self.cfg.control_exchange.clone(),
-                    r.target.topic.clone(),
-                    wire::encode_notification(r),
-                    props(),
-                    true,
-                )
-            }
-            Upstream::Cast { request: r, .. } => (
-                r.target
-                    .exchange
-                    .clone()
-                    .unwrap_or_else(|| self.cfg.control_exchange.clone()),
-                routing_key(r),
-                wire::encode_request(r, None),
-                props(),
-                true,
-            ),
-            Upstream::Call {
-                instance,
-                request: r,
-                ticket,
-            } => {
-                let t = r
-                    .timeout_ms
-                    .unwrap_or(self.cfg.upstream_call_timeout_ms)
-                    .min(self.cfg.upstream_call_timeout_ms);
-                let up_id = new_unique_id();
-                if let Some(msg_id) = &r.msg_id {
-                    // The ticket stays with the call until its answer comes
-                    // or it expires: a guest's calls in flight count
-                    // against its share too.
-                    let call = PendingCall {
-                        instance: instance.clone(),
-                        guest_id: msg_id.clone(),
-                        deadline: Instant::now() + Duration::from_millis(t),
-                        _ticket: ticket.clone(),
-                    };
-                    self.calls.insert(up_id.clone(), call);
-                }
-                let upstream = Request {
-                    msg_id: Some(up_id),
-                    ..r.clone()
-                };
-                (
-                    r.target
-                        .exchange
-                        .clone()
-                        .unwrap_or_else(|| self.cfg.control_exchange.clone()),
-                    routing_key(r),
-                    wire::encode_request(&upstream, Some(&self.names.reply_q)),
-                    props().with_expiration(t.to_string().into()),
-                    true,
-                )
-            }
-            Upstream::Reply(r) => match &r.reply_to {
-                Some(q) => (
-                    String::new(),
-                    q.clone(),
-                    wire::encode_reply(r),
-                    props(),
-                    true,
-                ),
-                None => return Ok(Published::Done),
-            },
-        };
-        let (Ok(exchange), Ok(key)) = (short(&exchange), short(&key)) else {
-            // The enforcement point checks guest names; this is the last
-            // line: a name AMQP cannot carry fails its message, not the link.
-            return Ok(Published::Refused(
-                "an exchange or routing key over 255 bytes".into(),
-            ));
-        };
-        let opts = BasicPublishOptions {
-            mandatory,
-            ..Default::default()
-        };
-        let res = async {
-            ch.basic_publish(exchange, key, opts, &body, props)
-                .await?
-                .await
-        }
-        .await;
-        match res {
-            Ok(lapin::Confirmation::Ack(returned)) if returned.is_none() => Ok(Published::Done),
-            Ok(lapin::Confirmation::Ack(_)) | Ok(lapin::Confirmation::Nack(_)) => {
-                Ok(Published::Unroutable)
-            }
-            Ok(lapin::Confirmation::NotRequested) => Ok(Published::Done),
-            // The connection is up, so the broker closed the channel over
-            // this message (an exchange that does not exist, …).
-            Err(e) if self.conn.status().connected() => Ok(Published::Refused(e.to_string())),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Make the consumers match the established links and their topics.
-    async fn reconcile(&mut self, pub_ch: &Channel) -> Result<(), BridgeError> {
+    async fn reconcile(&mut self, answers_ch: &Channel) -> Result<(), BridgeError> {
         let mut want: HashMap<String, (Arc<Instance>, Vec<String>)> = HashMap::new();
         for inst in self.proxy.instances() {
             if inst.tx.status().established {
@@ -650,7 +367,7 @@ impl<'a> Session<'a> {
             if self.refused.contains_key(id) {
                 continue;
             }
-            if let Err(e) = self.consume_instance(id, inst, topics, pub_ch).await {
+            if let Err(e) = self.consume_instance(id, inst, topics, answers_ch).await {
                 // A refused declaration closed the instance's channel (and
                 // its other consumers): start it afresh on the next try.
                 self.instances.remove(id);
@@ -685,7 +402,7 @@ impl<'a> Session<'a> {
             if self.fanout.contains_key(&t) || self.refused.contains_key(&key) {
                 continue;
             }
-            if let Err(e) = self.consume_fanout(t, pub_ch).await {
+            if let Err(e) = self.consume_fanout(t, answers_ch).await {
                 self.declaration_refused(key, e)?;
             }
         }
@@ -727,7 +444,7 @@ impl<'a> Session<'a> {
         id: &str,
         inst: &Arc<Instance>,
         topics: &[String],
-        pub_ch: &Channel,
+        answers_ch: &Channel,
     ) -> Result<(), BridgeError> {
         if !self.instances.contains_key(id) {
             let ch = self.conn.create_channel().await?;
@@ -814,7 +531,7 @@ impl<'a> Session<'a> {
                 self.proxy.clone(),
                 Target::One(inst.clone()),
                 t.clone(),
-                pub_ch.clone(),
+                answers_ch.clone(),
                 self.cfg.requeue_grace_ms,
             ));
         }
@@ -823,7 +540,7 @@ impl<'a> Session<'a> {
 
     /// Consume the fanout of `topic`: this proxy's own classic queue, or
     /// the topic's shared stream from where this proxy left off.
-    async fn consume_fanout(&mut self, t: String, pub_ch: &Channel) -> Result<(), BridgeError> {
+    async fn consume_fanout(&mut self, t: String, answers_ch: &Channel) -> Result<(), BridgeError> {
         let exchange = format!("{t}_fanout");
         let queue = if self.cfg.stream_fanout {
             exchange.clone()
@@ -898,37 +615,10 @@ impl<'a> Session<'a> {
             self.proxy.clone(),
             Target::Fanout { stream },
             t.clone(),
-            pub_ch.clone(),
+            answers_ch.clone(),
             self.cfg.requeue_grace_ms,
         ));
         self.fanout.insert(t, (ch, tag));
         Ok(())
     }
-}
-
-fn routing_key(r: &Request) -> String {
-    match &r.target.server {
-        Some(s) => format!("{}.{s}", r.target.topic),
-        None => r.target.topic.clone(),
-    }
-}
-
-/// How one publish went.
-enum Published {
-    /// The broker took it.
-    Done,
-    /// Nothing was bound to take it (mandatory publish returned).
-    Unroutable,
-    /// The broker would not take it (or AMQP cannot carry its names).
-    Refused(String),
-}
-
-/// A guest's call published upstream, waiting for its reply.
-struct PendingCall {
-    instance: String,
-    /// The id the guest knows it by.
-    guest_id: String,
-    deadline: Instant,
-    /// Its claim on the instance's share of the bridge.
-    _ticket: Option<super::Ticket>,
 }
