@@ -10,6 +10,14 @@
 //!   back; tether, casts of 1 KiB of arguments pipelined on the control
 //!   socket (each confirmed once the guest's link acknowledged it).
 //!
+//! - qemu-ga, the agent users already have, on a third port of the same
+//!   guest (`org.qemu.guest_agent.0`, Debian's package of the same release):
+//!   `guest-sync` and `guest-ping` round trips against tether's call
+//!   answered by the agent, pipelined `guest-ping`s (64 in flight) against
+//!   pipelined tether calls answered by the agent, and both agents'
+//!   resident memory in the guest (read there through qemu-ga's
+//!   `guest-exec`) after start-up and after the run.
+//!
 //! `cargo bench --bench vm` prints Markdown rows for docs/BENCHMARKS.md;
 //! `-- --quick` does a fraction of the work (CI proves it runs). Needs the VM
 //! assets (`scripts/vm-assets`).
@@ -24,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use common::{Ctl, proxy, stats};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// A round trip this slow is a stall (the aim: none in 10,000; a probe
@@ -125,6 +133,171 @@ async fn cast_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
     (n * 1024) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// A qemu-ga connection: JSON commands in, one JSON line per answer out.
+struct Qga {
+    r: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qga {
+    /// Connect and synchronise (bounded): qemu-ga may have half a
+    /// command from an earlier client buffered, which `guest-sync` with a
+    /// fresh id skips past.
+    async fn connect(p: &Path) -> Self {
+        let t = Instant::now();
+        let mut id = 1000u64;
+        loop {
+            if let Ok(s) = UnixStream::connect(p).await {
+                let (r, w) = s.into_split();
+                let mut q = Qga {
+                    r: BufReader::new(r).lines(),
+                    w,
+                };
+                id += 1;
+                let sync = json!({"execute": "guest-sync", "arguments": {"id": id}});
+                q.send(&sync).await;
+                let until = Instant::now() + Duration::from_secs(5);
+                while let Ok(Ok(Some(l))) =
+                    tokio::time::timeout_at(until.into(), q.r.next_line()).await
+                {
+                    let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+                    if v["return"] == id {
+                        return q;
+                    }
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "qemu-ga never answered guest-sync"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn send(&mut self, v: &serde_json::Value) {
+        self.w
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .expect("write to qemu-ga");
+    }
+
+    async fn recv(&mut self) -> serde_json::Value {
+        let l = self
+            .r
+            .next_line()
+            .await
+            .expect("read from qemu-ga")
+            .expect("qemu-ga closed");
+        serde_json::from_str(&l).expect("qemu-ga's JSON")
+    }
+
+    async fn req(&mut self, v: &serde_json::Value) -> serde_json::Value {
+        self.send(v).await;
+        self.recv().await
+    }
+
+    /// Round trips of `cmd`, `n` in turn.
+    async fn rtt(&mut self, n: usize, cmd: &str) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let v = if cmd == "guest-sync" {
+                json!({"execute": cmd, "arguments": {"id": i}})
+            } else {
+                json!({"execute": cmd})
+            };
+            let t = Instant::now();
+            let back = self.req(&v).await;
+            out.push(t.elapsed());
+            assert!(back.get("return").is_some(), "{back}");
+        }
+        out
+    }
+
+    /// `guest-ping`s per second, `n` of them with `depth` in flight.
+    async fn ping_throughput(&mut self, n: usize, depth: usize) -> f64 {
+        let t = Instant::now();
+        let (mut sent, mut done) = (0, 0);
+        while done < n {
+            while sent < n && sent - done < depth {
+                self.send(&json!({"execute": "guest-ping"})).await;
+                sent += 1;
+            }
+            let v = self.recv().await;
+            assert!(v.get("return").is_some(), "{v}");
+            done += 1;
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    }
+
+    /// Run `script` in the guest through `guest-exec`; its stdout.
+    async fn exec(&mut self, script: &str) -> String {
+        use base64::Engine;
+        let v = self
+            .req(&json!({"execute": "guest-exec", "arguments": {
+                "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}}))
+            .await;
+        let pid = v["return"]["pid"].clone();
+        assert!(pid.is_u64(), "{v}");
+        let t = Instant::now();
+        loop {
+            let st = self
+                .req(&json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}))
+                .await;
+            if st["return"]["exited"] == true {
+                let out = st["return"]["out-data"].as_str().unwrap_or("");
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(out)
+                    .expect("base64 from qemu-ga");
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "guest-exec never ended: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resident memory of the guest's processes named `names`, KiB.
+    async fn rss_kib(&mut self, names: &[&str]) -> Vec<u64> {
+        let mut out = vec![];
+        for n in names {
+            let s = self
+                .exec(&format!(
+                    "grep VmRSS /proc/$(pidof {n} | cut -d' ' -f1)/status"
+                ))
+                .await;
+            let kib = s
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no VmRSS for {n}: {s:?}"));
+            out.push(kib);
+        }
+        out
+    }
+}
+
+/// Calls answered by the agent per second, `n` with `depth` in flight.
+async fn call_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
+    let t = Instant::now();
+    let (mut sent, mut done) = (0, 0);
+    while done < n {
+        while sent < n && sent - done < depth {
+            ctl.send(
+                &json!({"id": sent, "op": "call", "instance": U, "topic": "tether.agent",
+                             "method": "stats", "timeout_ms": 30_000}),
+            )
+            .await;
+            sent += 1;
+        }
+        let v = ctl.recv().await;
+        assert_eq!(v["ok"], true, "{v}");
+        done += 1;
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -136,13 +309,22 @@ fn main() {
         let d = tempfile::tempdir().expect("tmp");
         let _proxy = proxy(d.path());
         let echo = d.path().join("echo.sock");
-        let _vm = vm::Vm::boot_with_echo(d.path(), "bench", &d.path().join("ch").join(format!("{U}.sock")), &echo);
+        let qga_sock = d.path().join("qga.sock");
+        let _vm = vm::Vm::boot_with_ports(
+            d.path(),
+            "bench",
+            &d.path().join("ch").join(format!("{U}.sock")),
+            &[(&echo, "org.tether.echo.0"), (&qga_sock, "org.qemu.guest_agent.0")],
+        );
         let mut ctl = Ctl::new(&d.path().join("ctl.sock")).await;
         let t = Instant::now();
         while ctl.req(&json!({"op": "call", "instance": U, "topic": "demo", "method": "echo", "timeout_ms": 5_000})).await["ok"] != true {
             assert!(t.elapsed() < Duration::from_secs(120), "the guest never linked");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let mut qga = Qga::connect(&qga_sock).await;
+        let procs = ["tether-agent", "qemu-ga", "echo_subagent"];
+        let rss_start = qga.rss_kib(&procs).await;
         let n = if quick { 50 } else { 10_000 };
         let bytes = if quick { 256 * 1024 } else { 8 * 1024 * 1024 };
         let casts = if quick { 200 } else { 8000 };
@@ -157,6 +339,22 @@ fn main() {
         let (raw, agent, sub) = (stats(raw), stats(agent), stats(sub));
         let raw_bps = raw_throughput(&echo, bytes).await;
         let tether_bps = cast_throughput(&mut ctl, casts, 64).await;
+        // qemu-ga on the same guest, after the same warm-up.
+        qga.rtt(n / 10 + 1, "guest-sync").await;
+        let sync = stats(qga.rtt(n, "guest-sync").await);
+        let ping = stats(qga.rtt(n, "guest-ping").await);
+        let pipelined = if quick { 200 } else { 5000 };
+        let qga_per_s = qga.ping_throughput(pipelined, 64).await;
+        let tether_per_s = call_throughput(&mut ctl, pipelined, 64).await;
+        let rss_end = qga.rss_kib(&procs).await;
+        let bin = |p: &str| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/target/vm/root");
+        let agent_size = bin(&format!("{root}/bin/tether-agent"));
+        let qga_size = bin(&format!("{root}/bin/qemu-ga"));
+        let libs: u64 = std::fs::read_dir(format!("{root}/lib/x86_64-linux-gnu"))
+            .map(|d| d.flatten().map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).sum())
+            .unwrap_or(0)
+            + bin(&format!("{root}/lib64/ld-linux-x86-64.so.2"));
         let mb = |b: f64| b / 1e6;
         println!("| test (TCG guest, virtio-serial) | raw echo on the same VM | tether | tether / raw |");
         println!("|---|---|---|---|");
@@ -183,6 +381,32 @@ fn main() {
             mb(tether_bps),
             tether_bps / 1024.0,
             tether_bps / raw_bps
+        );
+        println!();
+        println!("| same guest, same run | qemu-ga | tether | tether / qemu-ga |");
+        println!("|---|---|---|---|");
+        println!(
+            "| RTT mean / p50 / p99: qemu-ga `guest-sync`; tether call answered by the agent | {:.0} / {:.0} / {:.0} µs | {:.0} / {:.0} / {:.0} µs | {:.2} (mean), {:.2} (p99) |",
+            sync.0, sync.1, sync.2, agent.0, agent.1, agent.2, agent.0 / sync.0, agent.2 / sync.2
+        );
+        println!(
+            "| RTT mean / p50 / p99: qemu-ga `guest-ping` | {:.0} / {:.0} / {:.0} µs | | {:.2} (mean) |",
+            ping.0, ping.1, ping.2, agent.0 / ping.0
+        );
+        println!(
+            "| pipelined, 64 in flight: `guest-ping`s; tether calls answered by the agent | {qga_per_s:.0} /s | {tether_per_s:.0} /s | {:.2} |",
+            tether_per_s / qga_per_s
+        );
+        println!(
+            "| guest RSS after start-up / after the run (tether: the agent; its example sub-agent apart) | {} / {} KiB | {} / {} KiB (sub-agent {} / {} KiB) | {:.2} |",
+            rss_start[1], rss_end[1], rss_start[0], rss_end[0], rss_start[2], rss_end[2],
+            rss_start[0] as f64 / rss_start[1] as f64
+        );
+        println!(
+            "| binary size (tether: static, nothing else; qemu-ga: dynamic, plus the libraries it loads) | {:.2} MB + {:.2} MB | {:.2} MB | |",
+            qga_size as f64 / 1e6,
+            libs as f64 / 1e6,
+            agent_size as f64 / 1e6
         );
     });
 }

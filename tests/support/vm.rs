@@ -28,18 +28,30 @@ fn asset(name: &str) -> PathBuf {
 impl Vm {
     /// Boot a guest whose agent port's chardev socket is `chardev`.
     pub fn boot(dir: &Path, name: &str, chardev: &Path) -> Self {
-        Self::start(dir, name, chardev, None, None)
+        Self::start(dir, name, chardev, None, &[])
     }
 
     /// Boot with a second port, `org.tether.echo.0` at `echo`, on which the
     /// guest's init echoes whatever comes (a raw baseline, no tether).
     pub fn boot_with_echo(dir: &Path, name: &str, chardev: &Path, echo: &Path) -> Self {
-        Self::start(dir, name, chardev, None, Some(echo))
+        Self::start(dir, name, chardev, None, &[(echo, "org.tether.echo.0")])
+    }
+
+    /// Boot with more ports, each `(chardev socket, port name)`: the
+    /// guest's init echoes on `org.tether.echo.0` and runs qemu-ga on
+    /// `org.qemu.guest_agent.0`.
+    pub fn boot_with_ports(
+        dir: &Path,
+        name: &str,
+        chardev: &Path,
+        ports: &[(&Path, &str)],
+    ) -> Self {
+        Self::start(dir, name, chardev, None, ports)
     }
 
     /// A migration destination: same machine, waiting on `-incoming`.
     pub fn incoming(dir: &Path, name: &str, chardev: &Path, port: u16) -> Self {
-        Self::start(dir, name, chardev, Some(port), None)
+        Self::start(dir, name, chardev, Some(port), &[])
     }
 
     pub fn qmp_path(dir: &Path, name: &str) -> PathBuf {
@@ -51,7 +63,7 @@ impl Vm {
         name: &str,
         chardev: &Path,
         incoming: Option<u16>,
-        echo: Option<&Path>,
+        ports: &[(&Path, &str)],
     ) -> Self {
         let serial = dir.join(format!("{name}-console.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -96,16 +108,17 @@ impl Vm {
             "-device",
             "virtserialport,chardev=ch0,name=org.tether.agent.0,id=port0",
         ]);
-        if let Some(e) = echo {
+        for (i, (sock, port)) in ports.iter().enumerate() {
+            let n = i + 1;
             cmd.arg("-chardev")
                 .arg(format!(
-                    "socket,id=ch1,path={},server=on,wait=off",
-                    e.display()
+                    "socket,id=ch{n},path={},server=on,wait=off",
+                    sock.display()
                 ))
-                .args([
-                    "-device",
-                    "virtserialport,chardev=ch1,name=org.tether.echo.0,id=port1",
-                ]);
+                .arg("-device")
+                .arg(format!(
+                    "virtserialport,chardev=ch{n},name={port},id=port{n}"
+                ));
         }
         let child = cmd
             .stdin(Stdio::null())
