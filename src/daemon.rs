@@ -171,7 +171,19 @@ pub fn bind_unix_for(
     }
 }
 
-/// The daemons' runtime: two worker threads (the machines tether runs on are
+/// The agent's runtime: one thread. A guest has a vCPU or a few and the
+/// agent's work is moving bytes between a port and a few sockets: with two
+/// worker threads every hand-off between its tasks could be a wake-up of the
+/// other thread (a futex and a context switch, each costly in a VM),
+/// measured in docs/BENCHMARKS.md. Blocking work still goes to tokio's
+/// blocking pool.
+pub fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// The proxy's runtime: two worker threads (the machines tether runs on are
 /// small, and one link task per VM needs no more).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let rt = tether::daemon::runtime().context("cannot start the runtime")?;
+    let rt = tether::daemon::agent_runtime().context("cannot start the runtime")?;
     rt.block_on(async {
         // SIGHUP: re-read and validate the config file; a bad file is
         // reported and the running config stays.
