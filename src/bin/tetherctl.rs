@@ -331,7 +331,7 @@ target exchanges {} topics {} servers {} methods {}",
             };
             let mut out = format!(
                 "{state} to {}; {} connects; consuming for {} instances, {} fanout topics\n\
-                 delivered {}, requeued {}, published {}, refused {}, held {}",
+                 delivered {}, requeued {}, published {} ({} again), refused {}, held {}",
                 result["broker"].as_str().unwrap_or("?"),
                 result["connects"],
                 result["instances_consumed"],
@@ -339,6 +339,7 @@ target exchanges {} topics {} servers {} methods {}",
                 result["delivered"],
                 result["requeued"],
                 result["published"],
+                result["published_again"],
                 result["refused"],
                 result["held"],
             );
