@@ -693,3 +693,45 @@ async fn a_refused_queue_declaration_is_reported_and_the_other_instances_are_ser
         .await;
     assert_eq!(v, json!({"ok": true, "result": 3}));
 }
+
+/// Each linked instance serving topics takes an AMQP channel of its own;
+/// past the connection's channel limit (`broker.channel_max` here, the
+/// broker's `channel_max` — 2047 by default — in a real cloud) an instance
+/// is not consumed, and said so, while the others are served: one more VM
+/// linking does not end the connection for all. A channel freed by an
+/// instance that went serves a waiting one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_past_the_channel_limit_wait_and_the_others_are_served() {
+    use support::guest::FakeGuest;
+    let url = amqp_url();
+    let ex = unique("ex");
+    let topic = unique("cm");
+    let w = World::new();
+    // 8 channels: the proxy's 3, one fanout topic, room for 4 instances.
+    let _proxy = w.proxy(&format!("{}channel_max = 8\n", broker_section(&url, &ex)));
+    let mut ctl = w.ctl().await;
+    let mut guests = vec![];
+    for n in 0..6 {
+        let id = uuid(560 + n);
+        let g = FakeGuest::start(&w.channels(), &id);
+        g.topics(&[&topic]).await;
+        wait_linked(&mut ctl, &id, &topic).await;
+        guests.push(g);
+    }
+    let v = broker_status_until(&mut ctl, "the channel limit reported", |v| {
+        v["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("channel limit"))
+            && v["instances_consumed"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(v["instances_consumed"].as_u64() < Some(6), "{v}");
+    // Two VMs go: their channels serve the others.
+    guests.truncate(4);
+    let v = broker_status_until(&mut ctl, "the 4 remaining instances consumed", |v| {
+        v["instances_consumed"] == 4 && v["fanout_topics"] == 1
+    })
+    .await;
+    assert_eq!(v["connects"], 1, "the connection never went down: {v}");
+    assert_eq!(v["connected"], true, "{v}");
+}

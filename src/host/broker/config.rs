@@ -96,6 +96,12 @@ pub struct BrokerConfig {
     /// Longest a guest's call to the control plane may wait for its reply
     /// when the guest did not say, ms.
     pub upstream_call_timeout_ms: u64,
+    /// AMQP channels the proxy's connection may open (0: as many as the
+    /// broker allows — RabbitMQ's `channel_max`, 2047 by default). Each
+    /// linked instance serving topics takes one (its prefetch is its own),
+    /// each fanout topic one, the proxy four more; instances past it are
+    /// not consumed (reported, retried) while the others are served.
+    pub channel_max: u16,
 }
 
 impl Default for BrokerConfig {
@@ -121,9 +127,15 @@ impl Default for BrokerConfig {
             upstream_per_instance: 100,
             upstream_bytes_per_instance: 4 << 20,
             upstream_call_timeout_ms: 60_000,
+            channel_max: 0,
         }
     }
 }
+
+/// The least `channel_max` that leaves room for an instance and a fanout
+/// topic beside the proxy's own four channels (publishing, answers, replies
+/// and the connection's channel 0).
+pub const MIN_CHANNEL_MAX: u16 = 6;
 
 impl BrokerConfig {
     /// Whether a broker is configured.
@@ -150,7 +162,15 @@ impl BrokerConfig {
 
     /// The AMQP URIs to try, in order (`amqps://` with `ssl`).
     pub fn amqp_uris(&self) -> Result<Vec<String>, String> {
-        Ok(self.url()?.amqp_uris(self.ssl))
+        let uris = self.url()?.amqp_uris(self.ssl);
+        if self.channel_max == 0 {
+            return Ok(uris);
+        }
+        // The AMQP client takes the lower of this and the broker's.
+        Ok(uris
+            .into_iter()
+            .map(|u| format!("{u}?channel_max={}", self.channel_max))
+            .collect())
     }
 
     /// The TLS settings for the AMQP client, the files read now (so that
@@ -302,6 +322,11 @@ impl BrokerConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err("broker.reconnect_min_ms must be > 0 and <= reconnect_max_ms".into());
+        }
+        if self.channel_max != 0 && self.channel_max < MIN_CHANNEL_MAX {
+            return Err(format!(
+                "broker.channel_max must be 0 (the broker's limit) or at least {MIN_CHANNEL_MAX}: the proxy itself uses 4 channels"
+            ));
         }
         if self.upstream_hold == 0 {
             return Err("broker.upstream_hold must be at least 1".into());
@@ -460,6 +485,22 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().contains("prefetch"));
+        let c = BrokerConfig {
+            transport_url: "rabbit://h/".into(),
+            channel_max: 5,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().contains("channel_max"));
+        let c = BrokerConfig {
+            transport_url: "rabbit://h/".into(),
+            channel_max: 6,
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.amqp_uris().unwrap(),
+            vec!["amqp://guest:guest@h:5672/%2F?channel_max=6"]
+        );
         let c = BrokerConfig {
             transport_url: "rabbit://h/".into(),
             stream_fanout: true,

@@ -85,6 +85,18 @@ pub enum BridgeError {
         #[source]
         source: lapin::Error,
     },
+    /// No channel could be opened for one instance or fanout topic while
+    /// the connection is up: the connection's channel limit is reached.
+    #[error(
+        "no AMQP channel for {what}: the connection's channel limit is reached (each linked instance serving topics takes one, each fanout topic one; see broker.channel_max and the broker's channel_max)"
+    )]
+    Channel {
+        /// The instance or fanout topic.
+        what: String,
+        /// What the AMQP client said.
+        #[source]
+        source: lapin::Error,
+    },
     /// The bridge was told to stop.
     #[error("the bridge stopped")]
     Stopped,

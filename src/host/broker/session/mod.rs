@@ -88,6 +88,10 @@ pub(super) struct Session<'a> {
     notify_queues: HashSet<String>,
     /// Guest messages published and waiting for their confirms.
     pipe: Pipeline,
+    /// When the channel limit was last reported, and how many were not
+    /// served for it since.
+    channel_warned: Option<Instant>,
+    channel_limited: u64,
 }
 
 impl<'a> Session<'a> {
@@ -112,6 +116,8 @@ impl<'a> Session<'a> {
             retry: VecDeque::new(),
             notify_queues: HashSet::new(),
             pipe: Pipeline::default(),
+            channel_warned: None,
+            channel_limited: 0,
         }
     }
 
@@ -423,16 +429,47 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// A channel of its own for `what` (an instance, a fanout topic). One
+    /// that cannot be opened while the connection is up hit the channel
+    /// limit: that one is not served (and tried again later), not the
+    /// connection ended — which would stop the bridge for every instance
+    /// each time one more VM links past the limit.
+    async fn channel_for(&self, what: String) -> Result<Channel, BridgeError> {
+        match self.conn.create_channel().await {
+            Ok(ch) => Ok(ch),
+            Err(source) if self.conn.status().connected() => {
+                Err(BridgeError::Channel { what, source })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The broker refused a declaration for one instance or fanout topic
     /// (most often 406: the deployment declared that queue with other
-    /// flags): report it and leave that one alone for a while; the other
-    /// instances keep being served. Any other error ends the connection.
+    /// flags), or no channel was left for it: report it and leave that one
+    /// alone for a while; the other instances keep being served. Any other
+    /// error ends the connection.
     fn declaration_refused(&mut self, key: String, e: BridgeError) -> Result<(), BridgeError> {
-        if !matches!(e, BridgeError::Declare { .. }) {
+        if !matches!(e, BridgeError::Declare { .. } | BridgeError::Channel { .. }) {
             return Err(e);
         }
         let why = crate::error_chain(&e);
-        error!(what = ?key, error = %why, retry_in_s = DECLARE_RETRY_AFTER.as_secs(), "the broker refused a declaration; the rest is served");
+        if matches!(e, BridgeError::Channel { .. }) {
+            // One line per retry period however many VMs are past the
+            // limit (each is tried again every period).
+            self.channel_limited += 1;
+            if self
+                .channel_warned
+                .is_none_or(|t| t.elapsed() >= DECLARE_RETRY_AFTER)
+            {
+                error!(what = ?key, error = %why, not_served = self.channel_limited, retry_in_s = DECLARE_RETRY_AFTER.as_secs(),
+                       "no AMQP channel left: instances and fanout topics past the limit are not consumed; the rest is served");
+                self.channel_warned = Some(Instant::now());
+                self.channel_limited = 0;
+            }
+        } else {
+            error!(what = ?key, error = %why, retry_in_s = DECLARE_RETRY_AFTER.as_secs(), "the broker refused a declaration; the rest is served");
+        }
         self.proxy.bridge.update(|s| s.last_error = Some(why));
         self.refused.insert(key, Instant::now());
         Ok(())
@@ -447,7 +484,7 @@ impl<'a> Session<'a> {
         answers_ch: &Channel,
     ) -> Result<(), BridgeError> {
         if !self.instances.contains_key(id) {
-            let ch = self.conn.create_channel().await?;
+            let ch = self.channel_for(format!("instance {id}")).await?;
             ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
                 .await?;
             self.instances.insert(
@@ -551,7 +588,7 @@ impl<'a> Session<'a> {
             warn!(topic = ?t, "fanout name too long for AMQP; fanout not served over the broker");
             return Ok(());
         };
-        let ch = self.conn.create_channel().await?;
+        let ch = self.channel_for(format!("the fanout of {t}")).await?;
         // Streams need a prefetch too (the broker refuses a consumer without).
         ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
             .await?;
