@@ -99,7 +99,7 @@ pub struct BrokerConfig {
     /// AMQP channels the proxy's connection may open (0: as many as the
     /// broker allows — RabbitMQ's `channel_max`, 2047 by default). Each
     /// linked instance serving topics takes one (its prefetch is its own),
-    /// each fanout topic one, the proxy four more; instances past it are
+    /// each fanout topic one, the proxy three more; instances past it are
     /// not consumed (reported, retried) while the others are served.
     pub channel_max: u16,
 }
@@ -133,8 +133,8 @@ impl Default for BrokerConfig {
 }
 
 /// The least `channel_max` that leaves room for an instance and a fanout
-/// topic beside the proxy's own four channels (publishing, answers, replies
-/// and the connection's channel 0).
+/// topic beside the proxy's own three channels (publishing, answers,
+/// replies), and one to spare.
 pub const MIN_CHANNEL_MAX: u16 = 6;
 
 impl BrokerConfig {
@@ -325,7 +325,7 @@ impl BrokerConfig {
         }
         if self.channel_max != 0 && self.channel_max < MIN_CHANNEL_MAX {
             return Err(format!(
-                "broker.channel_max must be 0 (the broker's limit) or at least {MIN_CHANNEL_MAX}: the proxy itself uses 4 channels"
+                "broker.channel_max must be 0 (the broker's limit) or at least {MIN_CHANNEL_MAX}: the proxy itself uses 3 channels"
             ));
         }
         if self.upstream_hold == 0 {
