@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{Ctl, Daemon, stats, wait};
+use common::{Ctl, Daemon, cpu_secs, stats, wait};
 use serde_json::json;
 use tether::link::driver::UnixAcceptor;
 use tether::link::frame::flags;
@@ -64,23 +64,8 @@ fn proxy_with_log(dir: &Path) -> Daemon {
     d
 }
 
-/// CPU seconds the process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the ')'.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    common::status_kib(pid, "VmRSS:")
 }
 
 /// A well-behaved guest in this process: announces `good`, answers calls.

@@ -11,12 +11,14 @@
 //! Needs the test broker and venv (as `benches/oslo.rs`). `-- --quick`
 //! (50 guests, 5 fanouts) for CI; `-- --guests N --fanouts M` to choose.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::{cpu_secs, status_kib};
 use serde_json::json;
 use support::oslo::*;
 use support::*;
@@ -32,25 +34,6 @@ fn arg(name: &str) -> Option<usize> {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// CPU seconds the process has used (utime + stime).
-fn cpu_secs(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn percentile(v: &[Duration], p: usize) -> f64 {

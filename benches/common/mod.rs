@@ -91,3 +91,24 @@ pub fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     let mean = v.iter().sum::<Duration>() / v.len() as u32;
     (us(mean), us(v[v.len() / 2]), us(v[(v.len() * 99) / 100]))
 }
+
+/// CPU seconds the process has used (utime + stime, from /proc).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`), or 0.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
