@@ -18,7 +18,8 @@
 //! to the same server.
 //!
 //! Needs the test broker and venv (`scripts/test` provides both; or
-//! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI.
+//! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI;
+//! `-- --calls N --casts M` to choose the counts.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -119,7 +120,14 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let n = if quick { 50 } else { 2000 };
+        let arg = |name: &str| {
+            let a: Vec<String> = std::env::args().collect();
+            a.iter()
+                .position(|x| x == name)
+                .and_then(|i| a.get(i + 1))
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        let n = arg("--calls").unwrap_or(if quick { 50 } else { 2000 });
         let url = amqp_url();
         let ex = unique("bench");
         let topic = unique("bench");
@@ -127,9 +135,14 @@ fn main() {
         // The guest's share of the bridge raised (100 messages waiting by
         // default): the upstream table measures the bridge's throughput,
         // not how a burst past the share is refused.
+        // So are its profile's rate limits (100 messages/s, bursts of
+        // 1,000, by default): a guest casting faster is refused by policy.
         let _proxy = w.proxy(&format!(
-            "{}upstream_per_instance = 100000\nupstream_hold = 100000\nupstream_bytes_per_instance = 104857600\n",
-            broker_section(&url, &ex)
+            "{}upstream_per_instance = 100000\nupstream_hold = 100000\nupstream_bytes_per_instance = 104857600\n{}",
+            broker_section(&url, &ex),
+            lab_policy(
+                "messages_per_sec = 1000000.0\nmessage_burst = 1000000.0\nbytes_per_sec = 1e12\nbyte_burst = 1e12\n"
+            )
         ));
         let u = uuid(900);
         let (_agent, sock) = w.bare_agent(&u);
@@ -230,7 +243,7 @@ fn main() {
         let mut pub_sa = SubAgent::connect(&sock, "publisher", &["publisher"])
             .await
             .expect("sub-agent");
-        let casts = if quick { 200 } else { 5000 };
+        let casts = arg("--casts").unwrap_or(if quick { 200 } else { 5000 });
         let mut ctl = w.ctl().await;
         let mut up_rows = vec![];
         for _ in 0..2 {
@@ -241,6 +254,9 @@ fn main() {
             assert_eq!(v["ok"], true, "{v}");
             collected(&mut collector, casts).await;
             let py = casts as f64 / t.elapsed().as_secs_f64();
+            let published0 = broker_status(&mut ctl).await["published"]
+                .as_u64()
+                .unwrap_or(0);
             let t = std::time::Instant::now();
             let target = tether::rpc::Target {
                 topic: up_topic.clone(),
@@ -252,11 +268,19 @@ fn main() {
                     .await
                     .expect("cast");
             }
+            // The bridge's own pace: every cast confirmed by the broker
+            // (the server may still be taking them).
+            let goal = published0 + casts as u64;
+            broker_status_until(&mut ctl, "every guest cast published", |v| {
+                v["published"].as_u64() >= Some(goal)
+            })
+            .await;
+            let bridge = casts as f64 / t.elapsed().as_secs_f64();
             collected(&mut collector, casts).await;
             let tether = casts as f64 / t.elapsed().as_secs_f64();
             let b = broker_status(&mut ctl).await;
             assert_eq!(b["refused"], 0, "{b}");
-            up_rows.push((py, tether));
+            up_rows.push((py, tether, bridge));
         }
         println!("| oslo call RTT, {n} sequential calls, mean / p50 / p99 | Python oslo server | tether → sub-agent | bare lapin responder (floor) | tether / Python | tether − floor vs Python − floor (p50) |");
         println!("|---|---|---|---|---|---|");
@@ -291,11 +315,11 @@ fn main() {
             );
         }
         println!();
-        println!("| {casts} casts to a Python oslo server, as fast as they go | the Python oslo client alone | a guest's sub-agent through tether | tether / Python |");
-        println!("|---|---|---|---|");
-        for (py, tether) in up_rows {
+        println!("| {casts} casts to a Python oslo server, as fast as they go | the Python oslo client alone | a guest's sub-agent through tether (to the server) | tether / Python | tether: published by the proxy (broker confirms) |");
+        println!("|---|---|---|---|---|");
+        for (py, tether, bridge) in up_rows {
             println!(
-                "| | {py:.0} casts/s | {tether:.0} casts/s | {:.2} |",
+                "| | {py:.0} casts/s | {tether:.0} casts/s | {:.2} | {bridge:.0} casts/s |",
                 tether / py
             );
         }
