@@ -262,7 +262,7 @@ async fn a_message_the_broker_refuses_fails_alone() {
 /// once). An exchange deleted under them: the broker closes the publishing
 /// channel over the first cast to it, and every publish then waiting fails
 /// with it. Only the cast that fails alone is refused, to its own guest;
-/// the others go again, alone, and arrive; the connection stays.
+/// the others go again, alone, and arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_deleted_under_pipelined_casts_fails_only_the_casts_to_it() {
     use lapin::options::{
@@ -381,11 +381,18 @@ async fn an_exchange_deleted_under_pipelined_casts_fails_only_the_casts_to_it() 
         }
     }
     let b = s.bridge().await;
-    assert_eq!(b["connects"], 1, "the connection never went down: {b}");
     assert_eq!(b["refused"], 2, "{b}");
     // The first cast to the deleted exchange went out in company (its
-    // exchange was known), so it at least was published again, alone.
-    assert!(b["published_again"].as_u64() >= Some(1), "{b}");
+    // exchange was known), so it was published again, alone — on this
+    // connection, or on the next: a publish the AMQP client sent on the
+    // channel while the broker was closing it makes the broker end the
+    // connection (504 CHANNEL_ERROR), and what was not confirmed goes
+    // again on the next one. Once, not in a loop.
+    assert!(b["connects"].as_u64() <= Some(2), "{b}");
+    assert!(
+        b["published_again"].as_u64() >= Some(1) || b["connects"] == 2,
+        "{b}"
+    );
     println!(
         "published again: {}; good casts seen twice: {twice}",
         b["published_again"]
