@@ -240,7 +240,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The exchange `m` is published to.
+    /// The exchange `m` is published to (notifications: the control
+    /// exchange, as oslo's notifier; replies: the default exchange).
     fn exchange_of(&self, m: &Upstream) -> String {
         match m {
             Upstream::Cast { request: r, .. } | Upstream::Call { request: r, .. } => r
@@ -442,12 +443,9 @@ impl Session<'_> {
     /// Publish: settled at once (nothing to send, or refused before
     /// sending), or waiting for the broker's confirm.
     async fn begin(&mut self, ch: &Channel, m: &Upstream) -> Result<Begun, lapin::Error> {
-        let (exchange, key, body, props, mandatory) = match m {
-            Upstream::Cast {
-                instance,
-                request: r,
-                ..
-            } if r.kind == Kind::Notify => {
+        let exchange = self.exchange_of(m);
+        let (key, body, props) = match m {
+            Upstream::Cast { request: r, .. } if r.kind == Kind::Notify => {
                 if self.declares_notify_queue(m)
                     && let Err(e) = self.ensure_notify_queue(ch, &r.target.topic).await
                 {
@@ -460,23 +458,14 @@ impl Session<'_> {
                     ))));
                 }
                 (
-                    self.cfg.control_exchange.clone(),
                     r.target.topic.clone(),
                     wire::encode_notification(r),
                     props(),
-                    true,
                 )
             }
-            Upstream::Cast { request: r, .. } => (
-                r.target
-                    .exchange
-                    .clone()
-                    .unwrap_or_else(|| self.cfg.control_exchange.clone()),
-                routing_key(r),
-                wire::encode_request(r, None),
-                props(),
-                true,
-            ),
+            Upstream::Cast { request: r, .. } => {
+                (routing_key(r), wire::encode_request(r, None), props())
+            }
             Upstream::Call {
                 instance,
                 request: r,
@@ -504,24 +493,13 @@ impl Session<'_> {
                     ..r.clone()
                 };
                 (
-                    r.target
-                        .exchange
-                        .clone()
-                        .unwrap_or_else(|| self.cfg.control_exchange.clone()),
                     routing_key(r),
                     wire::encode_request(&upstream, Some(&self.names.reply_q)),
                     props().with_expiration(t.to_string().into()),
-                    true,
                 )
             }
             Upstream::Reply(r) => match &r.reply_to {
-                Some(q) => (
-                    String::new(),
-                    q.clone(),
-                    wire::encode_reply(r),
-                    props(),
-                    true,
-                ),
+                Some(q) => (q.clone(), wire::encode_reply(r), props()),
                 None => return Ok(Begun::Settled(Published::Done)),
             },
         };
@@ -532,8 +510,9 @@ impl Session<'_> {
                 "an exchange or routing key over 255 bytes".into(),
             )));
         };
+        // Mandatory: what nothing is bound to take comes back (unroutable).
         let opts = BasicPublishOptions {
-            mandatory,
+            mandatory: true,
             ..Default::default()
         };
         match ch.basic_publish(exchange, key, opts, &body, props).await {
