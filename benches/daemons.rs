@@ -156,11 +156,7 @@ async fn links_cost(dir: &Path, n: usize, idle: Duration) -> (u64, f64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async {
         let n = if quick { 300 } else { 5000 };
         let d1 = tempfile::tempdir().expect("tmp");

@@ -18,7 +18,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{cpu_secs, status_kib};
+use common::{arg, cpu_secs, status_kib};
 use serde_json::json;
 use support::oslo::*;
 use support::*;
@@ -27,14 +27,6 @@ use tokio::sync::mpsc;
 
 /// The topic every guest serves.
 const TOPIC: &str = "fanbench";
-
-fn arg(name: &str) -> Option<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-}
 
 fn percentile(v: &[Duration], p: usize) -> f64 {
     let mut v = v.to_vec();
@@ -47,11 +39,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let guests = arg("--guests").unwrap_or(if quick { 50 } else { 1000 });
     let fanouts = arg("--fanouts").unwrap_or(if quick { 5 } else { 100 });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async {
         let url = amqp_url();
         let ex = unique("fanbench");

@@ -186,11 +186,7 @@ fn rtt_rows(label: &str, rt: &tokio::runtime::Runtime, rounds: usize) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
-    let multi = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let multi = tether::daemon::runtime().expect("runtime");
     let single = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

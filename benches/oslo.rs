@@ -21,8 +21,11 @@
 //! `scripts/broker start` and `TETHER_AMQP_URL`). `-- --quick` for CI;
 //! `-- --calls N --casts M` to choose the counts.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use common::arg;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -114,19 +117,8 @@ async fn lapin_responder(url: &str, exchange: &str, topic: &str, server: &str) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async {
-        let arg = |name: &str| {
-            let a: Vec<String> = std::env::args().collect();
-            a.iter()
-                .position(|x| x == name)
-                .and_then(|i| a.get(i + 1))
-                .and_then(|v| v.parse::<usize>().ok())
-        };
         let n = arg("--calls").unwrap_or(if quick { 50 } else { 2000 });
         let url = amqp_url();
         let ex = unique("bench");

@@ -300,11 +300,7 @@ async fn call_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async {
         let d = tempfile::tempdir().expect("tmp");
         let _proxy = proxy(d.path());

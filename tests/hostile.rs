@@ -103,11 +103,7 @@ async fn scene() -> Scene {
 impl Scene {
     /// The good guest casts `n` times to the service; each arrives once.
     async fn good_casts_arrive(&mut self, from: u64, n: u64) {
-        for i in from..from + n {
-            let mut r = cast(target(&self.svc, None, None), "told", json!({}));
-            r.args = json!({"i": i});
-            self.good.send(LinkMsg::Req(r)).await;
-        }
+        self.send_good_casts(from, n).await;
         let mut got = std::collections::BTreeSet::new();
         let t = Instant::now();
         while (got.len() as u64) < n {
@@ -117,6 +113,15 @@ impl Scene {
             assert!((from..from + n).contains(&i), "{m}");
             assert!(got.insert(i), "twice: {m}");
             assert!(t.elapsed() < BOUND * 2, "good casts stalled: {got:?}");
+        }
+    }
+
+    /// The good guest casts `told` with `i` from `from` to `from + n - 1`.
+    async fn send_good_casts(&self, from: u64, n: u64) {
+        for i in from..from + n {
+            let mut r = cast(target(&self.svc, None, None), "told", json!({}));
+            r.args = json!({"i": i});
+            self.good.send(LinkMsg::Req(r)).await;
         }
     }
 
@@ -272,13 +277,7 @@ async fn an_exchange_deleted_under_pipelined_casts_fails_only_the_casts_to_it() 
     const GOOD: u64 = 90;
     let mut s = scene().await;
     let gone = unique("gone");
-    let uri = s.url.replacen("rabbit://", "amqp://", 1);
-    let conn = lapin::Connection::connect(
-        uri.trim_end_matches('/'),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("connect to the test broker");
+    let conn = amqp_connection(&s.url).await;
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_declare(
         gone.as_str().into(),
@@ -308,15 +307,10 @@ async fn an_exchange_deleted_under_pipelined_casts_fails_only_the_casts_to_it() 
     )
     .await
     .unwrap();
+    let to_gone = || cast(target("t", None, Some(&gone)), "m", json!({}));
     // The hostile guest's first cast to it is taken: the exchange is known.
     let published = s.bridge().await["published"].as_u64().unwrap();
-    s.bad
-        .send(LinkMsg::Req(cast(
-            target("t", None, Some(&gone)),
-            "m",
-            json!({}),
-        )))
-        .await;
+    s.bad.send(LinkMsg::Req(to_gone())).await;
     let t = Instant::now();
     while s.bridge().await["published"].as_u64() <= Some(published) {
         assert!(
@@ -329,25 +323,9 @@ async fn an_exchange_deleted_under_pipelined_casts_fails_only_the_casts_to_it() 
         .await
         .unwrap();
     // Now one cast to it, the good guest's casts right behind it, another.
-    s.bad
-        .send(LinkMsg::Req(cast(
-            target("t", None, Some(&gone)),
-            "m",
-            json!({}),
-        )))
-        .await;
-    for i in 0..GOOD {
-        let mut r = cast(target(&s.svc, None, None), "told", json!({}));
-        r.args = json!({"i": i});
-        s.good.send(LinkMsg::Req(r)).await;
-    }
-    s.bad
-        .send(LinkMsg::Req(cast(
-            target("t", None, Some(&gone)),
-            "m",
-            json!({}),
-        )))
-        .await;
+    s.bad.send(LinkMsg::Req(to_gone())).await;
+    s.send_good_casts(0, GOOD).await;
+    s.bad.send(LinkMsg::Req(to_gone())).await;
     // Every good cast arrives (one sent again may arrive twice: the broker
     // routed it and only its confirm was lost with the channel).
     let mut got = std::collections::BTreeSet::new();
@@ -911,14 +889,7 @@ async fn guests_that_trickle_their_frames_hold_up_no_one() {
     for round in 0..3 {
         s.good_casts_arrive(round * 10, 10).await;
         let sock = s.w.ctl_sock();
-        let good_id = s.ctl.req(json!({"op": "links"})).await["result"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["profile"] == "default")
-            .map(|l| l["instance"].as_str().unwrap().to_string())
-            .unwrap();
-        good_guest_answers(&mut s.ctl, &mut s.good, &good_id, sock).await;
+        good_guest_answers(&mut s.ctl, &mut s.good, &s.good_id, sock).await;
     }
     let _slow = whole_frame.await.unwrap();
     wait_linked(&mut s.ctl, &slow_id, "slow1").await;

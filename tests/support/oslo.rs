@@ -273,6 +273,16 @@ pub async fn fanout_consumed(ctl: &mut super::Ctl, n: u64) {
     .await;
 }
 
+/// An AMQP connection of the test's own to the broker at oslo's `url`.
+pub async fn amqp_connection(url: &str) -> lapin::Connection {
+    // lapin reads a trailing '/' as the empty vhost; oslo as the default.
+    let uri = url.replacen("rabbit://", "amqp://", 1);
+    let uri = uri.trim_end_matches('/');
+    lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to the test broker")
+}
+
 /// A queue of the test's own on the broker, to see what reaches it: bound
 /// to `exchange` with `key` (`#`: everything), or unbound (a queue a guest
 /// might aim a forged reply at, by name).
@@ -285,12 +295,7 @@ pub struct Spy {
 impl Spy {
     pub async fn start(url: &str, bind: Option<(&str, &str)>) -> Self {
         use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-        // lapin reads a trailing '/' as the empty vhost; oslo as the default.
-        let uri = url.replacen("rabbit://", "amqp://", 1);
-        let uri = uri.trim_end_matches('/');
-        let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
-            .await
-            .expect("connect to the test broker");
+        let conn = amqp_connection(url).await;
         let ch = conn.create_channel().await.unwrap();
         let queue = unique("spy");
         let opts = QueueDeclareOptions {
