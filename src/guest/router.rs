@@ -373,6 +373,7 @@ impl Router {
                 "established": s.stats.established,
                 "peer_changes": s.stats.peer_changes,
                 "pings": s.stats.pings,
+                "probes": s.stats.probes,
                 "rtt_us": s.stats.last_rtt.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 "garbage_bytes": s.decode.skipped_bytes,
             },

@@ -236,6 +236,12 @@ pub fn render(proxy: &Proxy) -> String {
     );
     counters(
         &reg,
+        "link_probes_total",
+        "Loss probes among those PINGs: DATA to the guest unacknowledged for probe_after",
+        &per(|m| m.probes),
+    );
+    counters(
+        &reg,
         "link_peer_changes_total",
         "Times the guest's agent turned out to be a new session (restarted, or a migration)",
         &per(|m| m.peer_changes),

@@ -116,6 +116,12 @@ pub struct SessionStats {
     /// the peer's ACK did not come within `probe_after`. A steady stream of
     /// them under traffic means the peer's delayed ACKs do not arrive.
     pub pings: u64,
+    /// Of those PINGs, the loss probes: sent because DATA stayed
+    /// unacknowledged for `probe_after`. On a healthy link under sequential
+    /// traffic this stays near zero (the next request carries the ACK);
+    /// a steady count means the peer does not see our frames until our
+    /// own next write — the lost wake-up of docs/virtio-serial.md.
+    pub probes: u64,
     /// Rewinds of the send cursor put off by [`MIN_REWIND_INTERVAL`] (a
     /// climbing count means the peer asks for resends far too often).
     pub rewinds_deferred: u64,
@@ -821,6 +827,12 @@ impl Session {
             let nonce = self.next_nonce;
             self.next_nonce += 1;
             self.stats.pings += 1;
+            if self
+                .in_flight_since
+                .is_some_and(|t| now >= t + self.cfg.probe_after)
+            {
+                self.stats.probes += 1;
+            }
             self.ping_out = Some(PingOut {
                 nonce,
                 cursor: self.cursor,

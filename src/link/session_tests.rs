@@ -253,9 +253,13 @@ fn lost_last_frame_is_found_by_probe() {
     p.a.send(msg(0), p.now).unwrap();
     p.pump_with(|f| f.kind != FrameType::Data);
     assert!(p.got_b.is_empty());
+    assert_eq!(p.a.stats().probes, 0);
     p.tick(cfg().probe_after);
     p.pump();
     assert_eq!(p.got_b, vec![msg(0)]);
+    // Its PINGs were loss probes, and counted as such.
+    let s = p.a.stats();
+    assert!(s.probes >= 1 && s.probes == s.pings, "{s:?}");
 }
 
 #[test]
@@ -266,6 +270,8 @@ fn silence_means_ping_then_reconnect() {
     p.tick(cfg().ping_interval);
     let f = p.a.poll_transmit(p.now).unwrap();
     assert_eq!(f.kind, FrameType::Ping);
+    // A keep-alive (nothing was in flight), not a loss probe.
+    assert_eq!((p.a.stats().pings, p.a.stats().probes), (1, 0));
     p.tick(cfg().dead_after);
     assert!(
         p.events_a
