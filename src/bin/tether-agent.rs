@@ -86,7 +86,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         });
-        tether::guest::run(cfg, tether::daemon::terminated(), rx).await?;
+        // The agent runs as a task, not as the future block_on polls: on a
+        // current-thread runtime, waking that future goes through the
+        // driver (an eventfd write and one more epoll_wait per request the
+        // link hands the router); waking a task is a push on its queue.
+        tokio::spawn(tether::guest::run(cfg, tether::daemon::terminated(), rx))
+            .await
+            .context("the agent's task failed")??;
         anyhow::Ok(())
     })?;
     Ok(())

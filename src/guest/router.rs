@@ -98,7 +98,8 @@ type Room = std::pin::Pin<
                     ConnId,
                     Result<mpsc::OwnedPermit<ToSub>, mpsc::error::SendError<()>>,
                 ),
-            > + Send,
+            > + Send
+            + Sync,
     >,
 >;
 
