@@ -26,10 +26,21 @@ pub enum LogFormat {
 /// message the broker returns (a guest's cast nothing consumes), which the
 /// bridge already counts and audits — one guest must not decide the log
 /// volume.
+/// So is its error per channel the broker closes ([`is_broker_close`]):
+/// the broker closes the publishing channel over each guest message to an
+/// exchange that does not exist, and the bridge already refuses and audits
+/// each such message within the audit log's budget. `RUST_LOG` set turns
+/// the warnings back on; the channel errors come back only with a
+/// `RUST_LOG` that names `lapin` (the tests, and operators, set
+/// `RUST_LOG=info` without wanting one guest to fill the log).
 pub fn init_logging(default: &str, format: LogFormat) {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{default},lapin=error")));
+    let quiet = !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin"));
+    let closes = tracing_subscriber::filter::filter_fn(move |m| !(quiet && is_broker_close(m)));
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let ansi = std::io::stderr().is_terminal() && !no_color;
     let b = tracing_subscriber::fmt()
@@ -38,10 +49,25 @@ pub fn init_logging(default: &str, format: LogFormat) {
         .with_target(true)
         .with_ansi(ansi);
     let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text if stderr_is_journal() => b.without_time().try_init(),
-        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().finish().with(closes).try_init(),
+        LogFormat::Text if stderr_is_journal() => b.without_time().finish().with(closes).try_init(),
+        LogFormat::Text => b.finish().with(closes).try_init(),
     };
+}
+
+/// The AMQP client's error event for a channel (or connection) the broker
+/// closed: target `lapin::channel`, level ERROR, with the fields `channel`,
+/// `method` (the broker's `Close`, with its reply code and text) and
+/// `error`. One per guest message the broker refuses; the bridge reports
+/// those itself (audit, `refused`, `last_error`, "broker connection lost").
+pub fn is_broker_close(m: &tracing::Metadata<'_>) -> bool {
+    let f = m.fields();
+    m.is_event()
+        && *m.level() == tracing::Level::ERROR
+        && m.target() == "lapin::channel"
+        && f.field("channel").is_some()
+        && f.field("method").is_some()
+        && f.field("error").is_some()
 }
 
 /// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM`

@@ -260,6 +260,23 @@ async fn a_message_the_broker_refuses_fails_alone() {
     assert_eq!(b["refused"], 25, "{b}");
     assert!(b["published"].as_u64() >= Some(50), "{b}");
     s.good_guest_answers_oslo(c).await;
+    // One audit record per refused message (the audit log's budget bounds
+    // those), and nothing else: the AMQP client's error per channel the
+    // broker closed is not logged (it was one more line per message).
+    let log = s.proxy.log_text();
+    let about = |l: &&str| l.contains(nowhere.as_str());
+    let audit = log
+        .lines()
+        .filter(about)
+        .filter(|l| l.contains(" audit: "))
+        .count();
+    let other: Vec<_> = log
+        .lines()
+        .filter(about)
+        .filter(|l| !l.contains(" audit: "))
+        .collect();
+    assert_eq!(audit, 25, "{log}");
+    assert!(other.is_empty(), "{other:#?}");
     assert_contained(&mut s.proxy);
 }
 
