@@ -69,9 +69,10 @@ impl Default for SessionConfig {
             ack_every: 32,
             ack_delay: Duration::from_millis(5),
             ping_interval: Duration::from_secs(5),
-            // 200 ms: under TCG, about 1 % of host->guest frames sat in
-            // QEMU until the guest next wrote to the port (measured:
-            // docs/BENCHMARKS.md); a probe from the guest is such a write.
+            // 200 ms: a frame lost on a reset is found again this soon.
+            // (About 1 % of host->guest frames once waited this long in the
+            // guest — a lost wake-up the agent caused, since removed:
+            // docs/virtio-serial.md; tests/vm.rs counts probes.)
             probe_after: Duration::from_millis(200),
             // Six missed pings: a TCG guest under load can stall for seconds.
             dead_after: Duration::from_secs(30),
