@@ -9,7 +9,7 @@ use serde_json::json;
 use support::*;
 use tether::guest::serial::SerialPort;
 use tether::link::{Link, LinkEvent, LinkOptions};
-use tether::rpc::{Kind, LinkMsg, Request, Target};
+use tether::rpc::LinkMsg;
 use tokio_serial::SerialPort as _;
 
 #[tokio::test]
@@ -45,20 +45,13 @@ async fn agent_serves_over_a_raw_serial_line() {
     let slave = slave;
 
     let call = |method: &str, topic: &str, id: &str| {
-        LinkMsg::Req(Request {
-            kind: Kind::Call,
-            target: Target {
-                topic: topic.into(),
-                ..Default::default()
-            },
-            method: method.into(),
-            args: json!({}),
-            ctx: json!({}),
-            msg_id: Some(id.into()),
-            unique_id: id.into(),
-            reply_to: None,
-            timeout_ms: Some(10_000),
-        })
+        LinkMsg::Req(support::guest::call_request(
+            topic,
+            method,
+            json!({}),
+            id,
+            10_000,
+        ))
     };
     tx.send(call("list", "tether.supervisor", "m1").to_bytes())
         .await

@@ -253,7 +253,7 @@ async fn garbage_from_the_host_side_is_skipped_and_the_proxy_links_afterwards() 
 async fn sequential_calls_over_the_real_port_need_no_loss_probe() {
     use tether::link::driver::UnixConnector;
     use tether::link::{Link, LinkEvent, LinkOptions};
-    use tether::rpc::{Kind, LinkMsg, Request, Target, new_unique_id};
+    use tether::rpc::LinkMsg;
     let w = World::new();
     let chardev = w.channels().join(format!("{U}.sock"));
     let vm = Vm::boot(w.dir.path(), "vm5", &chardev);
@@ -283,55 +283,35 @@ async fn sequential_calls_over_the_real_port_need_no_loss_probe() {
             break;
         }
     }
-    let call = |topic: &str, method: &str, args: Value, id: u64| {
-        LinkMsg::Req(Request {
-            kind: Kind::Call,
-            target: Target {
-                topic: topic.into(),
-                ..Default::default()
-            },
-            method: method.into(),
-            args,
-            ctx: json!({}),
-            msg_id: Some(id.to_string()),
-            unique_id: new_unique_id(),
-            reply_to: None,
-            timeout_ms: Some(30_000),
-        })
-        .to_bytes()
-    };
-    let mut answered = 0u64;
-    for i in 0..PROBE_ROUNDS + 1 {
-        let last = i == PROBE_ROUNDS;
-        let m = if last {
-            call("tether.agent", "stats", json!({}), i)
-        } else {
-            call("demo", "add", json!({"a": i, "b": 1}), i)
-        };
-        tx.send(m).await.expect("send");
-        let reply = loop {
+    // One call at a time: sent, then its answer awaited (other messages,
+    // such as receipts, passed over).
+    let mut ask = async |topic: &str, method: &str, args: Value, id: u64| {
+        let r = support::guest::call_request(topic, method, args, &id.to_string(), 30_000);
+        tx.send(LinkMsg::Req(r).to_bytes()).await.expect("send");
+        loop {
             if let LinkMsg::Rep(r) = next(&mut rx).await
-                && r.msg_id == i.to_string()
+                && r.msg_id == id.to_string()
             {
                 break r;
             }
-        };
-        if last {
-            let guest = reply.result.unwrap_or_default();
-            let host = tx.status().stats.probes;
-            let g = guest["link"]["probes"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("{guest}"));
-            println!("loss probes in {PROBE_ROUNDS} sequential calls: guest {g}, host {host}");
-            assert!(
-                g + host <= MAX_PROBES,
-                "loss probes in {PROBE_ROUNDS} sequential calls: guest {g}, host {host} (at most {MAX_PROBES} together)\n{guest}"
-            );
-        } else {
-            assert_eq!(reply.result, Some(json!(i + 1)), "{reply:?}");
-            answered += 1;
         }
+    };
+    for i in 0..PROBE_ROUNDS {
+        let reply = ask("demo", "add", json!({"a": i, "b": 1}), i).await;
+        assert_eq!(reply.result, Some(json!(i + 1)), "{reply:?}");
     }
-    assert_eq!(answered, PROBE_ROUNDS);
+    let guest = ask("tether.agent", "stats", json!({}), PROBE_ROUNDS)
+        .await
+        .result
+        .unwrap_or_default();
+    let host = tx.status().stats.probes;
+    let g = guest["link"]["probes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{guest}"));
+    println!("loss probes in {PROBE_ROUNDS} sequential calls: guest {g}, host {host}");
+    assert!(
+        g + host <= MAX_PROBES,
+        "loss probes in {PROBE_ROUNDS} sequential calls: guest {g}, host {host} (at most {MAX_PROBES} together)\n{guest}"
+    );
     task.close().await;
 }

@@ -779,12 +779,16 @@ impl Session {
     /// time, a lost one replaced after `ping_interval`.
     fn ping_deadline(&self) -> Option<Instant> {
         let idle = self.last_rx + self.cfg.ping_interval;
-        let probe = self.in_flight_since.map(|t| t + self.cfg.probe_after);
-        let due = probe.map_or(idle, |p| p.min(idle));
+        let due = self.probe_deadline().map_or(idle, |p| p.min(idle));
         match self.ping_out {
             Some(p) => Some(due.max(p.sent + self.cfg.ping_interval)),
             None => Some(due),
         }
+    }
+
+    /// When a loss probe becomes due: DATA unacknowledged for `probe_after`.
+    fn probe_deadline(&self) -> Option<Instant> {
+        self.in_flight_since.map(|t| t + self.cfg.probe_after)
     }
 
     // ------------------------------------------------------------ outputs
@@ -827,10 +831,7 @@ impl Session {
             let nonce = self.next_nonce;
             self.next_nonce += 1;
             self.stats.pings += 1;
-            if self
-                .in_flight_since
-                .is_some_and(|t| now >= t + self.cfg.probe_after)
-            {
+            if self.probe_deadline().is_some_and(|t| now >= t) {
                 self.stats.probes += 1;
             }
             self.ping_out = Some(PingOut {

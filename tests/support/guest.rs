@@ -197,6 +197,24 @@ pub fn cast(target: Target, method: &str, ctx: Value) -> Request {
     }
 }
 
+/// A host → guest call: `method` of `topic` with `args`, answered to
+/// `msg_id`, given `timeout_ms` in the guest (a fresh unique id).
+pub fn call_request(
+    topic: &str,
+    method: &str,
+    args: Value,
+    msg_id: &str,
+    timeout_ms: u64,
+) -> Request {
+    Request {
+        kind: Kind::Call,
+        args,
+        msg_id: Some(msg_id.into()),
+        timeout_ms: Some(timeout_ms),
+        ..cast(target(topic, None, None), method, json!({}))
+    }
+}
+
 pub fn target(topic: &str, server: Option<&str>, exchange: Option<&str>) -> Target {
     Target {
         topic: topic.into(),
