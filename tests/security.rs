@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::guest::{FakeGuest, assign, audit_lines, audited, cast, policy, reply_key, target};
+use support::guest::{FakeGuest, assign, audited, cast, policy, reply_key, target};
 use support::oslo::*;
 use support::*;
 use tether::rpc::{Kind, LinkMsg, Request, new_unique_id};
@@ -131,7 +131,7 @@ methods = ["*"]
     // Every decision is audited, as JSON.
     let audit = w.path("audit.jsonl");
     let denied = |pred: fn(&Value) -> bool| {
-        audit_lines(&audit)
+        jsonl(&audit)
             .into_iter()
             .any(|v| v["instance"] == json!(hostile) && v["decision"] == "deny" && pred(&v))
     };
@@ -148,7 +148,7 @@ methods = ["*"]
     ));
     assert!(denied(|v| v["exchange"] == "nova"));
     assert!(denied(|v| v["kind"] == "fanout"));
-    for v in audit_lines(&audit) {
+    for v in jsonl(&audit) {
         assert!(v["time"].is_string() && v["instance"].is_string(), "{v}");
     }
     let out = std::process::Command::new(CTL)
@@ -485,7 +485,7 @@ async fn bad_topic_names_are_refused_and_nothing_is_declared_for_them() {
         v["kind"] == "topics" && v["decision"] == "allow"
     })
     .await;
-    let refused: Vec<Value> = audit_lines(&audit)
+    let refused: Vec<Value> = jsonl(&audit)
         .into_iter()
         .filter(|v| v["kind"] == "topics" && v["decision"] == "deny")
         .collect();

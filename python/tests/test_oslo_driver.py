@@ -98,9 +98,12 @@ class Guest:
         ctl.close()
 
     def recorded(self):
+        # Complete lines only: a read can land in the middle of the
+        # sub-agent's append (a line crossing a page boundary is copied page
+        # by page); what follows the last newline is still being written.
         try:
             with open(self.record) as f:
-                return [json.loads(line) for line in f if line.strip()]
+                return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
         except FileNotFoundError:
             return []
 

@@ -129,29 +129,17 @@ impl FakeGuest {
     }
 }
 
-/// Every line of an audit log, each parsed as JSON (a line that is not
-/// JSON fails the test).
-pub fn audit_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line not JSON ({e}): {l}"))
-        })
-        .collect()
-}
-
 /// Wait (bounded) for an audit record matching `ok`; it.
 pub async fn audited(path: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let t = Instant::now();
     loop {
-        if let Some(v) = audit_lines(path).into_iter().find(&ok) {
+        if let Some(v) = super::jsonl(path).into_iter().find(&ok) {
             return v;
         }
         assert!(
             t.elapsed() < BOUND,
             "no audit record {what}: {:#?}",
-            audit_lines(path)
+            super::jsonl(path)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -293,11 +293,9 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
     /// The lines the example sub-agent recorded for `record` casts.
     /// (Without the `_uid` the sub-agent keeps its idempotency by.)
     pub fn recorded(&self, uuid: &str) -> Vec<Value> {
-        std::fs::read_to_string(self.record_path(uuid))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                let mut v: Value = serde_json::from_str(l).unwrap();
+        jsonl(&self.record_path(uuid))
+            .into_iter()
+            .map(|mut v| {
                 if let Some(o) = v.as_object_mut() {
                     o.remove("_uid");
                 }
@@ -461,6 +459,26 @@ pub fn twice_and_missing(
         .collect();
     let missing = (0..n).filter(|i| !seen.contains_key(i)).collect();
     (twice, missing)
+}
+
+/// The JSON lines of a file another process appends to while we read it
+/// (a sub-agent's records, the proxy's audit), each complete line parsed;
+/// none yet if the file is not there. A line counts once its newline is
+/// written: a read can land in the middle of an append (one `write(2)` of a
+/// line that crosses a page boundary is copied page by page, the file's
+/// size growing after each), so what follows the last newline is a line
+/// still being written and is left for the next read. A complete line that
+/// is not JSON fails the test.
+pub fn jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}) in {}: {l}", path.display()))
+        })
+        .collect()
 }
 
 pub mod guest;
