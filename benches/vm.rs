@@ -17,6 +17,11 @@
 //!   pipelined tether calls answered by the agent, and both agents'
 //!   resident memory in the guest (read there through qemu-ga's
 //!   `guest-exec`) after start-up and after the run.
+//! - The like-for-like of that qemu-ga client: before the proxy starts, this
+//!   program runs tether's link itself straight on the agent's chardev
+//!   socket (what the proxy runs per VM) and times the same agent-answered
+//!   call, in turn and 64 in flight. Then it closes, the proxy takes the
+//!   port, and the agent sees a new host session.
 //!
 //! `cargo bench --bench vm` prints Markdown rows for docs/BENCHMARKS.md;
 //! `-- --quick` does a fraction of the work (CI proves it runs). Needs the VM
@@ -131,6 +136,125 @@ async fn cast_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
         done += 1;
     }
     (n * 1024) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// tether's host half in this process, straight on the agent's chardev
+/// socket: the like-for-like of the qemu-ga client below (a program on the
+/// host talking to the port; no proxy, no control socket). Calls to
+/// `tether.agent stats`, answered by the agent itself.
+struct Direct {
+    tx: tether::link::driver::LinkSender,
+    rx: tether::link::driver::LinkReceiver,
+    task: tether::link::driver::LinkTask,
+    next: u64,
+}
+
+impl Direct {
+    /// Link up and wait (bounded) for the guest's topic list to name the
+    /// example sub-agent's `demo`.
+    async fn connect(chardev: &Path) -> Self {
+        use tether::link::driver::UnixConnector;
+        use tether::link::{Link, LinkOptions};
+        let Link { tx, rx, task } = Link::spawn(
+            UnixConnector {
+                path: chardev.to_path_buf(),
+            },
+            LinkOptions {
+                name: "bench".into(),
+                ..LinkOptions::default()
+            },
+            tether::random_session_id(),
+        );
+        let mut d = Direct {
+            tx,
+            rx,
+            task,
+            next: 0,
+        };
+        // Until the example sub-agent has registered (the agent's first
+        // list may precede it).
+        loop {
+            if let tether::rpc::LinkMsg::Topics { topics } = d.next_msg().await
+                && topics.iter().any(|t| t == "demo")
+            {
+                return d;
+            }
+        }
+    }
+
+    async fn next_msg(&mut self) -> tether::rpc::LinkMsg {
+        use tether::link::LinkEvent;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(120), self.rx.recv()).await {
+                Ok(Some(LinkEvent::Message(b))) => {
+                    return tether::rpc::LinkMsg::from_bytes(&b).expect("the agent's message");
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("no message from the agent"),
+            }
+        }
+    }
+
+    async fn send_call(&mut self) {
+        use tether::rpc::{Kind, LinkMsg, Request, Target};
+        self.next += 1;
+        let r = Request {
+            kind: Kind::Call,
+            target: Target {
+                topic: "tether.agent".into(),
+                ..Default::default()
+            },
+            method: "stats".into(),
+            args: json!({}),
+            ctx: json!({}),
+            msg_id: Some(self.next.to_string()),
+            unique_id: format!("bench-{}-{}", std::process::id(), self.next),
+            reply_to: None,
+            timeout_ms: Some(30_000),
+        };
+        self.tx
+            .send(LinkMsg::Req(r).to_bytes())
+            .await
+            .expect("send over the link");
+    }
+
+    /// The next answer (receipts and other messages passed over).
+    async fn answer(&mut self) {
+        loop {
+            if let tether::rpc::LinkMsg::Rep(r) = self.next_msg().await
+                && r.ending
+            {
+                assert!(r.failure.is_none(), "{r:?}");
+                return;
+            }
+        }
+    }
+
+    async fn rtt(&mut self, n: usize) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.send_call().await;
+            self.answer().await;
+            out.push(t.elapsed());
+        }
+        out
+    }
+
+    /// Calls answered per second, `n` with `depth` in flight.
+    async fn throughput(&mut self, n: usize, depth: usize) -> f64 {
+        let t = Instant::now();
+        let (mut sent, mut done) = (0, 0);
+        while done < n {
+            while sent < n && sent - done < depth {
+                self.send_call().await;
+                sent += 1;
+            }
+            self.answer().await;
+            done += 1;
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    }
 }
 
 /// A qemu-ga connection: JSON commands in, one JSON line per answer out.
@@ -303,25 +427,37 @@ fn main() {
     let rt = tether::daemon::runtime().expect("runtime");
     rt.block_on(async {
         let d = tempfile::tempdir().expect("tmp");
-        let _proxy = proxy(d.path());
         let echo = d.path().join("echo.sock");
         let qga_sock = d.path().join("qga.sock");
-        let _vm = vm::Vm::boot_with_ports(
+        let chardev = d.path().join("ch").join(format!("{U}.sock"));
+        std::fs::create_dir_all(d.path().join("ch")).expect("channels dir");
+        let vm = vm::Vm::boot_with_ports(
             d.path(),
             "bench",
-            &d.path().join("ch").join(format!("{U}.sock")),
+            &chardev,
             &[(&echo, "org.tether.echo.0"), (&qga_sock, "org.qemu.guest_agent.0")],
         );
+        vm.wait_console("tether-agent ready", Duration::from_secs(120)).await;
+        let n = if quick { 50 } else { 10_000 };
+        let pipelined = if quick { 200 } else { 5000 };
+        // First the host program on the port itself, as qemu-ga's client is
+        // below; then it lets go and the proxy takes the port (the agent
+        // sees a new host session).
+        let mut direct = Direct::connect(&chardev).await;
+        let mut qga = Qga::connect(&qga_sock).await;
+        let procs = ["tether-agent", "qemu-ga", "echo_subagent"];
+        let rss_start = qga.rss_kib(&procs).await;
+        direct.rtt(n / 10 + 1).await;
+        let direct_rtt = stats(direct.rtt(n).await);
+        let direct_per_s = direct.throughput(pipelined, 64).await;
+        direct.task.close().await;
+        let _proxy = proxy(d.path());
         let mut ctl = Ctl::new(&d.path().join("ctl.sock")).await;
         let t = Instant::now();
         while ctl.req(&json!({"op": "call", "instance": U, "topic": "demo", "method": "echo", "timeout_ms": 5_000})).await["ok"] != true {
             assert!(t.elapsed() < Duration::from_secs(120), "the guest never linked");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let mut qga = Qga::connect(&qga_sock).await;
-        let procs = ["tether-agent", "qemu-ga", "echo_subagent"];
-        let rss_start = qga.rss_kib(&procs).await;
-        let n = if quick { 50 } else { 10_000 };
         let bytes = if quick { 256 * 1024 } else { 8 * 1024 * 1024 };
         let casts = if quick { 200 } else { 8000 };
         // Warm up both paths.
@@ -339,7 +475,6 @@ fn main() {
         qga.rtt(n / 10 + 1, "guest-sync").await;
         let sync = stats(qga.rtt(n, "guest-sync").await);
         let ping = stats(qga.rtt(n, "guest-ping").await);
-        let pipelined = if quick { 200 } else { 5000 };
         let qga_per_s = qga.ping_throughput(pipelined, 64).await;
         let tether_per_s = call_throughput(&mut ctl, pipelined, 64).await;
         let rss_end = qga.rss_kib(&procs).await;
@@ -386,12 +521,20 @@ fn main() {
             sync.0, sync.1, sync.2, agent.0, agent.1, agent.2, agent.0 / sync.0, agent.2 / sync.2
         );
         println!(
+            "| RTT mean / p50 / p99: `guest-sync`; tether: the same call from tether's link in the host program, straight on the port (no proxy) | {:.0} / {:.0} / {:.0} µs | {:.0} / {:.0} / {:.0} µs | {:.2} (mean), {:.2} (p99) |",
+            sync.0, sync.1, sync.2, direct_rtt.0, direct_rtt.1, direct_rtt.2, direct_rtt.0 / sync.0, direct_rtt.2 / sync.2
+        );
+        println!(
             "| RTT mean / p50 / p99: qemu-ga `guest-ping` | {:.0} / {:.0} / {:.0} µs | | {:.2} (mean) |",
             ping.0, ping.1, ping.2, agent.0 / ping.0
         );
         println!(
             "| pipelined, 64 in flight: `guest-ping`s; tether calls answered by the agent | {qga_per_s:.0} /s | {tether_per_s:.0} /s | {:.2} |",
             tether_per_s / qga_per_s
+        );
+        println!(
+            "| pipelined, 64 in flight: `guest-ping`s; tether calls straight on the port (no proxy) | {qga_per_s:.0} /s | {direct_per_s:.0} /s | {:.2} |",
+            direct_per_s / qga_per_s
         );
         println!(
             "| guest RSS after start-up / after the run (tether: the agent; its example sub-agent apart) | {} / {} KiB | {} / {} KiB (sub-agent {} / {} KiB) | {:.2} |",

@@ -75,7 +75,11 @@ pub fn random_u64() -> u64 {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     h.write_u128(nanos);
-    h.write_u32(std::process::id());
+    // The process id, read once: `getpid` is a system call each time (glibc
+    // does not cache it), and ids are made several times per request. The
+    // daemons never fork without exec, so it cannot go stale.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    h.write_u32(*PID.get_or_init(std::process::id));
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.finish()
 }
