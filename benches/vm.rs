@@ -383,6 +383,25 @@ impl Qga {
     }
 
     /// Resident memory of the guest's processes named `names`, KiB.
+    /// CPU time the guest process `name` has used so far, user and system
+    /// (from /proc/PID/stat), in microseconds. The kernel counts in ticks
+    /// of 10 ms: read around thousands of requests, not one.
+    async fn cpu_us(&mut self, name: &str) -> (u64, u64) {
+        let s = self
+            .exec(&format!(
+                "set -- $(cat /proc/$(pidof {name} | cut -d' ' -f1)/stat); echo ${{14}} ${{15}}"
+            ))
+            .await;
+        let ticks: Vec<u64> = s
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        match ticks[..] {
+            [user, system] => (user * 10_000, system * 10_000),
+            _ => panic!("no CPU time for {name}: {s:?}"),
+        }
+    }
+
     async fn rss_kib(&mut self, names: &[&str]) -> Vec<u64> {
         let mut out = vec![];
         for n in names {
@@ -400,6 +419,13 @@ impl Qga {
         }
         out
     }
+}
+
+/// CPU time per request, user and system, in µs, from two readings `n`
+/// requests apart.
+fn per_request(before: (u64, u64), after: (u64, u64), n: usize) -> (f64, f64) {
+    let each = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
+    (each(before.0, after.0), each(before.1, after.1))
 }
 
 /// Calls answered by the agent per second, `n` with `depth` in flight.
@@ -448,7 +474,9 @@ fn main() {
         let procs = ["tether-agent", "qemu-ga", "echo_subagent"];
         let rss_start = qga.rss_kib(&procs).await;
         direct.rtt(n / 10 + 1).await;
+        let cpu0 = qga.cpu_us("tether-agent").await;
         let direct_rtt = stats(direct.rtt(n).await);
+        let agent_cpu = per_request(cpu0, qga.cpu_us("tether-agent").await, n);
         let direct_per_s = direct.throughput(pipelined, 64).await;
         direct.task.close().await;
         let _proxy = proxy(d.path());
@@ -473,7 +501,9 @@ fn main() {
         let tether_bps = cast_throughput(&mut ctl, casts, 64).await;
         // qemu-ga on the same guest, after the same warm-up.
         qga.rtt(n / 10 + 1, "guest-sync").await;
+        let cpu0 = qga.cpu_us("qemu-ga").await;
         let sync = stats(qga.rtt(n, "guest-sync").await);
+        let qga_cpu = per_request(cpu0, qga.cpu_us("qemu-ga").await, n);
         let ping = stats(qga.rtt(n, "guest-ping").await);
         let qga_per_s = qga.ping_throughput(pipelined, 64).await;
         let tether_per_s = call_throughput(&mut ctl, pipelined, 64).await;
@@ -523,6 +553,11 @@ fn main() {
         println!(
             "| RTT mean / p50 / p99: `guest-sync`; tether: the same call from tether's link in the host program, straight on the port (no proxy) | {:.0} / {:.0} / {:.0} µs | {:.0} / {:.0} / {:.0} µs | {:.2} (mean), {:.2} (p99) |",
             sync.0, sync.1, sync.2, direct_rtt.0, direct_rtt.1, direct_rtt.2, direct_rtt.0 / sync.0, direct_rtt.2 / sync.2
+        );
+        println!(
+            "| CPU time of the answering process in the guest per round trip, user + system (the two rows above) | {:.0} + {:.0} µs | {:.0} + {:.0} µs | {:.2} |",
+            qga_cpu.0, qga_cpu.1, agent_cpu.0, agent_cpu.1,
+            (agent_cpu.0 + agent_cpu.1) / (qga_cpu.0 + qga_cpu.1)
         );
         println!(
             "| RTT mean / p50 / p99: qemu-ga `guest-ping` | {:.0} / {:.0} / {:.0} µs | | {:.2} (mean) |",
