@@ -3,7 +3,8 @@
 //! (the baseline: same guest, same device, no tether), measured in one run.
 //!
 //! - RTT: sequential round trips. Raw: 64 bytes echoed. Tether: a control
-//!   call answered by the agent itself (`tether.agent stats`: control socket →
+//!   call answered by the agent itself (`tether.agent ping`, which answers
+//!   its arguments as qemu-ga's `guest-sync` does: control socket →
 //!   proxy → link over the port → agent → back) and one answered by the
 //!   example sub-agent (`echo`, one more socket hop in the guest).
 //! - Throughput: raw, bytes written in 32 KiB chunks while reading the echo
@@ -141,7 +142,7 @@ async fn cast_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
 /// tether's host half in this process, straight on the agent's chardev
 /// socket: the like-for-like of the qemu-ga client below (a program on the
 /// host talking to the port; no proxy, no control socket). Calls to
-/// `tether.agent stats`, answered by the agent itself.
+/// `tether.agent ping`, answered by the agent itself.
 struct Direct {
     tx: tether::link::driver::LinkSender,
     rx: tether::link::driver::LinkReceiver,
@@ -204,8 +205,8 @@ impl Direct {
                 topic: "tether.agent".into(),
                 ..Default::default()
             },
-            method: "stats".into(),
-            args: json!({}),
+            method: "ping".into(),
+            args: json!({"id": self.next}),
             ctx: json!({}),
             msg_id: Some(self.next.to_string()),
             unique_id: format!("bench-{}-{}", std::process::id(), self.next),
@@ -436,7 +437,7 @@ async fn call_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
         while sent < n && sent - done < depth {
             ctl.send(
                 &json!({"id": sent, "op": "call", "instance": U, "topic": "tether.agent",
-                             "method": "stats", "timeout_ms": 30_000}),
+                             "method": "ping", "args": {"id": sent}, "timeout_ms": 30_000}),
             )
             .await;
             sent += 1;
@@ -490,10 +491,10 @@ fn main() {
         let casts = if quick { 200 } else { 8000 };
         // Warm up both paths.
         raw_rtt(&echo, n / 10 + 1).await;
-        call_rtt(&mut ctl, n / 10 + 1, "tether.agent", "stats").await;
+        call_rtt(&mut ctl, n / 10 + 1, "tether.agent", "ping").await;
         let stalled = |v: &[Duration]| v.iter().filter(|d| **d > STALL).count();
         let raw = raw_rtt(&echo, n).await;
-        let agent = call_rtt(&mut ctl, n, "tether.agent", "stats").await;
+        let agent = call_rtt(&mut ctl, n, "tether.agent", "ping").await;
         let sub = call_rtt(&mut ctl, n, "demo", "echo").await;
         let (raw_stalls, agent_stalls, sub_stalls) = (stalled(&raw), stalled(&agent), stalled(&sub));
         let (raw, agent, sub) = (stats(raw), stats(agent), stats(sub));

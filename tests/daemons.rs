@@ -42,6 +42,17 @@ async fn call_cast_fanout_and_errors() {
     assert_eq!(v["error"]["module"], "builtins");
     assert_eq!(v["error"]["message"], "boom");
 
+    // The agent's own topic: `ping` answers its arguments, as they came;
+    // other methods are refused by name.
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "tether.agent", "method": "ping", "args": {"id": 7, "s": "é"}}))
+        .await;
+    assert_eq!(v["result"], json!({"id": 7, "s": "é"}), "{v}");
+    let v = ctl
+        .req(json!({"op": "call", "instance": U1, "topic": "tether.agent", "method": "nope"}))
+        .await;
+    assert_eq!(v["error"]["class"], "NoSuchMethod", "{v}");
+
     // Unknown method, unknown topic, unknown instance.
     let v = ctl
         .req(json!({"op": "call", "instance": U1, "topic": "demo", "method": "nope"}))

@@ -402,6 +402,28 @@ impl Router {
             };
             return self.send(&m).await;
         }
+        if r.kind == Kind::Call && r.msg_id.is_none() {
+            warn!("call without msg_id refused: it could not be answered");
+            return self
+                .refuse_request(
+                    r,
+                    "Malformed",
+                    "a call without msg_id cannot be answered".into(),
+                )
+                .await;
+        }
+        if matches!(r.kind, Kind::Notify) {
+            return self
+                .refuse_request(
+                    r,
+                    "Malformed",
+                    "notifications go from guests to the control plane, not into a guest".into(),
+                )
+                .await;
+        }
+        if r.target.topic == AGENT_TOPIC {
+            return self.agent_method(r).await;
+        }
         if known.is_some() {
             // Taken before (by this run, or by one that was killed before
             // the host got its receipt): confirmed again, never run again.
@@ -423,32 +445,37 @@ impl Router {
             debug!(unique_id = %r.unique_id, "duplicate request dropped");
             return;
         }
-        if r.kind == Kind::Call && r.msg_id.is_none() {
-            warn!("call without msg_id refused: it could not be answered");
-            return self
-                .refuse_request(
-                    r,
-                    "Malformed",
-                    "a call without msg_id cannot be answered".into(),
-                )
-                .await;
-        }
-        if matches!(r.kind, Kind::Notify) {
-            return self
-                .refuse_request(
-                    r,
-                    "Malformed",
-                    "notifications go from guests to the control plane, not into a guest".into(),
-                )
-                .await;
-        }
-        if r.target.topic == AGENT_TOPIC || r.target.topic == SUPERVISOR_TOPIC {
+        if r.target.topic == SUPERVISOR_TOPIC {
             return self.builtin(r).await;
         }
         self.dispatch(r, Instant::now()).await;
     }
 
-    /// The agent's own targets: taken at once.
+    /// The agent's own topic: methods that only read, answered every time
+    /// they arrive — never journaled, never taken for a duplicate (asking
+    /// again, or after a restart, gets a fresh answer). A call's reply is
+    /// its receipt (the host settles a call on its reply); a cast (which
+    /// does nothing here) gets `took`. A request the host cancelled was
+    /// refused before this.
+    async fn agent_method(&mut self, r: Request) {
+        if r.timeout_ms == Some(0) {
+            return self.expired(r).await;
+        }
+        let Some(m) = r.msg_id.filter(|_| r.kind == Kind::Call) else {
+            return self.took(r.unique_id).await;
+        };
+        let res = match r.method.as_str() {
+            "stats" => Ok(self.stats()),
+            "ping" => Ok(r.args),
+            other => Err(Failure::tether(
+                "NoSuchMethod",
+                format!("{AGENT_TOPIC} has no method '{other}' (stats, ping)"),
+            )),
+        };
+        self.reply(m, r.reply_to, res).await;
+    }
+
+    /// The supervisor's targets: taken at once.
     async fn builtin(&mut self, r: Request) {
         if r.timeout_ms == Some(0) {
             return self.expired(r).await;
@@ -456,19 +483,6 @@ impl Router {
         crate::lock(&self.journal).record(&r.unique_id);
         self.took(r.unique_id.clone()).await;
         let msg_id = r.msg_id.clone().filter(|_| r.kind == Kind::Call);
-        if r.target.topic == AGENT_TOPIC {
-            if let Some(m) = msg_id {
-                let res = match r.method.as_str() {
-                    "stats" => Ok(self.stats()),
-                    other => Err(Failure::tether(
-                        "NoSuchMethod",
-                        format!("{AGENT_TOPIC} has no method '{other}' (stats)"),
-                    )),
-                };
-                self.reply(m, r.reply_to, res).await;
-            }
-            return;
-        }
         let sup = self.supervisor.clone();
         let link = self.link.clone();
         let router_reply = msg_id.map(|m| (m, r.reply_to.clone()));
