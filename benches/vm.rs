@@ -497,6 +497,14 @@ fn main() {
         let agent = call_rtt(&mut ctl, n, "tether.agent", "ping").await;
         let sub = call_rtt(&mut ctl, n, "demo", "echo").await;
         let (raw_stalls, agent_stalls, sub_stalls) = (stalled(&raw), stalled(&agent), stalled(&sub));
+        // A stall is a lost wake-up only if a loss probe ended it; the
+        // rest is the machine's scheduling. Both ends count theirs (the
+        // guest's since it started, the direct phase's too).
+        let guest_stats = ctl
+            .req(&json!({"op": "call", "instance": U, "topic": "tether.agent", "method": "stats"}))
+            .await;
+        let guest_probes = guest_stats["result"]["link"]["probes"].clone();
+        let host_probes = ctl.req(&json!({"op": "links"})).await["result"][0]["probes"].clone();
         let (raw, agent, sub) = (stats(raw), stats(agent), stats(sub));
         let raw_bps = raw_throughput(&echo, bytes).await;
         let tether_bps = cast_throughput(&mut ctl, casts, 64).await;
@@ -533,7 +541,7 @@ fn main() {
             sub.0, sub.1, sub.2, sub.0 / raw.0
         );
         println!(
-            "| round trips over {} ms | {raw_stalls} of {n} | {agent_stalls} (agent), {sub_stalls} (sub-agent) of {n} | |",
+            "| round trips over {} ms | {raw_stalls} of {n} | {agent_stalls} (agent), {sub_stalls} (sub-agent) of {n}; loss probes: guest {guest_probes}, host {host_probes} | |",
             STALL.as_millis()
         );
         println!(
