@@ -128,9 +128,9 @@ async fn cloud_init_installs_the_agent_and_systemd_keeps_it_running() {
         .await
         .expect("the casts were confirmed")
         .unwrap();
-    let record = sh.ok("cat /run/record.jsonl").await;
+    let record = sh.complete_lines("/run/record.jsonl", BOOT).await;
     let (twice, lost) = twice_and_missing(
-        record.lines().map(|l| {
+        record.iter().map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             v["i"].as_u64().unwrap()
         }),

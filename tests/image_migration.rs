@@ -227,14 +227,14 @@ async fn the_image_guest_migrates_under_oslo_casts_and_handles_each_once() {
     let mut sh = dst.shell(STEP).await;
     let t = Instant::now();
     let record = loop {
-        let (_, out) = sh.run_for(&format!("cat {OSLO_RECORD}"), STEP).await;
-        if out.lines().count() as u64 >= n + 2 || t.elapsed() > STEP {
-            break out;
+        let lines = sh.complete_lines(OSLO_RECORD, STEP).await;
+        if lines.len() as u64 >= n + 2 || t.elapsed() > STEP {
+            break lines;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let (mut numbered, mut before) = (vec![], vec![]);
-    for l in record.lines() {
+    for l in &record {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
         match v["i"].as_u64() {
             Some(i) => numbered.push(i),

@@ -346,6 +346,18 @@ impl Shell {
             .unwrap_or_else(|_| panic!("`{cmd}` in the guest took over {bound:?}"))
     }
 
+    /// The complete lines of a file in the guest that a process there may
+    /// be appending to (see `support::jsonl`): `cat` then `echo`, so the
+    /// last line of the output is either empty (the file ended with a
+    /// newline) or a line still being written — dropped either way; and
+    /// the shell's end marker always starts a line of its own.
+    pub async fn complete_lines(&mut self, path: &str, bound: Duration) -> Vec<String> {
+        let (_, out) = self.run_for(&format!("cat {path}; echo"), bound).await;
+        let mut lines: Vec<String> = out.split('\n').map(String::from).collect();
+        lines.pop();
+        lines
+    }
+
     /// Run `cmd` (within [`OK_BOUND`]), which must succeed; its output.
     pub async fn ok(&mut self, cmd: &str) -> String {
         let (rc, out) = self.run_for(cmd, OK_BOUND).await;
