@@ -121,22 +121,46 @@ async fn call_rtt(ctl: &mut Ctl, n: usize, topic: &str, method: &str) -> Vec<Dur
 /// Payload bytes per second of `n` pipelined 1 KiB casts, `depth` in flight.
 async fn cast_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
     let blob = "x".repeat(1024);
+    let per_s = pipelined(
+        ctl,
+        n,
+        depth,
+        async |c, i| {
+            c.send(
+                &json!({"id": i, "op": "cast", "instance": U, "topic": "demo", "method": "echo",
+                           "args": {"blob": blob}, "timeout_ms": 30_000}),
+            )
+            .await
+        },
+        async |c| {
+            let v = c.recv().await;
+            assert_eq!(v["ok"], true, "{v}");
+        },
+    )
+    .await;
+    per_s * 1024.0
+}
+
+/// Requests per second through `io`, `n` of them with `depth` in flight:
+/// `send(io, i)` sends the i-th, `recv(io)` takes (and checks) one answer.
+async fn pipelined<T>(
+    io: &mut T,
+    n: usize,
+    depth: usize,
+    mut send: impl AsyncFnMut(&mut T, usize),
+    mut recv: impl AsyncFnMut(&mut T),
+) -> f64 {
     let t = Instant::now();
     let (mut sent, mut done) = (0, 0);
     while done < n {
         while sent < n && sent - done < depth {
-            ctl.send(
-                &json!({"id": sent, "op": "cast", "instance": U, "topic": "demo", "method": "echo",
-                             "args": {"blob": blob}, "timeout_ms": 30_000}),
-            )
-            .await;
+            send(io, sent).await;
             sent += 1;
         }
-        let v = ctl.recv().await;
-        assert_eq!(v["ok"], true, "{v}");
+        recv(io).await;
         done += 1;
     }
-    (n * 1024) as f64 / t.elapsed().as_secs_f64()
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
 /// tether's host half in this process, straight on the agent's chardev
@@ -244,17 +268,14 @@ impl Direct {
 
     /// Calls answered per second, `n` with `depth` in flight.
     async fn throughput(&mut self, n: usize, depth: usize) -> f64 {
-        let t = Instant::now();
-        let (mut sent, mut done) = (0, 0);
-        while done < n {
-            while sent < n && sent - done < depth {
-                self.send_call().await;
-                sent += 1;
-            }
-            self.answer().await;
-            done += 1;
-        }
-        n as f64 / t.elapsed().as_secs_f64()
+        pipelined(
+            self,
+            n,
+            depth,
+            async |d, _| d.send_call().await,
+            async |d| d.answer().await,
+        )
+        .await
     }
 }
 
@@ -340,18 +361,17 @@ impl Qga {
 
     /// `guest-ping`s per second, `n` of them with `depth` in flight.
     async fn ping_throughput(&mut self, n: usize, depth: usize) -> f64 {
-        let t = Instant::now();
-        let (mut sent, mut done) = (0, 0);
-        while done < n {
-            while sent < n && sent - done < depth {
-                self.send(&json!({"execute": "guest-ping"})).await;
-                sent += 1;
-            }
-            let v = self.recv().await;
-            assert!(v.get("return").is_some(), "{v}");
-            done += 1;
-        }
-        n as f64 / t.elapsed().as_secs_f64()
+        pipelined(
+            self,
+            n,
+            depth,
+            async |q, _| q.send(&json!({"execute": "guest-ping"})).await,
+            async |q| {
+                let v = q.recv().await;
+                assert!(v.get("return").is_some(), "{v}");
+            },
+        )
+        .await
     }
 
     /// Run `script` in the guest through `guest-exec`; its stdout.
@@ -436,22 +456,23 @@ fn per_request(before: (u64, u64), after: (u64, u64), n: usize) -> (f64, f64) {
 
 /// Calls answered by the agent per second, `n` with `depth` in flight.
 async fn call_throughput(ctl: &mut Ctl, n: usize, depth: usize) -> f64 {
-    let t = Instant::now();
-    let (mut sent, mut done) = (0, 0);
-    while done < n {
-        while sent < n && sent - done < depth {
-            ctl.send(
-                &json!({"id": sent, "op": "call", "instance": U, "topic": "tether.agent",
-                             "method": "ping", "args": {"id": sent}, "timeout_ms": 30_000}),
+    pipelined(
+        ctl,
+        n,
+        depth,
+        async |c, i| {
+            c.send(
+                &json!({"id": i, "op": "call", "instance": U, "topic": "tether.agent",
+                           "method": "ping", "args": {"id": i}, "timeout_ms": 30_000}),
             )
-            .await;
-            sent += 1;
-        }
-        let v = ctl.recv().await;
-        assert_eq!(v["ok"], true, "{v}");
-        done += 1;
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+            .await
+        },
+        async |c| {
+            let v = c.recv().await;
+            assert_eq!(v["ok"], true, "{v}");
+        },
+    )
+    .await
 }
 
 fn main() {
