@@ -28,13 +28,27 @@ fn asset(name: &str) -> PathBuf {
 impl Vm {
     /// Boot a guest whose agent port's chardev socket is `chardev`.
     pub fn boot(dir: &Path, name: &str, chardev: &Path) -> Self {
-        Self::start(dir, name, chardev, None, &[])
+        Self::start(dir, name, chardev, None, &[], &[])
+    }
+
+    /// Boot with more words on the kernel command line, which the guest's
+    /// init reads (`tether.log=<filter>`, `tether.probe_after=<ms>`:
+    /// `scripts/vm-assets`).
+    pub fn boot_with_cmdline(dir: &Path, name: &str, chardev: &Path, words: &[&str]) -> Self {
+        Self::start(dir, name, chardev, None, &[], words)
     }
 
     /// Boot with a second port, `org.tether.echo.0` at `echo`, on which the
     /// guest's init echoes whatever comes (a raw baseline, no tether).
     pub fn boot_with_echo(dir: &Path, name: &str, chardev: &Path, echo: &Path) -> Self {
-        Self::start(dir, name, chardev, None, &[(echo, "org.tether.echo.0")])
+        Self::start(
+            dir,
+            name,
+            chardev,
+            None,
+            &[(echo, "org.tether.echo.0")],
+            &[],
+        )
     }
 
     /// Boot with more ports, each `(chardev socket, port name)`: the
@@ -46,12 +60,12 @@ impl Vm {
         chardev: &Path,
         ports: &[(&Path, &str)],
     ) -> Self {
-        Self::start(dir, name, chardev, None, ports)
+        Self::start(dir, name, chardev, None, ports, &[])
     }
 
     /// A migration destination: same machine, waiting on `-incoming`.
     pub fn incoming(dir: &Path, name: &str, chardev: &Path, port: u16) -> Self {
-        Self::start(dir, name, chardev, Some(port), &[])
+        Self::start(dir, name, chardev, Some(port), &[], &[])
     }
 
     pub fn qmp_path(dir: &Path, name: &str) -> PathBuf {
@@ -64,6 +78,7 @@ impl Vm {
         chardev: &Path,
         incoming: Option<u16>,
         ports: &[(&Path, &str)],
+        cmdline: &[&str],
     ) -> Self {
         let serial = dir.join(format!("{name}-console.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -93,8 +108,9 @@ impl Vm {
         .arg(asset("initramfs.cpio.gz"))
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 tether.log={}",
-            std::env::var("TETHER_VM_LOG").unwrap_or_else(|_| "info".into())
+            "console=ttyS0 quiet panic=-1 tether.log={} {}",
+            std::env::var("TETHER_VM_LOG").unwrap_or_else(|_| "info".into()),
+            cmdline.join(" ")
         ))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
