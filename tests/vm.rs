@@ -26,8 +26,9 @@ const MAX_PROBES: u64 = 1;
 /// Both ends' `probe_after` in that test: far longer than the 200 ms
 /// default, so that the count is of lost wake-ups only. A frame the agent
 /// was not woken for waits for the agent's next write, however long that
-/// is: each lost wake-up still costs one probe (the agent sends nothing
-/// else in between: its ping comes after 5 s). A probe for any other
+/// is: each lost wake-up still costs the agent's probe, and the host's too
+/// when its own timer runs out first (the agent sends nothing else in
+/// between: its ping comes after 5 s). A probe for any other
 /// reason needs one side to be descheduled this long in the middle of a
 /// stream: at 200 ms that happened (6 probes in 10,000 calls on a run
 /// beside two CPU hogs and another test suite, 2026-12-07); at 2 s it
@@ -265,10 +266,15 @@ async fn sequential_calls_over_the_real_port_need_no_loss_probe() {
     use tether::rpc::LinkMsg;
     let w = World::new();
     let chardev = w.channels().join(format!("{U}.sock"));
-    let probe_after = format!("probe_after = {}", PROBE_AFTER.as_millis());
-    let word = format!("tether.probe_after={}", PROBE_AFTER.as_millis());
-    let vm = Vm::boot_with_cmdline(w.dir.path(), "vm5", &chardev, &[&word]);
-    vm.wait_console(&format!("agent [link] {probe_after}"), BOOT_BOUND)
+    let ms = PROBE_AFTER.as_millis();
+    let vm = Vm::boot_with_cmdline(
+        w.dir.path(),
+        "vm5",
+        &chardev,
+        &[&format!("tether.probe_after={ms}")],
+    );
+    // The guest's init says so when it gave the agent the interval.
+    vm.wait_console(&format!("agent [link] probe_after = {ms}"), BOOT_BOUND)
         .await;
     vm.wait_console("tether-agent ready", BOOT_BOUND).await;
     let session = tether::link::SessionConfig {
