@@ -161,6 +161,24 @@ pub struct LinkStatus {
     pub closed: bool,
 }
 
+impl LinkStatus {
+    /// Whether going from `self` to `new` is a change someone may wait for
+    /// ([`LinkSender::watch_status`]): the connection, the handshake, the
+    /// sessions, the acknowledged position, the task's end. The counters
+    /// and timestamps move with every frame; they are published without a
+    /// notification, so a frame does not wake every task that watches the
+    /// link (on the host, each delivery waiting for its guest).
+    pub(crate) fn notifies(&self, new: &LinkStatus) -> bool {
+        self.connected != new.connected
+            || self.established != new.established
+            || self.local != new.local
+            || self.peer != new.peer
+            || self.acked != new.acked
+            || self.connects != new.connects
+            || self.closed != new.closed
+    }
+}
+
 /// Where a sent message stands: its sequence number in a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendReceipt {
@@ -322,7 +340,10 @@ impl LinkSender {
         self.status.borrow().clone()
     }
 
-    /// A receiver of status changes.
+    /// A receiver of status changes. It is notified when the connection,
+    /// the handshake, a session, the acknowledged position or the task's
+    /// end changes; the counters are updated with them and in between
+    /// without a notification (read them with `borrow`).
     pub fn watch_status(&self) -> watch::Receiver<LinkStatus> {
         self.status.clone()
     }
@@ -461,5 +482,48 @@ impl Link {
     /// Stop the task and wait for it.
     pub async fn close(self) {
         self.task.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LinkStatus;
+
+    #[test]
+    fn counters_alone_change_the_status_silently_and_the_ack_position_wakes() {
+        let old = LinkStatus {
+            connected: true,
+            established: true,
+            acked: 4,
+            ..LinkStatus::default()
+        };
+        let mut busy = old.clone();
+        busy.next_seq = 9;
+        busy.expected = 7;
+        busy.unacked = 3;
+        busy.stats.sent = 12;
+        busy.stats.delivered = 6;
+        busy.last_frame_unix_ms = 1;
+        assert!(!old.notifies(&busy), "counters alone wake nobody");
+        let acked = LinkStatus {
+            acked: 5,
+            ..busy.clone()
+        };
+        assert!(
+            busy.notifies(&acked),
+            "a waiter in wait_acked needs this one"
+        );
+        let down = LinkStatus {
+            established: false,
+            ..busy.clone()
+        };
+        assert!(busy.notifies(&down));
+        let closed = LinkStatus {
+            closed: true,
+            ..busy.clone()
+        };
+        assert!(busy.notifies(&closed));
+        let new_peer = LinkStatus { peer: 77, ..busy };
+        assert!(old.notifies(&new_peer));
     }
 }

@@ -499,12 +499,15 @@ impl Driver {
             up_since_unix_ms: self.up_since_unix_ms,
             closed: false,
         };
+        // Counters alone change silently (`LinkStatus::notifies`): the
+        // value is current for every reader, and no watcher wakes for it.
         self.st_tx.send_if_modified(|old| {
             if *old == st {
                 false
             } else {
+                let wake = old.notifies(&st);
                 *old = st;
-                true
+                wake
             }
         });
     }
