@@ -11,7 +11,9 @@
 //!   limit: [`link::driver::throttle`]).
 //! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
 //! - [`guest`]: the agent — the port ([`guest::port`]; a serial line,
-//!   [`guest::serial`]), the router to sub-agents (with the
+//!   [`guest::serial`]), the router to sub-agents ([`guest::router`]: the
+//!   host's requests in `intake.rs`, the sub-agents' events in `subs.rs`,
+//!   their messages to the control plane in `upstream.rs`; with the
 //!   requests it holds for unserved topics, [`guest::holding`], and the
 //!   journal of taken requests, [`guest::journal`]), the sub-agent socket,
 //!   the supervisor (and the user and group a sub-agent runs as,
