@@ -499,16 +499,13 @@ impl Driver {
             up_since_unix_ms: self.up_since_unix_ms,
             closed: false,
         };
-        // Counters alone change silently (`LinkStatus::notifies`): the
-        // value is current for every reader, and no watcher wakes for it.
+        // Always stored, so it is current for every reader; watchers wake
+        // only for what `LinkStatus::notifies` names (never for counters
+        // alone, nor for no change at all).
         self.st_tx.send_if_modified(|old| {
-            if *old == st {
-                false
-            } else {
-                let wake = old.notifies(&st);
-                *old = st;
-                wake
-            }
+            let wake = old.notifies(&st);
+            *old = st;
+            wake
         });
     }
 }
