@@ -23,6 +23,10 @@
 //!   socket (what the proxy runs per VM) and times the same agent-answered
 //!   call, in turn and 64 in flight. Then it closes, the proxy takes the
 //!   port, and the agent sees a new host session.
+//! - Sequential round trips are compared in interleaved blocks of a tenth
+//!   each — tether's, then its baselines' (the raw echo, `guest-sync`),
+//!   and again — so that the host's drift during the run weighs on both
+//!   sides of a ratio alike.
 //!
 //! `cargo bench --bench vm` prints Markdown rows for docs/BENCHMARKS.md;
 //! `-- --quick` does a fraction of the work (CI proves it runs). Needs the VM
@@ -46,8 +50,8 @@ use tokio::net::UnixStream;
 const STALL: Duration = Duration::from_millis(50);
 const U: &str = "3e1d5c7a-2b4f-4a6e-9c8d-7f6e5d4c3b2a";
 
-async fn raw_rtt(echo: &Path, n: usize) -> Vec<Duration> {
-    let mut s = connect_echo(echo).await;
+/// `n` round trips of 64 bytes through the raw echo, in turn.
+async fn raw_rtt(s: &mut UnixStream, n: usize) -> Vec<Duration> {
     let msg = [0x5au8; 64];
     let mut back = [0u8; 64];
     let mut out = Vec::with_capacity(n);
@@ -493,6 +497,13 @@ fn main() {
         vm.wait_console("tether-agent ready", Duration::from_secs(120)).await;
         let n = if quick { 50 } else { 10_000 };
         let pipelined = if quick { 200 } else { 5000 };
+        // Each comparison of round trips runs in interleaved blocks (tether,
+        // then its baseline, and again), so that the host's drift over the
+        // run — its other work, its clock, the emulator's caches — weighs
+        // on both alike; CPU times are read around the whole interleaved
+        // span (each agent idles while the other's block runs).
+        let blocks = if quick { 2 } else { 10 };
+        let block = n / blocks;
         // First the host program on the port itself, as qemu-ga's client is
         // below; then it lets go and the proxy takes the port (the agent
         // sees a new host session).
@@ -501,9 +512,16 @@ fn main() {
         let procs = ["tether-agent", "qemu-ga", "echo_subagent"];
         let rss_start = qga.rss_kib(&procs).await;
         direct.rtt(n / 10 + 1).await;
-        let cpu0 = qga.cpu_us("tether-agent").await;
-        let direct_rtt = stats(direct.rtt(n).await);
-        let agent_cpu = per_request(cpu0, qga.cpu_us("tether-agent").await, n);
+        qga.rtt(n / 10 + 1, "guest-sync").await;
+        let (mut direct_rtt, mut sync1) = (vec![], vec![]);
+        let cpu0 = (qga.cpu_us("tether-agent").await, qga.cpu_us("qemu-ga").await);
+        for _ in 0..blocks {
+            direct_rtt.extend(direct.rtt(block).await);
+            sync1.extend(qga.rtt(block, "guest-sync").await);
+        }
+        let qga_cpu = per_request(cpu0.1, qga.cpu_us("qemu-ga").await, n);
+        let agent_cpu = per_request(cpu0.0, qga.cpu_us("tether-agent").await, n);
+        let (direct_rtt, sync1) = (stats(direct_rtt), stats(sync1));
         let direct_per_s = direct.throughput(pipelined, 64).await;
         direct.task.close().await;
         let _proxy = proxy(d.path());
@@ -515,13 +533,20 @@ fn main() {
         }
         let bytes = if quick { 256 * 1024 } else { 8 * 1024 * 1024 };
         let casts = if quick { 200 } else { 8000 };
-        // Warm up both paths.
-        raw_rtt(&echo, n / 10 + 1).await;
+        // Warm up every path.
+        let mut echo_conn = connect_echo(&echo).await;
+        raw_rtt(&mut echo_conn, n / 10 + 1).await;
         call_rtt(&mut ctl, n / 10 + 1, "tether.agent", "ping").await;
+        call_rtt(&mut ctl, n / 10 + 1, "demo", "echo").await;
+        let (mut raw, mut agent, mut sub, mut sync) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..blocks {
+            raw.extend(raw_rtt(&mut echo_conn, block).await);
+            agent.extend(call_rtt(&mut ctl, block, "tether.agent", "ping").await);
+            sub.extend(call_rtt(&mut ctl, block, "demo", "echo").await);
+            sync.extend(qga.rtt(block, "guest-sync").await);
+        }
+        drop(echo_conn);
         let stalled = |v: &[Duration]| v.iter().filter(|d| **d > STALL).count();
-        let raw = raw_rtt(&echo, n).await;
-        let agent = call_rtt(&mut ctl, n, "tether.agent", "ping").await;
-        let sub = call_rtt(&mut ctl, n, "demo", "echo").await;
         let (raw_stalls, agent_stalls, sub_stalls) = (stalled(&raw), stalled(&agent), stalled(&sub));
         // A stall is a lost wake-up only if a loss probe ended it; the
         // rest is the machine's scheduling. Both ends count theirs (the
@@ -531,14 +556,9 @@ fn main() {
             .await;
         let guest_probes = guest_stats["result"]["link"]["probes"].clone();
         let host_probes = ctl.req(&json!({"op": "links"})).await["result"][0]["probes"].clone();
-        let (raw, agent, sub) = (stats(raw), stats(agent), stats(sub));
+        let (raw, agent, sub, sync) = (stats(raw), stats(agent), stats(sub), stats(sync));
         let raw_bps = raw_throughput(&echo, bytes).await;
         let tether_bps = cast_throughput(&mut ctl, casts, 64).await;
-        // qemu-ga on the same guest, after the same warm-up.
-        qga.rtt(n / 10 + 1, "guest-sync").await;
-        let cpu0 = qga.cpu_us("qemu-ga").await;
-        let sync = stats(qga.rtt(n, "guest-sync").await);
-        let qga_cpu = per_request(cpu0, qga.cpu_us("qemu-ga").await, n);
         let ping = stats(qga.rtt(n, "guest-ping").await);
         let qga_per_s = qga.ping_throughput(pipelined, 64).await;
         let tether_per_s = call_throughput(&mut ctl, pipelined, 64).await;
@@ -586,8 +606,8 @@ fn main() {
             sync.0, sync.1, sync.2, agent.0, agent.1, agent.2, agent.0 / sync.0, agent.2 / sync.2
         );
         println!(
-            "| RTT mean / p50 / p99: `guest-sync`; tether: the same call from tether's link in the host program, straight on the port (no proxy) | {:.0} / {:.0} / {:.0} µs | {:.0} / {:.0} / {:.0} µs | {:.2} (mean), {:.2} (p99) |",
-            sync.0, sync.1, sync.2, direct_rtt.0, direct_rtt.1, direct_rtt.2, direct_rtt.0 / sync.0, direct_rtt.2 / sync.2
+            "| RTT mean / p50 / p99: `guest-sync`; tether: the same call from tether's link in the host program, straight on the port (no proxy; interleaved with its own `guest-sync` blocks) | {:.0} / {:.0} / {:.0} µs | {:.0} / {:.0} / {:.0} µs | {:.2} (mean), {:.2} (p99) |",
+            sync1.0, sync1.1, sync1.2, direct_rtt.0, direct_rtt.1, direct_rtt.2, direct_rtt.0 / sync1.0, direct_rtt.2 / sync1.2
         );
         println!(
             "| CPU time of the answering process in the guest per round trip, user + system (the two rows above) | {:.0} + {:.0} µs | {:.0} + {:.0} µs | {:.2} |",
