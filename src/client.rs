@@ -17,9 +17,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::link::driver::QuietUnixStream;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LinesCodec};
 
 use crate::guest::subagent::{FromSub, ToSub};
@@ -95,7 +95,7 @@ impl Incoming {
 
 /// A connected sub-agent.
 pub struct SubAgent {
-    framed: Framed<UnixStream, LinesCodec>,
+    framed: Framed<QuietUnixStream, LinesCodec>,
     /// Answers to our upstream calls that arrived while waiting for other things.
     results: HashMap<u64, Result<Value, Failure>>,
     /// Requests that arrived while waiting for a call result.
@@ -136,7 +136,7 @@ impl SubAgent {
         topics: &[&str],
         ack: bool,
     ) -> Result<Self, ClientError> {
-        let s = UnixStream::connect(path)
+        let s = QuietUnixStream::connect(path)
             .await
             .map_err(|source| ClientError::Connect {
                 path: path.display().to_string(),

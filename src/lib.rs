@@ -8,7 +8,9 @@
 //!   cumulative ACKs, send window, HELLO/resume, liveness, grace);
 //!   [`link::driver`] runs a session over any byte stream, reconnects, and
 //!   bounds what a peer costs (a byte-bounded receive queue, a read rate
-//!   limit: [`link::driver::throttle`]).
+//!   limit: [`link::driver::throttle`]); its UNIX sockets, and every other
+//!   UNIX stream of ours, are [`link::driver::quiet`]'s, woken by the
+//!   reactor only when there is something to read or a write waits.
 //! - [`rpc`]: the RPC envelope carried in link messages; the duplicate window.
 //! - [`guest`]: the agent — the port ([`guest::port`]; a serial line,
 //!   [`guest::serial`]), the router to sub-agents ([`guest::router`]: the

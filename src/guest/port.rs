@@ -139,7 +139,7 @@ pub enum PortStream {
     /// The device.
     Device(DeviceStream),
     /// A UNIX socket.
-    Emulated(tokio::net::UnixStream),
+    Emulated(crate::link::driver::QuietUnixStream),
     /// A serial line.
     Serial(tokio_serial::SerialStream),
 }

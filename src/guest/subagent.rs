@@ -12,6 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
+
+use crate::link::driver::QuietUnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tracing::{debug, warn};
@@ -259,6 +261,15 @@ async fn connection(
     events: mpsc::Sender<SubEvent>,
     handover: Handover,
 ) {
+    // Woken to read only, not each time the sub-agent reads what the agent
+    // wrote (QuietUnixStream).
+    let s = match QuietUnixStream::from_tokio(s) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(conn = id, error = %e, "sub-agent connection dropped: its socket could not be registered");
+            return;
+        }
+    };
     let (tx, mut rx) = mpsc::channel::<ToSub>(SUB_QUEUE);
     if events.send(SubEvent::Connected(id, tx)).await.is_err() {
         return;

@@ -18,6 +18,7 @@ use super::Proxy;
 use super::receipts::Outcome;
 use crate::guest::supervisor::SUPERVISOR_TOPIC;
 use crate::link::SendError;
+use crate::link::driver::QuietUnixStream;
 use crate::rpc::{Kind, Request, Target, new_unique_id};
 
 /// Requests in progress per control connection; more wait their turn.
@@ -266,6 +267,15 @@ impl AcceptFailures {
 }
 
 async fn client(s: UnixStream, proxy: Arc<Proxy>, bytes: Arc<Semaphore>) {
+    // Woken to read only, not each time the client reads an answer
+    // (QuietUnixStream).
+    let s = match QuietUnixStream::from_tokio(s) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "control client dropped: its socket could not be registered");
+            return;
+        }
+    };
     let mut framed = Framed::new(s, LinesCodec::new_with_max_length(proxy.cfg.max_line));
     let (out_tx, mut out_rx) = mpsc::channel::<Value>(MAX_CLIENT_INFLIGHT);
     let slots = Arc::new(Semaphore::new(MAX_CLIENT_INFLIGHT));

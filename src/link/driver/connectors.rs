@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
+use super::quiet::QuietUnixStream;
 use super::{ConnectFuture, Connector};
 
 /// Connects to a UNIX socket path: the host side of a QEMU chardev, or a test.
@@ -15,10 +16,10 @@ pub struct UnixConnector {
 }
 
 impl Connector for UnixConnector {
-    type Io = UnixStream;
+    type Io = QuietUnixStream;
     fn connect(&mut self) -> ConnectFuture<Self::Io> {
         let path = self.path.clone();
-        Box::pin(async move { UnixStream::connect(path).await })
+        Box::pin(async move { QuietUnixStream::connect(path).await })
     }
 }
 
@@ -40,10 +41,10 @@ impl UnixAcceptor {
 }
 
 impl Connector for UnixAcceptor {
-    type Io = UnixStream;
+    type Io = QuietUnixStream;
     fn connect(&mut self) -> ConnectFuture<Self::Io> {
         let l = self.listener.clone();
-        Box::pin(async move { l.accept().await.map(|(s, _)| s) })
+        Box::pin(async move { QuietUnixStream::from_tokio(l.accept().await?.0) })
     }
 
     fn connect_timeout(&self) -> Option<std::time::Duration> {

@@ -8,6 +8,7 @@
 //! message. The session itself stays a pure state machine.
 
 mod connectors;
+pub mod quiet;
 mod task;
 pub mod throttle;
 
@@ -24,6 +25,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use connectors::{UnixAcceptor, UnixConnector};
+pub use quiet::QuietUnixStream;
 pub use task::WRITE_HIGH_WATER;
 
 use super::codec::DecodeStats;
