@@ -11,7 +11,7 @@
 //! next writable edge without spinning.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::link::Connector;
+use crate::link::driver::quiet::read_into;
 use crate::link::driver::{ConnectFuture, UnixAcceptor};
 
 pub use super::serial::{SerialOptions, SerialPort};
@@ -324,14 +325,13 @@ impl AsyncRead for DeviceStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut g = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match g.try_io(|f| f.get_ref().read(unfilled)) {
-                Ok(Ok(n)) => {
-                    // n == 0: the host disconnected. This stream ends (its
-                    // registration with it); `connect` waits for the host.
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            // Nothing read (filled unchanged): the host disconnected. This
+            // stream ends (its registration with it); `connect` waits for
+            // the host.
+            // Read until the port says `EAGAIN`: a short read does not
+            // mean it is drained (one host buffer per read).
+            match g.try_io(|f| read_into(f.get_ref(), buf)) {
+                Ok(Ok(_)) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => continue,
             }
