@@ -21,7 +21,7 @@
 //! The measurements behind it are in docs/BENCHMARKS.md ("Wakes for
 //! nothing on the host").
 
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
@@ -131,6 +131,14 @@ pub(crate) fn read_into(
     Ok(n)
 }
 
+/// `send(2)` with `MSG_NOSIGNAL`: a peer gone is `EPIPE`, never a
+/// `SIGPIPE` (which a program using the client API may not ignore).
+fn send(s: &StdUnixStream, data: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd;
+    send(s.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+}
+
 impl AsyncRead for QuietUnixStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -178,14 +186,14 @@ impl AsyncWrite for QuietUnixStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if !this.wide {
-            match this.fd()?.get_ref().write(data) {
+            match send(this.fd()?.get_ref(), data) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.reregister(true)?,
                 r => return Poll::Ready(r),
             }
         }
         loop {
             let mut g = ready!(this.fd()?.poll_write_ready(cx))?;
-            match g.try_io(|s| s.get_ref().write(data)) {
+            match g.try_io(|s| send(s.get_ref(), data)) {
                 Ok(Ok(n)) => {
                     this.reregister(false)?;
                     return Poll::Ready(Ok(n));
