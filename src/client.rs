@@ -17,12 +17,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::link::driver::QuietUnixStream;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_util::codec::{Framed, LinesCodec};
 
 use crate::guest::subagent::{FromSub, ToSub};
+use crate::link::driver::QuietUnixStream;
 use crate::rpc::{Failure, Kind, Target};
 
 /// Longest line the client accepts from the agent.

@@ -325,11 +325,10 @@ impl AsyncRead for DeviceStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut g = ready!(self.fd.poll_read_ready(cx))?;
-            // Nothing read (filled unchanged): the host disconnected. This
-            // stream ends (its registration with it); `connect` waits for
-            // the host.
-            // Read until the port says `EAGAIN`: a short read does not
-            // mean it is drained (one host buffer per read).
+            // Read until the port says `EAGAIN`: a short read does not mean
+            // it is drained (one host buffer per read). Nothing read (filled
+            // unchanged): the host disconnected; this stream ends (its
+            // registration with it) and `connect` waits for the host.
             match g.try_io(|f| read_into(f.get_ref(), buf)) {
                 Ok(Ok(_)) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) => return Poll::Ready(Err(e)),

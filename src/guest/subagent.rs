@@ -12,14 +12,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::{UnixListener, UnixStream};
-
-use crate::link::driver::QuietUnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tracing::{debug, warn};
 
 use super::journal::Journal;
-use crate::link::driver::LinkSender;
+use crate::link::driver::{LinkSender, QuietUnixStream};
 use crate::rpc::{Failure, Kind, LinkMsg, Target};
 
 /// Messages a sub-agent sends.

@@ -62,11 +62,6 @@ impl QuietUnixStream {
         Self::from_tokio(tokio::net::UnixStream::connect(path).await?)
     }
 
-    /// The socket, for its credentials and addresses.
-    pub fn get_ref(&self) -> io::Result<&StdUnixStream> {
-        self.fd().map(AsyncFd::get_ref)
-    }
-
     fn fd(&self) -> io::Result<&AsyncFd<StdUnixStream>> {
         self.fd.as_ref().ok_or_else(|| {
             io::Error::new(
