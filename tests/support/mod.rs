@@ -154,6 +154,33 @@ impl World {
         Self { dir }
     }
 
+    /// A world whose directory the user `nobody` can reach sockets in, with
+    /// that user and the group `nogroup` (for clients run as them).
+    pub fn for_nobody() -> (Self, nix::unistd::User, nix::unistd::Group) {
+        use std::os::unix::fs::PermissionsExt;
+        let w = Self::new();
+        std::fs::set_permissions(w.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let nobody = nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("user nobody");
+        let nogroup = nix::unistd::Group::from_name("nogroup")
+            .unwrap()
+            .expect("group nogroup");
+        (w, nobody, nogroup)
+    }
+
+    /// A proxy (defaults) and an agent for `uuid` running the example
+    /// sub-agent (topic `demo`), linked: the proxy, the agent and a control
+    /// connection.
+    pub async fn one_guest(&self, uuid: &str) -> (Proc, Proc, Ctl) {
+        let proxy = self.proxy("");
+        let port = self.channels().join(format!("{uuid}.sock"));
+        let agent = self.agent(uuid, &port, "demo", "");
+        let mut ctl = self.ctl().await;
+        wait_linked(&mut ctl, uuid, "demo").await;
+        (proxy, agent, ctl)
+    }
+
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
