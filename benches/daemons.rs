@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Ctl, Daemon, proxy, stats, wait};
+use common::{Ctl, Daemon, cpu_secs, proxy, stats, status_kib, wait};
 
 use serde_json::json;
 use tether::client::SubAgent;
@@ -85,31 +85,7 @@ async fn call_rtt(dir: &Path, n: usize) -> Vec<Duration> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let v = ctl.req(&req).await;
-        out.push(t.elapsed());
-        assert_eq!(v["ok"], true, "{v}");
-    }
-    out
-}
-
-fn proc_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit_once(") ").map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split(' ').collect();
-    // utime and stime are fields 14 and 15 of stat: 12 and 13 after "(comm) ".
-    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    ctl.timed(&req, n).await
 }
 
 /// Proxy RSS (KiB) and CPU used over `idle` (percent of one core) with `n`
@@ -141,12 +117,10 @@ async fn links_cost(dir: &Path, n: usize, idle: Duration) -> (u64, f64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c0 = proc_cpu_ticks(pid);
+    let c0 = cpu_secs(pid);
     tokio::time::sleep(idle).await;
-    let c1 = proc_cpu_ticks(pid);
-    let rss = proc_rss_kib(pid);
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let cpu = (c1 - c0) as f64 / ticks_per_sec / idle.as_secs_f64() * 100.0;
+    let cpu = (cpu_secs(pid) - c0) / idle.as_secs_f64() * 100.0;
+    let rss = status_kib(pid, "VmRSS:");
     drop(p);
     for g in guests {
         g.close().await;

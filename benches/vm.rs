@@ -112,14 +112,7 @@ async fn connect_echo(p: &Path) -> UnixStream {
 async fn call_rtt(ctl: &mut Ctl, n: usize, topic: &str, method: &str) -> Vec<Duration> {
     let req =
         json!({"op": "call", "instance": U, "topic": topic, "method": method, "args": {"x": 1}});
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let v = ctl.req(&req).await;
-        out.push(t.elapsed());
-        assert_eq!(v["ok"], true, "{v}");
-    }
-    out
+    ctl.timed(&req, n).await
 }
 
 /// Payload bytes per second of `n` pipelined 1 KiB casts, `depth` in flight.

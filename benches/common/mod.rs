@@ -71,6 +71,18 @@ impl Ctl {
         self.send(v).await;
         self.recv().await
     }
+    /// `n` requests `v` in turn, each timed from its write to its answer;
+    /// every answer must be `ok`.
+    pub async fn timed(&mut self, v: &Value, n: usize) -> Vec<Duration> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let back = self.req(v).await;
+            out.push(t.elapsed());
+            assert_eq!(back["ok"], true, "{back}");
+        }
+        out
+    }
     /// Write one request (answers come back in any order, by `id`).
     pub async fn send(&mut self, v: &Value) {
         self.w
