@@ -5,7 +5,9 @@
 //! - [`link`]: the link protocol both ends share. [`link::frame`] and
 //!   [`link::codec`] turn bytes into checksummed frames and resynchronise after
 //!   garbage; [`link::session`] is the I/O-free state machine (sequencing,
-//!   cumulative ACKs, send window, HELLO/resume, liveness, grace);
+//!   cumulative ACKs, send window, HELLO/resume, liveness, grace), with
+//!   the HELLO payload in [`link::hello`] and its limits and timers, each
+//!   with its reason, in [`link::config`];
 //!   [`link::driver`] runs a session over any byte stream, reconnects, and
 //!   bounds what a peer costs (a byte-bounded receive queue, a read rate
 //!   limit: [`link::driver::throttle`]); its UNIX sockets, and every other
@@ -20,11 +22,14 @@
 //!   journal of taken requests, [`guest::journal`]), the sub-agent socket,
 //!   the supervisor (and the user and group a sub-agent runs as,
 //!   [`guest::identity`]).
-//! - [`host`]: the proxy — channels, one [`host::instance`] per VM (with its
+//! - [`host`]: the proxy — the channels directory ([`host::channels`]:
+//!   instance ids from the sockets' names), one [`host::instance`] per VM (with its
 //!   requests no sub-agent took yet, [`host::receipts`]), the control
 //!   socket, [`host::policy`] (the one enforcement point for guest traffic:
 //!   profiles, names, context, reply handles, audit) and [`host::broker`]
-//!   (oslo.messaging over RabbitMQ; one connection's work in
+//!   (oslo.messaging over RabbitMQ: its wire format, [`host::broker::wire`];
+//!   deliveries into guests, acknowledged once a sub-agent took them, in
+//!   `host/broker/deliver.rs`; one connection's work in
 //!   `host/broker/session/`, guest messages published pipelined in its
 //!   `upstream.rs`; each instance's share of it,
 //!   [`host::broker::share`]; oslo's transport URL, [`host::broker::url`]);
