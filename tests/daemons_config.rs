@@ -136,23 +136,19 @@ async fn sighup_reloads_the_allow_list_and_ready_is_notified() {
     };
     write_cfg("");
     // systemd's notification socket, played by the test.
-    let notify_path = w.path("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(BOUND)).unwrap();
+    let notify = Notify::bind(&w.path("notify.sock"));
     let log = std::fs::File::create(w.path("agent.log")).unwrap();
     let agent = Proc {
         child: std::process::Command::new(AGENT)
             .args(["-c", cfg.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NOTIFY_SOCKET", &notify.path)
             .stderr(log)
             .spawn()
             .unwrap(),
         name: "agent".into(),
         log: w.path("agent.log"),
     };
-    let mut buf = [0u8; 256];
-    let n = notify.recv(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(notify.next().contains("READY=1"));
 
     let mut ctl = w.ctl().await;
     let t = std::time::Instant::now();

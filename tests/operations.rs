@@ -5,7 +5,6 @@
 mod support;
 
 use std::io::Read;
-use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,52 +13,6 @@ use serde_json::{Value, json};
 use support::*;
 
 const U1: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
-
-/// systemd's notification socket, played by the test.
-struct Notify {
-    sock: UnixDatagram,
-    path: std::path::PathBuf,
-}
-
-impl Notify {
-    fn bind(path: &Path) -> Self {
-        let sock = UnixDatagram::bind(path).unwrap();
-        sock.set_read_timeout(Some(BOUND)).unwrap();
-        Notify {
-            sock,
-            path: path.to_owned(),
-        }
-    }
-
-    fn next(&self) -> String {
-        let mut buf = [0u8; 4096];
-        let n = self.sock.recv(&mut buf).expect("no notification in time");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-
-    /// Messages until one has `line` as a whole line; returns that one.
-    fn until(&self, line: &str) -> String {
-        let t = Instant::now();
-        let mut seen = vec![];
-        loop {
-            assert!(t.elapsed() < BOUND, "no {line:?} among {seen:?}");
-            let m = self.next();
-            if m.lines().any(|l| l == line) {
-                return m;
-            }
-            seen.push(m);
-        }
-    }
-
-    /// Nothing waiting now.
-    fn none_waiting(&self) -> bool {
-        self.sock.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 4096];
-        let r = self.sock.recv(&mut buf);
-        self.sock.set_nonblocking(false).unwrap();
-        matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-    }
-}
 
 fn proxy_config(w: &World, channels: &Path, ctl: &Path) -> String {
     let cfg = w.path("proxy.toml");

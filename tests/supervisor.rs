@@ -138,9 +138,7 @@ async fn a_slow_sub_agent_does_not_delay_another() {
 async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
     let w = World::new();
     let _proxy = w.proxy("");
-    let notify_path = w.path("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(BOUND)).unwrap();
+    let notify = Notify::bind(&w.path("notify.sock"));
     let cfg = w.path("agent.toml");
     let py = python3();
     std::fs::write(
@@ -159,7 +157,7 @@ async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
     let mut agent = Proc {
         child: std::process::Command::new(AGENT)
             .args(["-c", cfg.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NOTIFY_SOCKET", &notify.path)
             .env("WATCHDOG_USEC", "100000")
             .stderr(log)
             .spawn()
@@ -169,15 +167,13 @@ async fn watchdog_pings_and_sigterm_stops_sub_agents_and_exits_cleanly() {
     };
     // READY first, then watchdog pings (every 50 ms for a 100 ms watchdog).
     let mut got = vec![];
-    let mut buf = [0u8; 256];
     while got
         .iter()
         .filter(|m: &&String| m.contains("WATCHDOG=1"))
         .count()
         < 3
     {
-        let n = notify.recv(&mut buf).expect("no notification in time");
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        got.push(notify.next());
     }
     assert!(got[0].contains("READY=1"), "{got:?}");
 

@@ -2,6 +2,7 @@
 //! its guard drops, also when a test fails; every wait is bounded.
 #![allow(dead_code)]
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -333,6 +334,52 @@ env = {{ SUBAGENT_TOPICS = "{topics}", SUBAGENT_RECORD = "{}" }}
 
     pub async fn ctl(&self) -> Ctl {
         Ctl::connect(&self.ctl_sock()).await
+    }
+}
+
+/// systemd's notification socket, played by the test.
+pub struct Notify {
+    pub sock: UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl Notify {
+    pub fn bind(path: &Path) -> Self {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(BOUND)).unwrap();
+        Notify {
+            sock,
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.sock.recv(&mut buf).expect("no notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Messages until one has `line` as a whole line; returns that one.
+    pub fn until(&self, line: &str) -> String {
+        let t = Instant::now();
+        let mut seen = vec![];
+        loop {
+            assert!(t.elapsed() < BOUND, "no {line:?} among {seen:?}");
+            let m = self.next();
+            if m.lines().any(|l| l == line) {
+                return m;
+            }
+            seen.push(m);
+        }
+    }
+
+    /// Nothing waiting now.
+    pub fn none_waiting(&self) -> bool {
+        self.sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        let r = self.sock.recv(&mut buf);
+        self.sock.set_nonblocking(false).unwrap();
+        matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
